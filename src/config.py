@@ -1,0 +1,288 @@
+"""YAML configs with `key=value` overrides.
+
+`configs/default.yaml` is the schema: every knob exists there with its one default and its
+type. An experiment YAML names a `base:` file and changes a few keys; the command line changes
+more (`train.epochs=3`). A key that does not exist in the defaults, or a value of the wrong type,
+stops with an error that names the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from src.io_utils import UserInputError, atomic_write_text
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+# Keys that steer loading rather than being part of the resolved config.
+_META_KEYS = ("config", "base")
+
+
+class ConfigError(UserInputError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+class Config(dict):
+    """A nested dict whose keys also read as attributes (`cfg.train.epochs`)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"config has no key {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __deepcopy__(self, memo: dict) -> Config:
+        return _to_config(copy.deepcopy(to_plain(self), memo))
+
+    def get_path(self, dotted: str) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+
+def _to_config(node: Any) -> Any:
+    if isinstance(node, Mapping):
+        return Config({k: _to_config(v) for k, v in node.items()})
+    if isinstance(node, list):
+        return [_to_config(v) for v in node]
+    return node
+
+
+def to_plain(node: Any) -> Any:
+    """Config -> plain dicts and lists (for YAML/JSON dumps)."""
+    if isinstance(node, Mapping):
+        return {k: to_plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [to_plain(v) for v in node]
+    return node
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping of keys at the top, got {type(data).__name__}")
+    return data
+
+
+def _resolve_relative(path_str: str, relative_to: Path) -> Path:
+    path = Path(path_str)
+    if path.is_absolute():
+        return path
+    for base in (relative_to, Path.cwd(), REPO_ROOT, REPO_ROOT / "configs"):
+        if (base / path).is_file():
+            return base / path
+    return relative_to / path
+
+
+def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
+    """The YAML files from the root `base:` down to `path`, each with its contents."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"config files include each other in a loop: {chain}")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None or path == DEFAULT_CONFIG.resolve():
+        parents: list[tuple[Path, dict]] = []
+    else:
+        parents = _load_chain(_resolve_relative(str(base), path.parent), (*seen, path))
+    return [*parents, (path, data)]
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "bool", int: "int", float: "float", str: "str", list: "list"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+    """Value checked against the default's type; ints are accepted where floats are expected."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        # A YAML `fold: 0` or `exp: 001` is meant as text.
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif isinstance(default, list):
+        if isinstance(value, list):
+            return value
+    else:
+        return value
+    raise ConfigError(
+        f"{source}: key '{key}' expects {_type_name(default)} (default {default!r}), "
+        f"got {value!r} ({_type_name(value)})"
+    )
+
+
+def _parse_cli_value(key: str, raw: str, default: Any) -> Any:
+    """Parse a command-line string guided by the default's type."""
+    source = "command line"
+    if isinstance(default, str):
+        return raw
+    if isinstance(default, bool):
+        lowered = raw.strip().lower()
+        if lowered in ("true", "yes", "1", "on"):
+            return True
+        if lowered in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"{source}: key '{key}' expects bool (true/false), got {raw!r}")
+    # Python's own number syntax first: YAML 1.1 reads `1e-4` as text.
+    for kind in (int, float):
+        if isinstance(default, (int, float)):
+            try:
+                return _coerce(key, kind(raw), default, source)
+            except (ValueError, ConfigError):
+                pass
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    return _coerce(key, value, default, source)
+
+
+def _unknown_key_error(key: str, known: Iterable[str], source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"{source}: unknown config key '{key}'{hint}")
+
+
+def _flatten(node: Mapping, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _set_dotted(node: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _merge_file(resolved: dict, defaults_flat: dict, data: Mapping, source: str) -> None:
+    for dotted, value in _flatten(data).items():
+        if dotted not in defaults_flat:
+            # A whole section given as a scalar (`model: x`) also lands here.
+            raise _unknown_key_error(dotted, defaults_flat, source)
+        _set_dotted(resolved, dotted, _coerce(dotted, value, defaults_flat[dotted], source))
+
+
+def parse_overrides(args: Iterable[str]) -> list[tuple[str, str]]:
+    """`["a.b=1", "exp=x"]` -> `[("a.b", "1"), ("exp", "x")]`; anything else is an error."""
+    pairs = []
+    for arg in args:
+        if "=" not in arg or arg.startswith("="):
+            raise ConfigError(
+                f"command line: expected key=value (e.g. train.epochs=3), got {arg!r}"
+            )
+        key, raw = arg.split("=", 1)
+        pairs.append((key.strip(), raw))
+    return pairs
+
+
+def load_config(args: Iterable[str] = (), config_path: str | Path | None = None) -> Config:
+    """Resolve defaults <- config file chain <- `key=value` overrides, checking keys and types."""
+    overrides = parse_overrides(args)
+    for key, raw in overrides:
+        if key == "config":
+            config_path = raw
+    defaults = _read_yaml(DEFAULT_CONFIG)
+    defaults.pop("base", None)
+    defaults_flat = _flatten(defaults)
+    resolved = copy.deepcopy(defaults)
+
+    if config_path:
+        path = Path(config_path)
+        if not path.is_absolute() and not path.is_file() and (REPO_ROOT / path).is_file():
+            path = REPO_ROOT / path
+        for file_path, data in _load_chain(path):
+            if file_path != DEFAULT_CONFIG.resolve():
+                _merge_file(resolved, defaults_flat, data, str(file_path))
+
+    for key, raw in overrides:
+        if key == "config":
+            continue
+        if key not in defaults_flat:
+            raise _unknown_key_error(key, defaults_flat, "command line")
+        _set_dotted(resolved, key, _parse_cli_value(key, raw, defaults_flat[key]))
+
+    cfg = _to_config(resolved)
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "folds.strategy": ("grouped", "closed"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Checks that types alone cannot express."""
+    for dotted, choices in _CHOICES.items():
+        value = cfg.get_path(dotted)
+        if value not in choices:
+            raise ConfigError(f"key '{dotted}' must be one of {', '.join(choices)}; got {value!r}")
+    positive = ("data.img_size", "train.epochs", "train.batch_size", "train.grad_accum",
+                "folds.n_folds", "model.embed_dim", "embed.batch_size")
+    for dotted in positive:
+        if cfg.get_path(dotted) < 1:
+            raise ConfigError(f"key '{dotted}' must be at least 1; got {cfg.get_path(dotted)}")
+    if cfg.folds.n_folds < 2:
+        raise ConfigError(f"key 'folds.n_folds' must be at least 2; got {cfg.folds.n_folds}")
+    for dotted in ("data.mean", "data.std"):
+        value = cfg.get_path(dotted)
+        if len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
+            raise ConfigError(f"key '{dotted}' must be a list of 3 numbers; got {value!r}")
+    if not cfg.exp or "/" in cfg.exp or cfg.exp in (".", ".."):
+        raise ConfigError(f"key 'exp' must be a plain folder name; got {cfg.exp!r}")
+
+
+def config_digest(cfg: Config) -> str:
+    """Short hash of the resolved config, stable across key order."""
+    text = yaml.safe_dump(to_plain(cfg), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_plain(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    atomic_write_text(path, dump_config(cfg))
+
+
+def load_saved_config(path: str | Path) -> Config:
+    """A config saved with a run, checked against today's defaults: old runs load or fail
+    loudly."""
+    return load_config([], config_path=path)

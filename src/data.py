@@ -1,0 +1,245 @@
+"""Competition files: CSV readers, finding images beneath the data folder, loading, datasets.
+
+Errors name the file and the row (row numbers are the CSV's own line numbers, header = line 1),
+so a user can open the file and look.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from src.config import Config
+from src.io_utils import UserInputError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+TRAIN_COLUMNS = ("filename", "ground_truth")
+TEST_COLUMNS = ("row_id", "query_image", "gallery_image")
+SUBMISSION_COLUMNS = ("row_id", "similarity")
+
+
+class DataError(UserInputError):
+    """Input data that cannot be used; the message names the file and row."""
+
+
+def _line(index: int) -> int:
+    """DataFrame index -> line number in the CSV (header is line 1)."""
+    return int(index) + 2
+
+
+def _read_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable CSV: {exc}") from exc
+    except pd.errors.EmptyDataError as exc:
+        raise DataError(f"{path}: empty file, expected columns {', '.join(columns)}") from exc
+    df.columns = [c.strip() for c in df.columns]
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(columns)}, "
+            f"found {', '.join(df.columns)}"
+        )
+    df = df[list(columns)].copy()
+    for column in columns:
+        df[column] = df[column].str.strip()
+        empty = df.index[df[column] == ""]
+        if len(empty):
+            raise DataError(f"{path}: row {_line(empty[0])}: empty value in column '{column}'")
+    return df
+
+
+def _check_filenames(path: Path, df: pd.DataFrame, column: str) -> None:
+    for index, name in df[column].items():
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts or "\\" in name:
+            raise DataError(
+                f"{path}: row {_line(index)}: {column} {name!r} must be a file name inside the "
+                "data folder (no absolute paths, no '..')"
+            )
+
+
+def _to_int_column(path: Path, df: pd.DataFrame, column: str) -> pd.Series:
+    values = pd.to_numeric(df[column], errors="coerce")
+    bad = values.isna() | (values != values.round())
+    if bad.any():
+        index = df.index[bad][0]
+        raise DataError(f"{path}: row {_line(index)}: {column} must be an integer, "
+                        f"got {df.at[index, column]!r}")
+    return values.astype(np.int64)
+
+
+def read_train_csv(path: str | Path) -> pd.DataFrame:
+    """`train.csv` -> DataFrame[filename, ground_truth]; one row per image, names unique."""
+    path = Path(path)
+    df = _read_csv(path, TRAIN_COLUMNS)
+    if df.empty:
+        raise DataError(f"{path}: no rows")
+    _check_filenames(path, df, "filename")
+    dup = df.index[df["filename"].duplicated()]
+    if len(dup):
+        raise DataError(f"{path}: row {_line(dup[0])}: filename {df.at[dup[0], 'filename']!r} "
+                        "appears more than once")
+    return df.reset_index(drop=True)
+
+
+def read_test_csv(path: str | Path) -> pd.DataFrame:
+    """`test.csv` -> DataFrame[row_id (int), query_image, gallery_image]."""
+    path = Path(path)
+    df = _read_csv(path, TEST_COLUMNS)
+    if df.empty:
+        raise DataError(f"{path}: no rows")
+    df["row_id"] = _to_int_column(path, df, "row_id")
+    dup = df.index[df["row_id"].duplicated()]
+    if len(dup):
+        raise DataError(f"{path}: row {_line(dup[0])}: row_id {df.at[dup[0], 'row_id']} "
+                        "appears more than once")
+    _check_filenames(path, df, "query_image")
+    _check_filenames(path, df, "gallery_image")
+    return df
+
+
+def read_sample_submission(path: str | Path) -> pd.DataFrame:
+    """`sample_submission.csv` -> DataFrame[row_id (int), similarity (str)]; only row_ids matter."""
+    path = Path(path)
+    df = _read_csv(path, SUBMISSION_COLUMNS)
+    df["row_id"] = _to_int_column(path, df, "row_id")
+    return df
+
+
+def pair_image_names(test_df: pd.DataFrame) -> list[str]:
+    """Every image a test pair names, in order of first appearance (queries first)."""
+    return list(dict.fromkeys([*test_df["query_image"], *test_df["gallery_image"]]))
+
+
+def index_images(root: str | Path) -> dict[str, list[Path]]:
+    """Every image file beneath `root`, keyed by file name (Kaggle nests `train/train/`)."""
+    root = Path(root)
+    index: dict[str, list[Path]] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        # Our own outputs never hold source images; skipping hidden folders avoids caches.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                index.setdefault(name, []).append(Path(dirpath) / name)
+    return index
+
+
+def resolve_image_paths(root: str | Path, names: Iterable[str], csv_path: str | Path,
+                        index: dict[str, list[Path]] | None = None) -> list[Path]:
+    """Map each CSV file name to one image file beneath `root`.
+
+    A name with a folder part (`train/x.png`) is taken relative to `root`; a bare name is looked
+    up anywhere beneath it. Missing or ambiguous names are errors that name the CSV.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.dir {str(root)!r} is not a folder")
+    names = list(names)
+    if index is None:
+        index = index_images(root)
+    paths: list[Path] = []
+    missing: list[str] = []
+    for name in names:
+        if Path(name).parent != Path("."):
+            candidate = root / name
+            if candidate.is_file():
+                paths.append(candidate)
+                continue
+        found = index.get(Path(name).name, [])
+        if len(found) == 1:
+            paths.append(found[0])
+        elif not found:
+            missing.append(name)
+        else:
+            shown = ", ".join(str(p) for p in found[:3])
+            raise DataError(f"{csv_path}: image {name!r} is found more than once beneath "
+                            f"{root}: {shown}; keep one copy")
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise DataError(f"{csv_path}: {len(missing)} image(s) not found beneath {root}: "
+                        f"{shown}{more}")
+    return paths
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB. RGBA keeps its RGB (the alpha mask is not used yet); 16-bit,
+    grayscale and palette images are converted."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # Pillow's RGB conversion clips 16-bit values; rescale to 8 bits first.
+                arr = np.asarray(img, dtype=np.float64)
+                top = 65535.0 if arr.max() > 255 else 255.0
+                img = Image.fromarray(np.round(arr / top * 255).astype(np.uint8), mode="L")
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable image: {exc}") from exc
+
+
+class ImageDataset(Dataset):
+    """Images with integer labels (-1 where unknown); yields (tensor, label, index)."""
+
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int] | None, transform) -> None:
+        self.paths = list(paths)
+        self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
+        if len(self.labels) != len(self.paths):
+            raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        image = load_image(self.paths[index])
+        return self.transform(image), self.labels[index], index
+
+
+def build_transform(cfg: Config, train: bool, flip: bool = False):
+    """Square resize (the model sees `img_size` x `img_size`); light augmentation for training.
+
+    No horizontal flip in training: a mirrored left flank is not the right flank.
+    `flip=True` mirrors every image (a test-time view).
+    """
+    from torchvision.transforms import v2
+
+    size = (cfg.data.img_size, cfg.data.img_size)
+    steps: list = [v2.PILToTensor()]
+    if train:
+        steps += [
+            v2.RandomResizedCrop(size, scale=(cfg.train.crop_scale_min, 1.0), ratio=(0.75, 1.33),
+                                 antialias=True),
+            v2.ColorJitter(brightness=cfg.train.color_jitter, contrast=cfg.train.color_jitter,
+                           saturation=cfg.train.color_jitter),
+        ]
+    else:
+        steps.append(v2.Resize(size, antialias=True))
+    if flip:
+        steps.append(v2.RandomHorizontalFlip(p=1.0))
+    steps += [v2.ToDtype(torch.float32, scale=True),
+              v2.Normalize(mean=list(cfg.data.mean), std=list(cfg.data.std))]
+    return v2.Compose(steps)
+
+
+def data_files(cfg: Config) -> dict[str, Path]:
+    root = Path(cfg.data.dir)
+    return {
+        "root": root,
+        "train": root / "train.csv",
+        "test": root / "test.csv",
+        "sample": root / "sample_submission.csv",
+        "test_labels": root / "test_labels.csv",
+    }

@@ -1,0 +1,68 @@
+"""Embeddings: a model over a list of images, with test-time views, L2-normalised; and the
+ensemble of several fold models."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from src.config import Config
+from src.data import ImageDataset, build_transform
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+def _autocast(device: str, enabled: bool):
+    if device.startswith("cuda") and enabled:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def embed_images(model: torch.nn.Module, paths: Sequence[Path], cfg: Config,
+                 device: str) -> np.ndarray:
+    """(N, D) float32, L2-normalised; each test-time view is normalised before averaging so
+    no view dominates by its norm."""
+    views = [False, True] if cfg.embed.tta_flip else [False]
+    model.eval().to(device)
+    total: np.ndarray | None = None
+    for flip in views:
+        loader = DataLoader(ImageDataset(paths, None, build_transform(cfg, train=False, flip=flip)),
+                            batch_size=cfg.embed.batch_size, shuffle=False,
+                            num_workers=cfg.data.num_workers,
+                            pin_memory=device.startswith("cuda"))
+        chunks = []
+        for images, _, _ in loader:
+            with _autocast(device, cfg.train.amp):
+                emb = model(images.to(device, non_blocking=True))
+            chunks.append(F.normalize(emb.float(), dim=1).cpu().numpy())
+        view = np.concatenate(chunks) if chunks else np.zeros((0, cfg.model.embed_dim), np.float32)
+        total = view if total is None else total + view
+    assert total is not None
+    return l2_normalize(total).astype(np.float32)
+
+
+def ensemble_embeddings(embeddings: Sequence[np.ndarray]) -> np.ndarray:
+    """Mean of L2-normalised embeddings of the same images from several models, re-normalised.
+
+    Fold models are trained separately, so only their cosine similarities are comparable, not
+    their coordinates; averaging normalised vectors averages those similarities' geometry.
+    """
+    if not embeddings:
+        raise ValueError("no embeddings to ensemble")
+    shapes = {e.shape for e in embeddings}
+    if len(shapes) != 1:
+        raise ValueError(f"embeddings to ensemble differ in shape: {sorted(shapes)}")
+    stacked = np.stack([l2_normalize(e.astype(np.float64)) for e in embeddings])
+    if not np.isfinite(stacked).all():
+        raise ValueError("embeddings contain NaN or infinite values")
+    return l2_normalize(stacked.mean(axis=0)).astype(np.float32)

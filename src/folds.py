@@ -1,0 +1,195 @@
+"""Cross-validation splits, written once to `folds/` and reused by every later step.
+
+Two strategies:
+- `grouped`: identity-disjoint folds (all images of an identity in one fold), balanced by image
+  count. It measures recognising individuals never trained on: the hardest, most honest check.
+- `closed`: every identity spread over the folds (stratified), like the closed-set test where
+  every test jaguar also has training images.
+
+The order comes from SHA-256 of (seed, name), not from a library RNG, so a split is the same
+on every machine and every numpy/pandas/sklearn version.
+
+    python -m src.folds config=configs/demo.yaml      # writes the folds CSV and prints counts
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from src.config import REPO_ROOT, Config, load_config
+from src.data import DataError, data_files, read_train_csv
+from src.io_utils import atomic_path, run_main
+
+FOLD_COLUMNS = ("filename", "ground_truth", "fold")
+
+
+def stable_key(seed: int, name: str) -> int:
+    """A pseudo-random but platform-independent sort key for `name`."""
+    digest = hashlib.sha256(f"{seed}\x00{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def assign_grouped_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Fold per image with every identity inside one fold; folds balanced by image count.
+
+    Largest identities are placed first, each into the fold with the fewest images so far
+    (ties: the lower fold), which keeps folds within one identity's size of each other.
+    """
+    labels = np.asarray(labels).astype(str)
+    identities, counts = np.unique(labels, return_counts=True)
+    if len(identities) < n_folds:
+        raise ValueError(f"grouped folds need at least {n_folds} identities (one per fold), "
+                         f"got {len(identities)}; lower folds.n_folds or use "
+                         "folds.strategy=closed")
+    order = sorted(range(len(identities)),
+                   key=lambda i: (-counts[i], stable_key(seed, identities[i])))
+    sizes = np.zeros(n_folds, dtype=np.int64)
+    fold_of_identity: dict[str, int] = {}
+    for i in order:
+        fold = int(np.argmin(sizes))
+        fold_of_identity[identities[i]] = fold
+        sizes[fold] += counts[i]
+    return np.array([fold_of_identity[label] for label in labels], dtype=np.int64)
+
+
+def assign_closed_folds(labels: np.ndarray, n_folds: int, seed: int,
+                        groups: np.ndarray | None = None) -> np.ndarray:
+    """Fold per image with each identity's images dealt round-robin over the folds.
+
+    `groups` (optional, one id per image) keeps images that must stay together (e.g.
+    near-duplicates) in one fold; by default every image is its own group. Each identity's deal
+    starts at the fold that is smallest so far, so folds stay balanced when identities have
+    fewer images than folds.
+    """
+    labels = np.asarray(labels).astype(str)
+    n = len(labels)
+    if groups is None:
+        groups = np.arange(n)
+    groups = np.asarray(groups).astype(str)
+    if len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} entries for {n} labels")
+    if n < n_folds:
+        raise ValueError(f"closed folds need at least {n_folds} images, got {n}")
+    for group in np.unique(groups):
+        if len(np.unique(labels[groups == group])) > 1:
+            raise ValueError(f"group {group!r} mixes identities; a group must be one identity")
+
+    folds = np.full(n, -1, dtype=np.int64)
+    sizes = np.zeros(n_folds, dtype=np.int64)
+    for identity in sorted(np.unique(labels), key=lambda s: stable_key(seed, s)):
+        members = np.flatnonzero(labels == identity)
+        unit_ids = sorted(np.unique(groups[members]),
+                          key=lambda g: (-np.sum(groups[members] == g), stable_key(seed, g)))
+        # Start where the folds are smallest so small identities do not all pile into fold 0.
+        start = int(np.argmin(sizes))
+        for j, unit in enumerate(unit_ids):
+            fold = (start + j) % n_folds
+            idx = members[groups[members] == unit]
+            folds[idx] = fold
+            sizes[fold] += len(idx)
+    if (sizes == 0).any():
+        raise ValueError(f"closed folds: fold(s) {np.flatnonzero(sizes == 0).tolist()} got no "
+                         f"images; lower folds.n_folds")
+    return folds
+
+
+def assign_folds(labels: np.ndarray, n_folds: int, strategy: str, seed: int,
+                 groups: np.ndarray | None = None) -> np.ndarray:
+    if strategy == "grouped":
+        return assign_grouped_folds(labels, n_folds, seed)
+    if strategy == "closed":
+        return assign_closed_folds(labels, n_folds, seed, groups)
+    raise ValueError(f"unknown fold strategy {strategy!r}; expected grouped or closed")
+
+
+def folds_path(cfg: Config) -> Path:
+    if cfg.folds.file:
+        return Path(cfg.folds.file)
+    name = Path(cfg.data.dir).resolve().name
+    return (REPO_ROOT / "folds" /
+            f"{name}_{cfg.folds.strategy}_{cfg.folds.n_folds}f_s{cfg.folds.seed}.csv")
+
+
+def make_folds(train_df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    folds = assign_folds(train_df["ground_truth"].to_numpy(), cfg.folds.n_folds,
+                         cfg.folds.strategy, cfg.folds.seed)
+    out = train_df[["filename", "ground_truth"]].copy()
+    out["fold"] = folds
+    return out
+
+
+def check_folds(folds_df: pd.DataFrame, train_df: pd.DataFrame, n_folds: int,
+                path: Path) -> None:
+    """A saved split must describe exactly today's train.csv, or every score is suspect."""
+    merged = train_df.merge(folds_df, on="filename", how="outer", suffixes=("", "_folds"),
+                            indicator=True)
+    only_train = merged.loc[merged["_merge"] == "left_only", "filename"].tolist()
+    only_folds = merged.loc[merged["_merge"] == "right_only", "filename"].tolist()
+    if only_train or only_folds:
+        raise DataError(
+            f"{path}: does not match train.csv ({len(only_train)} image(s) missing from the "
+            f"folds, e.g. {only_train[:3]}; {len(only_folds)} not in train.csv, e.g. "
+            f"{only_folds[:3]}); delete it to re-split, or set folds.file"
+        )
+    both = merged[merged["_merge"] == "both"]
+    changed = both.index[both["ground_truth"] != both["ground_truth_folds"]]
+    if len(changed):
+        row = both.loc[changed[0]]
+        raise DataError(f"{path}: label of {row['filename']!r} is {row['ground_truth_folds']!r} "
+                        f"but train.csv says {row['ground_truth']!r}; delete it to re-split")
+    seen = sorted(folds_df["fold"].unique().tolist())
+    if seen != list(range(n_folds)):
+        raise DataError(f"{path}: holds folds {seen}, but folds.n_folds={n_folds}")
+
+
+def read_folds(path: Path) -> pd.DataFrame:
+    df = pd.read_csv(path, dtype={"filename": str, "ground_truth": str})
+    missing = [c for c in FOLD_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; "
+                        f"expected {', '.join(FOLD_COLUMNS)}")
+    if df["fold"].isna().any() or not pd.api.types.is_integer_dtype(df["fold"]):
+        raise DataError(f"{path}: column 'fold' must hold integers")
+    return df
+
+
+def load_or_create_folds(cfg: Config, train_df: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The split for this config: read from `folds/` when it exists (and still matches
+    train.csv), else made once and written there."""
+    if train_df is None:
+        train_df = read_train_csv(data_files(cfg)["train"])
+    path = folds_path(cfg)
+    if path.is_file():
+        folds_df = read_folds(path)
+        check_folds(folds_df, train_df, cfg.folds.n_folds, path)
+        # train.csv's row order is the reference every later step indexes by.
+        return train_df.merge(folds_df[["filename", "fold"]], on="filename", how="left")
+    try:
+        folds_df = make_folds(train_df, cfg)
+    except ValueError as exc:
+        raise DataError(f"{data_files(cfg)['train']}: {exc}") from exc
+    with atomic_path(path) as tmp:
+        folds_df.to_csv(tmp, index=False)
+    print(f"wrote {path}")
+    return folds_df
+
+
+def fold_summary(folds_df: pd.DataFrame) -> pd.DataFrame:
+    return folds_df.groupby("fold").agg(images=("filename", "size"),
+                                        identities=("ground_truth", "nunique"))
+
+
+def main(argv: list[str]) -> None:
+    cfg = load_config(argv)
+    folds_df = load_or_create_folds(cfg)
+    print(f"{folds_path(cfg)} ({cfg.folds.strategy}, {cfg.folds.n_folds} folds, "
+          f"seed {cfg.folds.seed})")
+    print(fold_summary(folds_df).to_string())
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,130 @@
+"""Competition file readers and image loading: formats, nesting, and errors naming file and row."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from src.config import load_config
+from src.data import (
+    DataError,
+    build_transform,
+    load_image,
+    pair_image_names,
+    read_sample_submission,
+    read_test_csv,
+    read_train_csv,
+    resolve_image_paths,
+)
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_train_csv_reads_and_strips(tmp_path):
+    df = read_train_csv(write(tmp_path / "train.csv",
+                              "filename,ground_truth\ntrain_1.png, Marcela\ntrain_2.png,Kwang\n"))
+    assert df.to_dict("list") == {"filename": ["train_1.png", "train_2.png"],
+                                  "ground_truth": ["Marcela", "Kwang"]}
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("file,ground_truth\na.png,x\n", "missing column.*filename"),
+    ("filename,label\na.png,x\n", "missing column.*ground_truth"),
+    ("filename,ground_truth\na.png,x\nb.png,\n", "row 3: empty value in column 'ground_truth'"),
+    ("filename,ground_truth\na.png,x\na.png,y\n", "row 3: filename 'a.png' appears more"),
+    ("filename,ground_truth\n../../etc/passwd,x\n", "row 2: .*inside the data folder"),
+    ("filename,ground_truth\n", "no rows"),
+    ("", "empty file"),
+])
+def test_train_csv_errors_name_file_and_row(tmp_path, text, fragment):
+    path = write(tmp_path / "train.csv", text)
+    with pytest.raises(DataError, match=fragment) as info:
+        read_train_csv(path)
+    assert str(path) in str(info.value)
+
+
+def test_test_csv_and_sample(tmp_path):
+    test = read_test_csv(write(tmp_path / "test.csv",
+                               "row_id,query_image,gallery_image\n0,a.png,b.png\n1,b.png,a.png\n"))
+    assert test["row_id"].tolist() == [0, 1]
+    assert pair_image_names(test) == ["a.png", "b.png"]
+    with pytest.raises(DataError, match="row 3: row_id must be an integer"):
+        read_test_csv(write(tmp_path / "t2.csv",
+                            "row_id,query_image,gallery_image\n0,a,b\nx,b,a\n"))
+    with pytest.raises(DataError, match="row 3: row_id 0 appears more than once"):
+        read_test_csv(write(tmp_path / "t3.csv",
+                            "row_id,query_image,gallery_image\n0,a,b\n0,b,a\n"))
+    with pytest.raises(DataError, match="missing column.*gallery_image"):
+        read_test_csv(write(tmp_path / "t4.csv", "row_id,query_image\n0,a\n"))
+    sample = read_sample_submission(write(tmp_path / "s.csv", "row_id,similarity\n0,0.5\n1,0.5\n"))
+    assert sample["row_id"].tolist() == [0, 1]
+
+
+def test_images_found_in_nested_folders(tmp_path):
+    nested = tmp_path / "train" / "train"
+    nested.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(nested / "train_1.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "train_2.jpg")
+    paths = resolve_image_paths(tmp_path, ["train_1.png", "train_2.jpg"], "train.csv")
+    assert paths == [nested / "train_1.png", tmp_path / "train_2.jpg"]
+
+
+def test_missing_and_ambiguous_images(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.png")
+    with pytest.raises(DataError, match=r"train\.csv: 1 image\(s\) not found.*'y.png'"):
+        resolve_image_paths(tmp_path, ["x.png", "y.png"], "train.csv")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b" / "x.png")
+    with pytest.raises(DataError, match="found more than once"):
+        resolve_image_paths(tmp_path, ["x.png"], "train.csv")
+    with pytest.raises(DataError, match="is not a folder"):
+        resolve_image_paths(tmp_path / "nope", ["x.png"], "train.csv")
+
+
+def test_rgba_png_and_rgb_jpeg_load_as_rgb(tmp_path):
+    rgba = np.zeros((6, 9, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[2:4, 3:6, 3] = 255  # mask
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    img = load_image(tmp_path / "a.png")
+    assert img.mode == "RGB" and img.size == (9, 6)
+    assert np.asarray(img)[..., 0].min() == 200  # RGB kept everywhere, background included
+    Image.new("RGB", (5, 4), (10, 20, 30)).save(tmp_path / "b.jpg")
+    assert load_image(tmp_path / "b.jpg").size == (5, 4)
+
+
+def test_grayscale_and_16_bit_are_converted(tmp_path):
+    Image.new("L", (4, 4), 77).save(tmp_path / "g.png")
+    assert np.asarray(load_image(tmp_path / "g.png"))[0, 0].tolist() == [77, 77, 77]
+    deep = np.full((4, 4), 65535, np.uint16)
+    deep[0, 0] = 0
+    Image.fromarray(deep).save(tmp_path / "d.png")
+    arr = np.asarray(load_image(tmp_path / "d.png"))
+    assert arr[1, 1].tolist() == [255, 255, 255] and arr[0, 0].tolist() == [0, 0, 0]
+
+
+def test_unreadable_and_truncated_images_name_the_file(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"bad\.png: unreadable image"):
+        load_image(tmp_path / "bad.png")
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut\.png: unreadable image"):
+        load_image(tmp_path / "cut.png")
+
+
+def test_transform_shapes_and_flip():
+    cfg = load_config(["data.img_size=32"])
+    img = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8)[None, :, None], (20, 1, 3)))
+    plain = build_transform(cfg, train=False)(img)
+    flipped = build_transform(cfg, train=False, flip=True)(img)
+    assert plain.shape == (3, 32, 32)
+    assert np.allclose(plain.numpy()[:, :, ::-1], flipped.numpy())
+    assert build_transform(cfg, train=True)(img).shape == (3, 32, 32)

@@ -1,0 +1,90 @@
+"""Training helpers, and the whole pipeline end to end on a tiny demo dataset."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from src.config import ConfigError, load_config
+from src.train import cosine_with_warmup, parse_fold_spec
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("0", [0]), ("0..4", [0, 1, 2, 3, 4]), ("1..2", [1, 2]), ("0,3", [0, 3]),
+    ("full", ["full"]), ("all", [0, 1, 2, 3, 4]), ("0..1,full", [0, 1, "full"]),
+    ("2,2", [2]),
+])
+def test_fold_spec(spec, expected):
+    assert parse_fold_spec(spec, 5) == expected
+
+
+@pytest.mark.parametrize("spec", ["5", "-1", "0..5", "3..1", "x", "", "0..", "fold0"])
+def test_bad_fold_spec_names_the_key(spec):
+    with pytest.raises(ConfigError, match="'fold'"):
+        parse_fold_spec(spec, 5)
+
+
+def test_cosine_with_warmup_shape():
+    factors = [cosine_with_warmup(s, total_steps=100, warmup_steps=10) for s in range(101)]
+    assert factors[0] == pytest.approx(0.1)
+    assert factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0)
+    assert factors[55] == pytest.approx(0.5)
+    assert factors[100] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end(demo_dir, tmp_path, tiny_cfg_args, capsys):
+    """Folds, two folds of one short epoch, out-of-fold scores, submission checked and scored."""
+    from src import submission, train
+
+    args = [*tiny_cfg_args, f"data.dir={demo_dir}", f"output_dir={tmp_path / 'out'}",
+            f"folds.file={tmp_path / 'folds.csv'}", "folds.n_folds=4", "exp=e2e"]
+    train.main([*args, "fold=0..1"])
+    exp = tmp_path / "out" / "e2e"
+
+    folds = pd.read_csv(tmp_path / "folds.csv")
+    assert list(folds.columns) == ["filename", "ground_truth", "fold"]
+    for k in (0, 1):
+        fold = exp / f"fold{k}"
+        for name in ("model.safetensors", "val_embeddings.npz", "metrics.json", "log.csv",
+                     "config.yaml"):
+            assert (fold / name).is_file(), name
+        with np.load(fold / "val_embeddings.npz") as data:
+            val = folds[folds["fold"] == k]
+            assert data["filenames"].tolist() == val["filename"].tolist()
+            assert data["labels"].tolist() == val["ground_truth"].tolist()
+            assert np.allclose(np.linalg.norm(data["embeddings"], axis=1), 1, atol=1e-5)
+        metrics = json.loads((fold / "metrics.json").read_text())
+        assert 0 <= metrics["pair_auc"] <= 1 and 0 <= metrics["map"] <= 1
+        log = pd.read_csv(fold / "log.csv")
+        assert log["epoch"].tolist() == [0, 1]
+        assert load_config([f"config={fold / 'config.yaml'}"]).fold == str(k)
+
+    oof = json.loads((exp / "oof_scores.json").read_text())
+    assert [row["fold"] for row in oof["folds"]] == [0, 1]
+    assert oof["mean"]["map"] == pytest.approx(np.mean([r["map"] for r in oof["folds"]]))
+    assert "| mean |" in (exp / "oof_scores.md").read_text()
+
+    # A finished fold is skipped, not retrained; the same exp with another recipe is refused.
+    stamp = (exp / "fold0" / "model.safetensors").stat().st_mtime_ns
+    train.main([*args, "fold=0"])
+    assert (exp / "fold0" / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="different config"):
+        train.main([*args, "fold=0", "train.lr=0.5"])
+
+    # Missing folds at submission time are named; the trained ones make a valid submission.
+    with pytest.raises(FileNotFoundError, match="fold2"):
+        submission.main([*args, "submit.folds=all"])
+    capsys.readouterr()
+    submission.main([*args, "submit.folds=0..1"])
+    out = capsys.readouterr().out
+    sub = pd.read_csv(exp / "submission.csv")
+    test = pd.read_csv(demo_dir / "test.csv")
+    assert sub["row_id"].tolist() == test["row_id"].tolist()
+    assert sub["similarity"].between(0, 1).all()
+    scores = json.loads((exp / "test_scores.json").read_text())
+    assert 0 <= scores["test"]["map"] <= 1
+    assert "local test" in out
