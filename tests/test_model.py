@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from src.config import load_config
-from src.model import GeM, ArcFace, build_model, create_backbone, load_trained_model
+from src.model import ArcFace, GeM, build_model, create_backbone, load_trained_model
 
 SHARED_WEIGHTS = (Path(__file__).resolve().parents[2] / "shared" / "weights"
                   / "tf_efficientnet_lite0.safetensors")
