@@ -244,6 +244,7 @@ def load_config(args: Iterable[str] = (), config_path: str | Path | None = None)
 
 _CHOICES = {
     "folds.strategy": ("grouped", "closed"),
+    "data.alpha": ("rgb", "crop", "crop_fill"),
 }
 
 
@@ -260,6 +261,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"key '{dotted}' must be at least 1; got {cfg.get_path(dotted)}")
     if cfg.folds.n_folds < 2:
         raise ConfigError(f"key 'folds.n_folds' must be at least 2; got {cfg.folds.n_folds}")
+    fill = cfg.data.fill
+    if len(fill) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in fill):
+        raise ConfigError(f"key 'data.fill' must be 3 integers in 0..255; got {fill!r}")
     for dotted in ("data.mean", "data.std"):
         value = cfg.get_path(dotted)
         if len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):

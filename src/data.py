@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -173,28 +174,78 @@ def resolve_image_paths(root: str | Path, names: Iterable[str], csv_path: str | 
     return paths
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB. RGBA keeps its RGB (the alpha mask is not used yet); 16-bit,
+ALPHA_MODES = ("rgb", "crop", "crop_fill")
+
+
+def read_rgba(path: str | Path) -> np.ndarray:
+    """Any image as (H, W, 4) uint8; alpha is 255 everywhere when the file has none. 16-bit,
     grayscale and palette images are converted."""
     path = Path(path)
     try:
         with Image.open(path) as img:
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # Pillow's RGB conversion clips 16-bit values; rescale to 8 bits first.
+                # Pillow's 8-bit conversion clips 16-bit values; rescale instead.
                 arr = np.asarray(img, dtype=np.float64)
                 top = 65535.0 if arr.max() > 255 else 255.0
                 img = Image.fromarray(np.round(arr / top * 255).astype(np.uint8), mode="L")
-            return img.convert("RGB")
+            return np.asarray(img.convert("RGBA"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: unreadable image: {exc}") from exc
+
+
+def mask_box(alpha: np.ndarray, margin: float) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right) of the mask (alpha > 127), grown by `margin` x its size on
+    each side and clipped to the image; None for an empty mask."""
+    rows = np.flatnonzero((alpha > 127).any(axis=1))
+    cols = np.flatnonzero((alpha > 127).any(axis=0))
+    if len(rows) == 0:
+        return None
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    dy, dx = round((bottom - top) * margin), round((right - left) * margin)
+    height, width = alpha.shape
+    return max(0, top - dy), min(height, bottom + dy), max(0, left - dx), min(width, right + dx)
+
+
+def apply_alpha(rgba: np.ndarray, mode: str, margin: float = 0.05,
+                fill: tuple[int, int, int] = (128, 128, 128)) -> np.ndarray:
+    """(H, W, 4) -> (h, w, 3) RGB by the alpha mode:
+    `rgb` keeps the whole RGB; `crop` cuts to the mask's box (plus margin); `crop_fill` also
+    paints everything outside the mask with `fill`. An empty mask keeps the whole image."""
+    if mode not in ALPHA_MODES:
+        raise ValueError(f"alpha mode must be one of {', '.join(ALPHA_MODES)}; got {mode!r}")
+    rgb = rgba[..., :3]
+    if mode == "rgb":
+        return rgb
+    box = mask_box(rgba[..., 3], margin)
+    if box is None:
+        return rgb
+    top, bottom, left, right = box
+    out = rgb[top:bottom, left:right].copy()
+    if mode == "crop_fill":
+        out[rgba[top:bottom, left:right, 3] <= 127] = fill
+    return out
+
+
+def load_image(path: str | Path, alpha: str = "rgb", margin: float = 0.05,
+               fill: tuple[int, int, int] = (128, 128, 128)) -> Image.Image:
+    """An image as RGB, prepared by the alpha mode (see `apply_alpha`)."""
+    return Image.fromarray(apply_alpha(read_rgba(path), alpha, margin, tuple(fill)))
+
+
+def image_loader(cfg: Config):
+    """`load_image` with this config's alpha settings (a picklable callable for DataLoader)."""
+    return partial(load_image, alpha=cfg.data.alpha, margin=cfg.data.crop_margin,
+                   fill=tuple(cfg.data.fill))
 
 
 class ImageDataset(Dataset):
     """Images with integer labels (-1 where unknown); yields (tensor, label, index)."""
 
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int] | None, transform) -> None:
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int] | None, transform,
+                 load=load_image) -> None:
         self.paths = list(paths)
+        self.load = load
         self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
         if len(self.labels) != len(self.paths):
             raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
@@ -204,7 +255,7 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        image = load_image(self.paths[index])
+        image = self.load(self.paths[index])
         return self.transform(image), self.labels[index], index
 
 

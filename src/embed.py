@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from src.config import Config
-from src.data import ImageDataset, build_transform
+from src.data import ImageDataset, build_transform, image_loader
 
 
 def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -36,8 +36,9 @@ def embed_images(model: torch.nn.Module, paths: Sequence[Path], cfg: Config,
     model.eval().to(device)
     total: np.ndarray | None = None
     for flip in views:
-        loader = DataLoader(ImageDataset(paths, None, build_transform(cfg, train=False, flip=flip)),
-                            batch_size=cfg.embed.batch_size, shuffle=False,
+        dataset = ImageDataset(paths, None, build_transform(cfg, train=False, flip=flip),
+                               image_loader(cfg))
+        loader = DataLoader(dataset, batch_size=cfg.embed.batch_size, shuffle=False,
                             num_workers=cfg.data.num_workers,
                             pin_memory=device.startswith("cuda"))
         chunks = []

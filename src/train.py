@@ -26,7 +26,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from src.config import Config, ConfigError, config_digest, load_config, save_config, to_plain
-from src.data import ImageDataset, build_transform, data_files, resolve_image_paths
+from src.data import (
+    ImageDataset,
+    build_transform,
+    data_files,
+    image_loader,
+    resolve_image_paths,
+)
 from src.embed import embed_images
 from src.folds import load_or_create_folds
 from src.io_utils import (
@@ -170,7 +176,7 @@ def train_fold(cfg: Config, fold: int | str, folds_df: pd.DataFrame,
     optimizer = build_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
     train_set = ImageDataset([paths[i] for i in train_idx], train_labels,
-                             build_transform(cfg, train=True))
+                             build_transform(cfg, train=True), image_loader(cfg))
     loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True,
                         generator=generator, num_workers=cfg.data.num_workers,
                         drop_last=len(train_set) > cfg.train.batch_size,

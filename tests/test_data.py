@@ -9,9 +9,12 @@ from PIL import Image
 from src.config import load_config
 from src.data import (
     DataError,
+    apply_alpha,
     build_transform,
     load_image,
+    mask_box,
     pair_image_names,
+    read_rgba,
     read_sample_submission,
     read_test_csv,
     read_train_csv,
@@ -128,3 +131,46 @@ def test_transform_shapes_and_flip():
     assert plain.shape == (3, 32, 32)
     assert np.allclose(plain.numpy()[:, :, ::-1], flipped.numpy())
     assert build_transform(cfg, train=True)(img).shape == (3, 32, 32)
+
+
+def hand_made_rgba() -> np.ndarray:
+    """20 x 30 image, red inside a 6 x 10 mask at rows 5..10, cols 10..19; blue outside."""
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    rgba[..., 2] = 255
+    rgba[5:11, 10:20] = (255, 0, 0, 255)
+    return rgba
+
+
+def test_alpha_rgb_keeps_the_whole_image():
+    out = apply_alpha(hand_made_rgba(), "rgb")
+    assert out.shape == (20, 30, 3) and out[0, 0].tolist() == [0, 0, 255]
+
+
+def test_alpha_crop_box_with_margin():
+    out = apply_alpha(hand_made_rgba(), "crop", margin=0.0)
+    assert out.shape == (6, 10, 3) and (out == [255, 0, 0]).all()
+    # margin 0.5: 3 rows and 5 columns more on each side
+    assert mask_box(hand_made_rgba()[..., 3], 0.5) == (2, 14, 5, 25)
+    grown = apply_alpha(hand_made_rgba(), "crop", margin=0.5)
+    assert grown.shape == (12, 20, 3) and grown[0, 0].tolist() == [0, 0, 255]
+    # clipped at the border
+    assert mask_box(hand_made_rgba()[..., 3], 5.0) == (0, 20, 0, 30)
+
+
+def test_alpha_crop_fill_paints_the_background():
+    out = apply_alpha(hand_made_rgba(), "crop_fill", margin=0.5, fill=(7, 8, 9))
+    assert out[0, 0].tolist() == [7, 8, 9]
+    assert out[3:9, 5:15].reshape(-1, 3).tolist() == [[255, 0, 0]] * 60
+    assert (out.reshape(-1, 3) == [7, 8, 9]).all(axis=1).sum() == 12 * 20 - 60
+
+
+def test_empty_mask_or_no_alpha_falls_back_to_the_whole_image(tmp_path):
+    empty = hand_made_rgba()
+    empty[..., 3] = 0
+    assert apply_alpha(empty, "crop_fill").shape == (20, 30, 3)
+    Image.new("RGB", (9, 4), (1, 2, 3)).save(tmp_path / "plain.jpg")
+    rgba = read_rgba(tmp_path / "plain.jpg")
+    assert rgba.shape == (4, 9, 4) and (rgba[..., 3] == 255).all()
+    assert load_image(tmp_path / "plain.jpg", alpha="crop").size == (9, 4)
+    with pytest.raises(ValueError, match="alpha mode"):
+        apply_alpha(empty, "blur")
