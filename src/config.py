@@ -245,6 +245,7 @@ def load_config(args: Iterable[str] = (), config_path: str | Path | None = None)
 _CHOICES = {
     "folds.strategy": ("grouped", "closed"),
     "data.alpha": ("rgb", "crop", "crop_fill"),
+    "submit.ensemble": ("mean", "concat"),
 }
 
 

@@ -52,12 +52,19 @@ def embed_images(model: torch.nn.Module, paths: Sequence[Path], cfg: Config,
     return l2_normalize(total).astype(np.float32)
 
 
-def ensemble_embeddings(embeddings: Sequence[np.ndarray]) -> np.ndarray:
-    """Mean of L2-normalised embeddings of the same images from several models, re-normalised.
+ENSEMBLE_MODES = ("mean", "concat")
 
-    Fold models are trained separately, so only their cosine similarities are comparable, not
-    their coordinates; averaging normalised vectors averages those similarities' geometry.
+
+def ensemble_embeddings(embeddings: Sequence[np.ndarray], mode: str = "mean") -> np.ndarray:
+    """One embedding per image from several models' embeddings of the same images.
+
+    `mean`: average of the L2-normalised embeddings, re-normalised. Cheap and common; it
+    assumes the models' spaces roughly agree (fold models share their initialisation).
+    `concat`: the normalised embeddings side by side, re-normalised; its cosine similarity is
+    exactly the mean of the models' cosine similarities, whatever their spaces.
     """
+    if mode not in ENSEMBLE_MODES:
+        raise ValueError(f"ensemble mode must be one of {', '.join(ENSEMBLE_MODES)}; got {mode!r}")
     if not embeddings:
         raise ValueError("no embeddings to ensemble")
     shapes = {e.shape for e in embeddings}
@@ -66,4 +73,5 @@ def ensemble_embeddings(embeddings: Sequence[np.ndarray]) -> np.ndarray:
     stacked = np.stack([l2_normalize(e.astype(np.float64)) for e in embeddings])
     if not np.isfinite(stacked).all():
         raise ValueError("embeddings contain NaN or infinite values")
-    return l2_normalize(stacked.mean(axis=0)).astype(np.float32)
+    combined = stacked.mean(axis=0) if mode == "mean" else np.concatenate(stacked, axis=1)
+    return l2_normalize(combined).astype(np.float32)

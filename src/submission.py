@@ -136,14 +136,17 @@ def run(cfg: Config) -> dict:
         model = load_trained_model(fold_cfg, weights)
         print(f"embedding {len(paths)} test images with {weights}")
         per_fold.append(embed_images(model, paths, fold_cfg, device))
-    emb_n = ensemble_embeddings(per_fold)
-    with atomic_path(exp_dir / "test_embeddings.npz", suffix=".npz") as tmp:
-        np.savez(tmp, embeddings=emb_n, filenames=np.array(names))
-
+    emb_n = ensemble_embeddings(per_fold, cfg.submit.ensemble)
     similarity = cosine_to_unit(pair_similarity(emb_n, query, gallery))
     sub = build_submission(test_df, similarity)
     validate_submission(sub, sample, files["sample"])
+
+    # Everything this run makes is named after its submission file, so a second submission
+    # of the same experiment (other folds, other settings) never replaces the first's extras.
     out_path = Path(cfg.submit.file) if cfg.submit.file else exp_dir / "submission.csv"
+    stem = out_path.with_suffix("")
+    with atomic_path(f"{stem}.embeddings.npz", suffix=".npz") as tmp:
+        np.savez(tmp, embeddings=emb_n, filenames=np.array(names))
     write_submission(sub, out_path)
     print(f"wrote {out_path} ({len(sub)} rows, folds {', '.join(str(f) for f in folds)})")
 
@@ -153,7 +156,7 @@ def run(cfg: Config) -> dict:
         result["test"] = score_submission(test_df, similarity, labels_df)
         oof = exp_dir / "oof_scores.json"
         result["oof"] = read_json(oof)["mean"] if oof.is_file() else None
-        atomic_write_json(exp_dir / "test_scores.json", result)
+        atomic_write_json(f"{stem}.scores.json", result)
         print(_cv_vs_test(result))
     return result
 

@@ -56,10 +56,21 @@ def test_ensemble_of_normalised_embeddings():
     out = ensemble_embeddings([a, b])
     assert np.allclose(out[0], [1 / np.sqrt(2), 1 / np.sqrt(2)])  # norms do not weigh
     assert np.allclose(out[1], [0.0, 1.0])
+    with pytest.raises(ValueError, match="ensemble mode"):
+        ensemble_embeddings([a, b], "median")
     with pytest.raises(ValueError, match="differ in shape"):
         ensemble_embeddings([a, b[:1]])
     with pytest.raises(ValueError, match="NaN"):
         ensemble_embeddings([a, np.full((2, 2), np.nan)])
+
+
+def test_concat_ensemble_similarity_is_the_mean_of_model_similarities():
+    rng = np.random.default_rng(4)
+    models = [l2_normalize(rng.normal(size=(6, 5))) for _ in range(3)]
+    joint = ensemble_embeddings(models, "concat")
+    assert joint.shape == (6, 15)
+    expected = np.mean([m @ m.T for m in models], axis=0)
+    assert np.allclose(joint @ joint.T, expected, atol=1e-6)
 
 
 def test_validation_catches_each_defect():

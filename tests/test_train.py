@@ -85,6 +85,24 @@ def test_pipeline_end_to_end(demo_dir, tmp_path, tiny_cfg_args, capsys):
     test = pd.read_csv(demo_dir / "test.csv")
     assert sub["row_id"].tolist() == test["row_id"].tolist()
     assert sub["similarity"].between(0, 1).all()
-    scores = json.loads((exp / "test_scores.json").read_text())
+    scores = json.loads((exp / "submission.scores.json").read_text())
+    with np.load(exp / "submission.embeddings.npz") as data:
+        assert len(data["filenames"]) == len(set(test["query_image"]))
     assert 0 <= scores["test"]["map"] <= 1
     assert "local test" in out
+
+
+@pytest.mark.slow
+def test_demo_recipe_learns_out_of_fold(tmp_path):
+    """The demo's promise: a CPU minute of training lifts out-of-fold pair AUC clearly above
+    the untrained model's (measured: 0.54 -> 0.67 on fold 0 of the default demo data)."""
+    from src import train
+    from src.demo_data import generate_demo_dataset
+
+    generate_demo_dataset(tmp_path / "demo", seed=0)
+    train.main(["config=configs/demo.yaml", f"data.dir={tmp_path / 'demo'}",
+                f"output_dir={tmp_path / 'out'}", f"folds.file={tmp_path / 'folds.csv'}",
+                "fold=0", "device=cpu"])
+    metrics = json.loads((tmp_path / "out" / "demo" / "fold0" / "metrics.json").read_text())
+    assert metrics["pair_auc"] > metrics["untrained"]["pair_auc"] + 0.08
+    assert metrics["map"] > metrics["untrained"]["map"] + 0.08
