@@ -259,11 +259,10 @@ class ImageDataset(Dataset):
         return self.transform(image), self.labels[index], index
 
 
-def build_transform(cfg: Config, train: bool, flip: bool = False):
+def build_transform(cfg: Config, train: bool):
     """Square resize (the model sees `img_size` x `img_size`); light augmentation for training.
 
     No horizontal flip in training: a mirrored left flank is not the right flank.
-    `flip=True` mirrors every image (a test-time view).
     """
     from torchvision.transforms import v2
 
@@ -278,8 +277,6 @@ def build_transform(cfg: Config, train: bool, flip: bool = False):
         ]
     else:
         steps.append(v2.Resize(size, antialias=True))
-    if flip:
-        steps.append(v2.RandomHorizontalFlip(p=1.0))
     steps += [v2.ToDtype(torch.float32, scale=True),
               v2.Normalize(mean=list(cfg.data.mean), std=list(cfg.data.std))]
     return v2.Compose(steps)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from src.config import Config
 from src.data import ImageDataset, build_transform, image_loader
+from src.io_utils import amp_dtype
 
 
 def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -20,36 +21,32 @@ def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return x / np.maximum(norm, 1e-12)
 
 
-def _autocast(device: str, enabled: bool):
-    if device.startswith("cuda") and enabled:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", enabled=False)
-
-
 @torch.no_grad()
 def embed_images(model: torch.nn.Module, paths: Sequence[Path], cfg: Config,
                  device: str) -> np.ndarray:
-    """(N, D) float32, L2-normalised; each test-time view is normalised before averaging so
-    no view dominates by its norm."""
-    views = [False, True] if cfg.embed.tta_flip else [False]
+    """(N, D) float32, L2-normalised.
+
+    With `embed.tta_flip` the mirrored image is a second view of the same decoded batch; each
+    view is normalised before averaging so no view dominates by its norm.
+    """
     model.eval().to(device)
-    total: np.ndarray | None = None
-    for flip in views:
-        dataset = ImageDataset(paths, None, build_transform(cfg, train=False, flip=flip),
-                               image_loader(cfg))
-        loader = DataLoader(dataset, batch_size=cfg.embed.batch_size, shuffle=False,
-                            num_workers=cfg.data.num_workers,
-                            pin_memory=device.startswith("cuda"))
-        chunks = []
-        for images, _, _ in loader:
-            with _autocast(device, cfg.train.amp):
-                emb = model(images.to(device, non_blocking=True))
-            chunks.append(F.normalize(emb.float(), dim=1).cpu().numpy())
-        view = np.concatenate(chunks) if chunks else np.zeros((0, cfg.model.embed_dim), np.float32)
-        total = view if total is None else total + view
-    assert total is not None
-    return l2_normalize(total).astype(np.float32)
+    dataset = ImageDataset(paths, None, build_transform(cfg, train=False), image_loader(cfg))
+    loader = DataLoader(dataset, batch_size=cfg.embed.batch_size, shuffle=False,
+                        num_workers=cfg.data.num_workers, pin_memory=device.startswith("cuda"))
+    dtype = amp_dtype(device, cfg.train.amp)
+    chunks = []
+    for images, _, _ in loader:
+        images = images.to(device, non_blocking=True)
+        views = [images, images.flip(dims=[3])] if cfg.embed.tta_flip else [images]
+        total = torch.zeros(())
+        for view in views:
+            with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+                emb = model(view)
+            total = total + F.normalize(emb.float(), dim=1).cpu()
+        chunks.append(F.normalize(total, dim=1).numpy())
+    if not chunks:
+        return np.zeros((0, cfg.model.embed_dim), np.float32)
+    return np.concatenate(chunks).astype(np.float32)
 
 
 ENSEMBLE_MODES = ("mean", "concat")

@@ -88,6 +88,15 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def amp_dtype(device: str, enabled: bool):
+    """Autocast dtype: bf16 on GPUs that have it, else fp16; None (full fp32) on the CPU."""
+    import torch
+
+    if not (enabled and device.startswith("cuda")):
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def seed_everything(seed: int) -> None:
     import torch
 

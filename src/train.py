@@ -36,6 +36,7 @@ from src.data import (
 from src.embed import embed_images
 from src.folds import load_or_create_folds
 from src.io_utils import (
+    amp_dtype,
     atomic_path,
     atomic_write_json,
     read_json,
@@ -114,15 +115,6 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     )
 
 
-def _amp_setup(device: str,
-               enabled: bool) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    if not (enabled and device.startswith("cuda")):
-        return None, None
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, None
-    return torch.float16, torch.amp.GradScaler("cuda")
-
-
 def _append_log(path: Path, row: dict) -> None:
     # The log grows row by row so a run that dies keeps its history; one short line at a time.
     new = not path.exists()
@@ -187,7 +179,9 @@ def train_fold(cfg: Config, fold: int | str, folds_df: pd.DataFrame,
     warmup_steps = int(round(cfg.train.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_with_warmup(step, total_steps, warmup_steps))
-    amp_dtype, scaler = _amp_setup(device, cfg.train.amp)
+    dtype = amp_dtype(device, cfg.train.amp)
+    # fp16 needs loss scaling against underflow; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
     print(f"fold {fold}: {len(train_idx)} train images of {len(classes)} identities, "
           f"{len(val_idx)} validation images; {cfg.model.backbone} on {device}")
@@ -210,8 +204,7 @@ def train_fold(cfg: Config, fold: int | str, folds_df: pd.DataFrame,
         for i, (images, labels, _) in enumerate(bar):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            with torch.autocast(device.split(":")[0], dtype=amp_dtype,
-                                enabled=amp_dtype is not None):
+            with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
                 logits = model.head(model(images), labels)
             loss = F.cross_entropy(logits.float(), labels)
             if not torch.isfinite(loss):
