@@ -244,7 +244,7 @@ def load_config(args: Iterable[str] = (), config_path: str | Path | None = None)
 
 _CHOICES = {
     "folds.strategy": ("grouped", "closed"),
-    "data.alpha": ("rgb", "crop", "crop_fill"),
+    "data.alpha": ("rgb", "crop", "crop_fill", "crop_blur"),
     "submit.ensemble": ("mean", "concat"),
 }
 

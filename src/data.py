@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFilter, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from src.config import Config
+from src.config import Config, ConfigError
 from src.io_utils import UserInputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -174,22 +174,27 @@ def resolve_image_paths(root: str | Path, names: Iterable[str], csv_path: str | 
     return paths
 
 
-ALPHA_MODES = ("rgb", "crop", "crop_fill")
+ALPHA_MODES = ("rgb", "crop", "crop_fill", "crop_blur")
+
+
+def to_rgba(img: Image.Image) -> np.ndarray:
+    """A loaded PIL image as (H, W, 4) uint8; alpha is 255 everywhere when it has none.
+    16-bit, grayscale and palette images are converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # Pillow's 8-bit conversion clips 16-bit values; rescale instead.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.round(arr / top * 255).astype(np.uint8), mode="L")
+    return np.asarray(img.convert("RGBA"))
 
 
 def read_rgba(path: str | Path) -> np.ndarray:
-    """Any image as (H, W, 4) uint8; alpha is 255 everywhere when the file has none. 16-bit,
-    grayscale and palette images are converted."""
+    """Any image file as (H, W, 4) uint8 (see `to_rgba`)."""
     path = Path(path)
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # Pillow's 8-bit conversion clips 16-bit values; rescale instead.
-                arr = np.asarray(img, dtype=np.float64)
-                top = 65535.0 if arr.max() > 255 else 255.0
-                img = Image.fromarray(np.round(arr / top * 255).astype(np.uint8), mode="L")
-            return np.asarray(img.convert("RGBA"))
+            return to_rgba(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: unreadable image: {exc}") from exc
 
@@ -207,24 +212,40 @@ def mask_box(alpha: np.ndarray, margin: float) -> tuple[int, int, int, int] | No
     return max(0, top - dy), min(height, bottom + dy), max(0, left - dx), min(width, right + dx)
 
 
+def fill_background(rgba: np.ndarray, mode: str, fill: tuple[int, int, int] = (128, 128, 128),
+                    blur_radius: float = 0.05) -> np.ndarray:
+    """(H, W, 4) -> (H, W, 3): `crop_fill` paints outside the mask with `fill`; `crop_blur`
+    replaces it by a strong blur of the image (the animal stays sharp, the scene's colours
+    stay); other modes keep the RGB. `blur_radius` is a fraction of the image's long side."""
+    rgb = rgba[..., :3]
+    background = rgba[..., 3] <= 127
+    if mode not in ("crop_fill", "crop_blur") or not background.any():
+        return rgb
+    out = rgb.copy()
+    if mode == "crop_fill":
+        out[background] = fill
+    else:
+        radius = max(1.0, blur_radius * max(rgb.shape[:2]))
+        blurred = np.asarray(Image.fromarray(rgb).filter(ImageFilter.GaussianBlur(radius)))
+        out[background] = blurred[background]
+    return out
+
+
 def apply_alpha(rgba: np.ndarray, mode: str, margin: float = 0.05,
                 fill: tuple[int, int, int] = (128, 128, 128)) -> np.ndarray:
     """(H, W, 4) -> (h, w, 3) RGB by the alpha mode:
-    `rgb` keeps the whole RGB; `crop` cuts to the mask's box (plus margin); `crop_fill` also
-    paints everything outside the mask with `fill`. An empty mask keeps the whole image."""
+    `rgb` keeps the whole RGB; `crop` cuts to the mask's box (plus margin); `crop_fill` and
+    `crop_blur` also fill the background (see `fill_background`). An empty mask keeps the
+    whole image."""
     if mode not in ALPHA_MODES:
         raise ValueError(f"alpha mode must be one of {', '.join(ALPHA_MODES)}; got {mode!r}")
-    rgb = rgba[..., :3]
     if mode == "rgb":
-        return rgb
+        return rgba[..., :3]
     box = mask_box(rgba[..., 3], margin)
     if box is None:
-        return rgb
+        return rgba[..., :3]
     top, bottom, left, right = box
-    out = rgb[top:bottom, left:right].copy()
-    if mode == "crop_fill":
-        out[rgba[top:bottom, left:right, 3] <= 127] = fill
-    return out
+    return fill_background(rgba[top:bottom, left:right], mode, fill)
 
 
 def load_image(path: str | Path, alpha: str = "rgb", margin: float = 0.05,
@@ -233,8 +254,30 @@ def load_image(path: str | Path, alpha: str = "rgb", margin: float = 0.05,
     return Image.fromarray(apply_alpha(read_rgba(path), alpha, margin, tuple(fill)))
 
 
-def image_loader(cfg: Config):
-    """`load_image` with this config's alpha settings (a picklable callable for DataLoader)."""
+def load_cached(path: str | Path, alpha: str = "rgb",
+                fill: tuple[int, int, int] = (128, 128, 128),
+                blank_prob: float = 0.0) -> Image.Image:
+    """A cached image (already cropped by the cache when the mode crops) as RGB: only the
+    background fill of the alpha mode is left to apply. With probability `blank_prob` the
+    background is painted black instead, as the competition's second round does to its test
+    images (a training augmentation; the draw uses torch's RNG, so seeded runs repeat)."""
+    rgba = read_rgba(path)
+    if blank_prob > 0 and torch.rand(()).item() < blank_prob:
+        return Image.fromarray(fill_background(rgba, "crop_fill", (0, 0, 0)))
+    return Image.fromarray(fill_background(rgba, alpha, fill))
+
+
+def image_loader(cfg: Config, cached: bool = False, train: bool = False):
+    """The image-loading callable for this config's alpha settings (picklable for workers):
+    from the preprocessing cache, or straight from the source files. `train` adds the
+    background-blanking augmentation (cache only: it needs the kept alpha)."""
+    if cached:
+        blank = cfg.train.bg_blank_prob if train else 0.0
+        return partial(load_cached, alpha=cfg.data.alpha, fill=tuple(cfg.data.fill),
+                       blank_prob=blank)
+    if train and cfg.train.bg_blank_prob > 0:
+        raise ConfigError("train.bg_blank_prob needs cache.enabled=true (the cache keeps the "
+                          "mask the augmentation paints with)")
     return partial(load_image, alpha=cfg.data.alpha, margin=cfg.data.crop_margin,
                    fill=tuple(cfg.data.fill))
 

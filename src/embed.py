@@ -23,14 +23,16 @@ def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 @torch.no_grad()
 def embed_images(model: torch.nn.Module, paths: Sequence[Path], cfg: Config,
-                 device: str) -> np.ndarray:
+                 device: str, load=None) -> np.ndarray:
     """(N, D) float32, L2-normalised.
 
     With `embed.tta_flip` the mirrored image is a second view of the same decoded batch; each
-    view is normalised before averaging so no view dominates by its norm.
+    view is normalised before averaging so no view dominates by its norm. `load` reads one
+    file (default: straight from the sources with the config's alpha mode).
     """
     model.eval().to(device)
-    dataset = ImageDataset(paths, None, build_transform(cfg, train=False), image_loader(cfg))
+    dataset = ImageDataset(paths, None, build_transform(cfg, train=False),
+                           load or image_loader(cfg))
     loader = DataLoader(dataset, batch_size=cfg.embed.batch_size, shuffle=False,
                         num_workers=cfg.data.num_workers, pin_memory=device.startswith("cuda"))
     dtype = amp_dtype(device, cfg.train.amp)

@@ -15,16 +15,19 @@ on every machine and every numpy/pandas/sklearn version.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from src.cache import prepare_images
 from src.config import REPO_ROOT, Config, load_config
-from src.data import DataError, data_files, read_train_csv
+from src.data import DataError, data_files, read_rgba, read_train_csv, resolve_image_paths
+from src.dedup import duplicate_groups, hash_to_hex, hex_to_hash, phash
 from src.io_utils import atomic_path, run_main
 
-FOLD_COLUMNS = ("filename", "ground_truth", "fold")
+FOLD_COLUMNS = ("filename", "ground_truth", "fold")  # and "group" (near-duplicates)
 
 
 def stable_key(seed: int, name: str) -> int:
@@ -99,6 +102,8 @@ def assign_closed_folds(labels: np.ndarray, n_folds: int, seed: int,
 
 def assign_folds(labels: np.ndarray, n_folds: int, strategy: str, seed: int,
                  groups: np.ndarray | None = None) -> np.ndarray:
+    """`groups` only matter for `closed`: `grouped` keeps whole identities together, and
+    near-duplicate groups never span identities."""
     if strategy == "grouped":
         return assign_grouped_folds(labels, n_folds, seed)
     if strategy == "closed":
@@ -114,11 +119,35 @@ def folds_path(cfg: Config) -> Path:
             f"{name}_{cfg.folds.strategy}_{cfg.folds.n_folds}f_s{cfg.folds.seed}.csv")
 
 
-def make_folds(train_df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
-    folds = assign_folds(train_df["ground_truth"].to_numpy(), cfg.folds.n_folds,
-                         cfg.folds.strategy, cfg.folds.seed)
+def near_duplicate_groups(train_df: pd.DataFrame, cfg: Config,
+                          hashes: Sequence[str | None] | None) -> np.ndarray:
+    """Group id per image: near-duplicates of one identity share one (see src/dedup.py).
+    Hashes come from the preprocessing cache; without it they are computed here, once."""
+    if hashes is None:
+        files = data_files(cfg)
+        paths = resolve_image_paths(files["root"], train_df["filename"], files["train"])
+        hashes = [hash_to_hex(phash(read_rgba(p)[..., :3])) for p in paths]
+    bits = np.stack([hex_to_hash(h) if h else np.zeros(64, bool) for h in hashes])
+    groups, cross = duplicate_groups(bits, train_df["ground_truth"].to_numpy(),
+                                     cfg.folds.dup_threshold)
+    n_dup = int((np.bincount(groups) > 1).sum())
+    if n_dup or cross:
+        print(f"near-duplicates: {n_dup} group(s) kept inside one fold; {len(cross)} pair(s) "
+              "across identities (python -m src.datacheck lists them)")
+    return groups
+
+
+def make_folds(train_df: pd.DataFrame, cfg: Config,
+               hashes: Sequence[str | None] | None = None) -> pd.DataFrame:
+    labels = train_df["ground_truth"].to_numpy()
+    if cfg.folds.dup_threshold >= 0:
+        groups = near_duplicate_groups(train_df, cfg, hashes)
+    else:
+        groups = np.arange(len(train_df))
+    folds = assign_folds(labels, cfg.folds.n_folds, cfg.folds.strategy, cfg.folds.seed, groups)
     out = train_df[["filename", "ground_truth"]].copy()
     out["fold"] = folds
+    out["group"] = groups
     return out
 
 
@@ -157,7 +186,8 @@ def read_folds(path: Path) -> pd.DataFrame:
     return df
 
 
-def load_or_create_folds(cfg: Config, train_df: pd.DataFrame | None = None) -> pd.DataFrame:
+def load_or_create_folds(cfg: Config, train_df: pd.DataFrame | None = None,
+                         hashes: Sequence[str | None] | None = None) -> pd.DataFrame:
     """The split for this config: read from `folds/` when it exists (and still matches
     train.csv), else made once and written there."""
     if train_df is None:
@@ -167,9 +197,10 @@ def load_or_create_folds(cfg: Config, train_df: pd.DataFrame | None = None) -> p
         folds_df = read_folds(path)
         check_folds(folds_df, train_df, cfg.folds.n_folds, path)
         # train.csv's row order is the reference every later step indexes by.
-        return train_df.merge(folds_df[["filename", "fold"]], on="filename", how="left")
+        extra = ["fold", "group"] if "group" in folds_df.columns else ["fold"]
+        return train_df.merge(folds_df[["filename", *extra]], on="filename", how="left")
     try:
-        folds_df = make_folds(train_df, cfg)
+        folds_df = make_folds(train_df, cfg, hashes)
     except ValueError as exc:
         raise DataError(f"{data_files(cfg)['train']}: {exc}") from exc
     with atomic_path(path) as tmp:
@@ -185,7 +216,13 @@ def fold_summary(folds_df: pd.DataFrame) -> pd.DataFrame:
 
 def main(argv: list[str]) -> None:
     cfg = load_config(argv)
-    folds_df = load_or_create_folds(cfg)
+    train_df = read_train_csv(data_files(cfg)["train"])
+    hashes = None
+    if cfg.cache.enabled and cfg.folds.dup_threshold >= 0 and not folds_path(cfg).is_file():
+        _, _, records = prepare_images(cfg, train_df["filename"], data_files(cfg)["train"],
+                                       "train images")
+        hashes = [r["phash"] for r in records]
+    folds_df = load_or_create_folds(cfg, train_df, hashes)
     print(f"{folds_path(cfg)} ({cfg.folds.strategy}, {cfg.folds.n_folds} folds, "
           f"seed {cfg.folds.seed})")
     print(fold_summary(folds_df).to_string())

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from src.cache import prepare_images
 from src.config import Config, load_config, load_saved_config
 from src.data import (
     DataError,
@@ -22,7 +23,6 @@ from src.data import (
     read_sample_submission,
     read_test_csv,
     read_train_csv,
-    resolve_image_paths,
 )
 from src.embed import embed_images, ensemble_embeddings
 from src.io_utils import atomic_path, atomic_write_json, read_json, resolve_device, run_main
@@ -105,7 +105,8 @@ def _fold_config(cfg: Config, fold: int | str) -> tuple[Config, Path]:
     directory = fold_dir(cfg, fold)
     weights, saved = directory / "model.safetensors", directory / "config.yaml"
     saved_cfg = load_saved_config(saved)
-    merged = Config({**saved_cfg, "embed": cfg.embed, "device": cfg.device,
+    merged = Config({**saved_cfg, "embed": cfg.embed, "device": cfg.device, "cache": cfg.cache,
+                     "output_dir": cfg.output_dir,
                      "data": Config({**saved_cfg.data, "dir": cfg.data.dir,
                                      "num_workers": cfg.data.num_workers})})
     return merged, weights
@@ -126,16 +127,17 @@ def run(cfg: Config) -> dict:
     test_df = read_test_csv(files["test"])
     sample = read_sample_submission(files["sample"])
     names = pair_image_names(test_df)
-    paths = resolve_image_paths(files["root"], names, files["test"])
     query, gallery = pair_indices(test_df, names)
     device = resolve_device(cfg.device)
 
     per_fold = []
     for fold in folds:
         fold_cfg, weights = _fold_config(cfg, fold)
+        # Test images are prepared the way this fold's model saw its training images.
+        paths, load, _ = prepare_images(fold_cfg, names, files["test"], "test images")
         model = load_trained_model(fold_cfg, weights)
         print(f"embedding {len(paths)} test images with {weights}")
-        per_fold.append(embed_images(model, paths, fold_cfg, device))
+        per_fold.append(embed_images(model, paths, fold_cfg, device, load))
     emb_n = ensemble_embeddings(per_fold, cfg.submit.ensemble)
     similarity = cosine_to_unit(pair_similarity(emb_n, query, gallery))
     sub = build_submission(test_df, similarity)

@@ -25,14 +25,9 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from src.cache import prepare_images
 from src.config import Config, ConfigError, config_digest, load_config, save_config, to_plain
-from src.data import (
-    ImageDataset,
-    build_transform,
-    data_files,
-    image_loader,
-    resolve_image_paths,
-)
+from src.data import ImageDataset, build_transform, data_files, image_loader, read_train_csv
 from src.embed import embed_images
 from src.folds import load_or_create_folds
 from src.io_utils import (
@@ -126,14 +121,16 @@ def _append_log(path: Path, row: dict) -> None:
 
 
 def _validate(model: torch.nn.Module, paths: list[Path], labels: np.ndarray, cfg: Config,
-              device: str) -> tuple[np.ndarray, dict]:
-    emb = embed_images(model, paths, cfg, device)
+              device: str, load) -> tuple[np.ndarray, dict]:
+    emb = embed_images(model, paths, cfg, device, load)
     return emb, score_embeddings(emb, labels)
 
 
 def train_fold(cfg: Config, fold: int | str, folds_df: pd.DataFrame,
-               paths: list[Path]) -> dict:
-    """Train one fold (or `full`) and write its outputs; returns its metrics."""
+               paths: list[Path], load, train_load) -> dict:
+    """Train one fold (or `full`) and write its outputs; returns its metrics. `paths[i]` is
+    the file of `folds_df` row i; `load` reads it (cached or source) and `train_load` reads it
+    with the training-only augmentations."""
     out = fold_dir(cfg, fold)
     digest = _training_digest(cfg)
     metrics_path = out / "metrics.json"
@@ -168,7 +165,7 @@ def train_fold(cfg: Config, fold: int | str, folds_df: pd.DataFrame,
     optimizer = build_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
     train_set = ImageDataset([paths[i] for i in train_idx], train_labels,
-                             build_transform(cfg, train=True), image_loader(cfg))
+                             build_transform(cfg, train=True), train_load)
     loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True,
                         generator=generator, num_workers=cfg.data.num_workers,
                         drop_last=len(train_set) > cfg.train.batch_size,
@@ -188,7 +185,7 @@ def train_fold(cfg: Config, fold: int | str, folds_df: pd.DataFrame,
     started = time.time()
     history: list[dict] = []
     if len(val_idx):
-        _, scores = _validate(model, val_paths, val_labels, cfg, device)
+        _, scores = _validate(model, val_paths, val_labels, cfg, device, load)
         row = {"epoch": 0, "loss": float("nan"), "lr": 0.0, **scores, "images_per_s": 0.0}
         _append_log(log_path, row)
         history.append(row)
@@ -229,7 +226,7 @@ def train_fold(cfg: Config, fold: int | str, folds_df: pd.DataFrame,
                "lr": optimizer.param_groups[0]["lr"], "pair_auc": float("nan"),
                "map": float("nan"), "images_per_s": seen / (time.time() - epoch_start)}
         if len(val_idx):
-            _, scores = _validate(model, val_paths, val_labels, cfg, device)
+            _, scores = _validate(model, val_paths, val_labels, cfg, device, load)
             row.update(scores)
         _append_log(log_path, row)
         history.append(row)
@@ -243,7 +240,7 @@ def train_fold(cfg: Config, fold: int | str, folds_df: pd.DataFrame,
                      "classes": classes, "training_digest": digest,
                      "seconds": round(time.time() - started, 1), "device": device}
     if len(val_idx):
-        emb, scores = _validate(model, val_paths, val_labels, cfg, device)
+        emb, scores = _validate(model, val_paths, val_labels, cfg, device, load)
         metrics.update(scores)
         metrics["untrained"] = {k: history[0][k] for k in ("pair_auc", "map")}
         with atomic_path(out / "val_embeddings.npz", suffix=".npz") as tmp:
@@ -260,14 +257,17 @@ def run(cfg: Config) -> dict:
     """Train the folds `cfg.fold` asks for, then rewrite the experiment's out-of-fold report."""
     folds_to_run = parse_fold_spec(cfg.fold, cfg.folds.n_folds)
     files = data_files(cfg)
-    folds_df = load_or_create_folds(cfg)
-    paths = resolve_image_paths(files["root"], folds_df["filename"], files["train"])
+    train_df = read_train_csv(files["train"])
+    paths, load, records = prepare_images(cfg, train_df["filename"], files["train"], "train images")
+    hashes = None if records is None else [r["phash"] for r in records]
+    train_load = image_loader(cfg, cached=records is not None, train=True)
+    folds_df = load_or_create_folds(cfg, train_df, hashes)
     exp_dir = Path(cfg.output_dir) / cfg.exp
     exp_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, exp_dir / "config.yaml")
     results = {}
     for fold in folds_to_run:
-        results[fold] = train_fold(cfg, fold, folds_df, paths)
+        results[fold] = train_fold(cfg, fold, folds_df, paths, load, train_load)
     if any(fold != FULL for fold in folds_to_run):
         score_experiment(exp_dir)
     return results

@@ -4,13 +4,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from src.config import load_config
+from src.config import ConfigError, load_config
 from src.data import (
     DataError,
     apply_alpha,
     build_transform,
+    image_loader,
+    load_cached,
     load_image,
     mask_box,
     pair_image_names,
@@ -175,3 +178,31 @@ def test_empty_mask_or_no_alpha_falls_back_to_the_whole_image(tmp_path):
     assert load_image(tmp_path / "plain.jpg", alpha="crop").size == (9, 4)
     with pytest.raises(ValueError, match="alpha mode"):
         apply_alpha(empty, "blur")
+
+
+def test_alpha_crop_blur_keeps_the_animal_sharp():
+    rgba = hand_made_rgba()
+    rgba[..., 1] = np.arange(30, dtype=np.uint8)[None, :] * 8  # a background with detail
+    rgba[5:11, 10:20, :3] = (255, 0, 0)
+    out = apply_alpha(rgba, "crop_blur", margin=0.5)
+    assert out[3:9, 5:15].reshape(-1, 3).tolist() == [[255, 0, 0]] * 60  # the animal as it was
+    background = np.ones(out.shape[:2], bool)
+    background[3:9, 5:15] = False
+    crop = rgba[2:14, 5:25, :3]
+    assert not np.array_equal(out[background], crop[background])  # blurred, not kept
+    assert (out[background] != [128, 128, 128]).any(axis=1).all()  # and not a flat fill
+
+
+def test_background_blanking_augmentation(tmp_path):
+    Image.fromarray(hand_made_rgba(), "RGBA").save(tmp_path / "c.png")
+    always = np.asarray(load_cached(tmp_path / "c.png", "crop", blank_prob=1.0))
+    assert always[0, 0].tolist() == [0, 0, 0] and always[5, 10].tolist() == [255, 0, 0]
+    never = np.asarray(load_cached(tmp_path / "c.png", "crop", blank_prob=0.0))
+    assert never[0, 0].tolist() == [0, 0, 255]
+    torch.manual_seed(0)
+    draws = [np.asarray(load_cached(tmp_path / "c.png", "crop", blank_prob=0.5))[0, 0, 2]
+             for _ in range(200)]
+    assert 60 < sum(d == 0 for d in draws) < 140
+    cfg = load_config(["train.bg_blank_prob=0.5", "cache.enabled=false"])
+    with pytest.raises(ConfigError, match="cache.enabled"):
+        image_loader(cfg, cached=False, train=True)

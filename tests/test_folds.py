@@ -112,9 +112,10 @@ def test_folds_file_written_once_and_checked(tmp_path: Path):
     labels = [f"id{i % 7}" for i in range(40)]
     _write_train(tmp_path / "data", labels)
     folds_file = tmp_path / "folds.csv"
-    cfg = load_config([f"data.dir={tmp_path / 'data'}", f"folds.file={folds_file}"])
+    cfg = load_config([f"data.dir={tmp_path / 'data'}", f"folds.file={folds_file}",
+                       "folds.dup_threshold=-1"])
     first = load_or_create_folds(cfg)
-    assert list(first.columns) == ["filename", "ground_truth", "fold"]
+    assert list(first.columns) == ["filename", "ground_truth", "fold", "group"]
     assert folds_file.is_file()
     stamp = folds_file.stat().st_mtime_ns
     again = load_or_create_folds(cfg)
@@ -129,7 +130,7 @@ def test_folds_file_written_once_and_checked(tmp_path: Path):
     with pytest.raises(DataError, match="label of 'train_0000.png'"):
         load_or_create_folds(cfg)
     cfg5 = load_config([f"data.dir={tmp_path / 'data'}", f"folds.file={folds_file}",
-                        "folds.n_folds=4"])
+                        "folds.n_folds=4", "folds.dup_threshold=-1"])
     _write_train(tmp_path / "data", labels)
     with pytest.raises(DataError, match="folds.n_folds=4"):
         load_or_create_folds(cfg5)
@@ -137,6 +138,7 @@ def test_folds_file_written_once_and_checked(tmp_path: Path):
 
 def test_too_few_identities_names_train_csv(tmp_path: Path):
     _write_train(tmp_path / "data", ["a", "a", "b", "b"])
-    cfg = load_config([f"data.dir={tmp_path / 'data'}", f"folds.file={tmp_path / 'f.csv'}"])
+    cfg = load_config([f"data.dir={tmp_path / 'data'}", f"folds.file={tmp_path / 'f.csv'}",
+                       "folds.dup_threshold=-1"])
     with pytest.raises(DataError, match=r"train\.csv.*at least 5 identities"):
         load_or_create_folds(cfg)

@@ -46,7 +46,7 @@ def test_pipeline_end_to_end(demo_dir, tmp_path, tiny_cfg_args, capsys):
     exp = tmp_path / "out" / "e2e"
 
     folds = pd.read_csv(tmp_path / "folds.csv")
-    assert list(folds.columns) == ["filename", "ground_truth", "fold"]
+    assert list(folds.columns) == ["filename", "ground_truth", "fold", "group"]
     for k in (0, 1):
         fold = exp / f"fold{k}"
         for name in ("model.safetensors", "val_embeddings.npz", "metrics.json", "log.csv",
