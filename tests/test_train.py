@@ -91,6 +91,15 @@ def test_pipeline_end_to_end(demo_dir, tmp_path, tiny_cfg_args, capsys):
     assert 0 <= scores["test"]["map"] <= 1
     assert "local test" in out
 
+    # fold=full: every image, no validation; it alone makes a submission too.
+    train.main([*args, "fold=full"])
+    full = exp / "fold_full"
+    assert json.loads((full / "metrics.json").read_text())["n_val"] == 0
+    assert not (full / "val_embeddings.npz").exists()
+    submission.main([*args, "submit.folds=full", f"submit.file={tmp_path / 'full.csv'}"])
+    assert pd.read_csv(tmp_path / "full.csv")["row_id"].tolist() == test["row_id"].tolist()
+    assert (tmp_path / "full.scores.json").is_file()
+
 
 @pytest.mark.slow
 def test_demo_recipe_learns_out_of_fold(tmp_path):
