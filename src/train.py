@@ -99,15 +99,21 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
-    fresh = [p for name, p in model.named_parameters()
-             if not name.startswith("backbone.") and p.requires_grad]
-    return torch.optim.AdamW(
-        [{"params": backbone, "lr": cfg.train.lr},
-         {"params": fresh, "lr": cfg.train.head_lr}],
-        weight_decay=cfg.train.weight_decay,
-    )
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """AdamW with the backbone at `train.lr` and the fresh layers (GeM, neck, head) at
+    `train.head_lr`; weight decay only on weight matrices and kernels. Decaying norms' scales,
+    biases or GeM's exponent pulls them towards 0, which is not a prior anyone wants."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            key = (name.startswith("backbone."), param.ndim > 1)
+            groups.setdefault(key, []).append(param)
+    param_groups = []
+    for (in_backbone, decays), params in sorted(groups.items(), reverse=True):
+        param_groups.append({"params": params,
+                             "lr": cfg.train.lr if in_backbone else cfg.train.head_lr,
+                             "weight_decay": cfg.train.weight_decay if decays else 0.0})
+    return torch.optim.AdamW(param_groups)
 
 
 def _append_log(path: Path, row: dict) -> None:
@@ -210,6 +216,10 @@ def train_fold(cfg: Config, fold: int | str, folds_df: pd.DataFrame,
             scaled = loss / cfg.train.grad_accum
             (scaler.scale(scaled) if scaler else scaled).backward()
             if (i + 1) % cfg.train.grad_accum == 0 or i + 1 == len(loader):
+                if scaler:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not scaled ones
+                if cfg.train.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()

@@ -115,3 +115,22 @@ def test_demo_recipe_learns_out_of_fold(tmp_path):
     metrics = json.loads((tmp_path / "out" / "demo" / "fold0" / "metrics.json").read_text())
     assert metrics["pair_auc"] > metrics["untrained"]["pair_auc"] + 0.08
     assert metrics["map"] > metrics["untrained"]["map"] + 0.08
+
+
+def test_optimizer_groups_lr_and_weight_decay(tiny_cfg_args):
+    from src.model import build_model
+    from src.train import build_optimizer
+
+    cfg = load_config([*tiny_cfg_args, "train.lr=1e-4", "train.head_lr=1e-2",
+                       "train.weight_decay=0.05"])
+    model = build_model(cfg, n_classes=3)
+    optimizer = build_optimizer(model, cfg)
+    setting = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups
+               for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert len(setting) == len(names)  # every parameter exactly once
+    for name, param in names.items():
+        lr, decay = setting[id(param)]
+        assert lr == (1e-4 if name.startswith("backbone.") else 1e-2), name
+        assert decay == (0.05 if param.ndim > 1 else 0.0), name
+    assert setting[id(model.pool.p)][1] == 0.0 and setting[id(model.head.weight)][1] == 0.05
