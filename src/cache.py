@@ -28,7 +28,14 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from src.config import Config
-from src.data import DataError, image_loader, mask_box, resolve_image_paths, to_rgba
+from src.data import (
+    SIXTEEN_BIT_MODES,
+    DataError,
+    image_loader,
+    mask_box,
+    resolve_image_paths,
+    to_rgba,
+)
 from src.dedup import hash_to_hex, phash
 from src.io_utils import atomic_path, atomic_write_text
 
@@ -54,9 +61,17 @@ def cache_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir) / "cache" / digest
 
 
-def _empty_record(src: Path) -> dict:
+def empty_record(src: Path) -> dict:
+    """The record of an image before anything is known about it."""
     return {"filename": src.name, "path": str(src), "width": None, "height": None, "mode": None,
             "mask_fraction": None, "phash": None, "problems": [], "action": ""}
+
+
+def unusable_record(record: dict, problem: str) -> dict:
+    """Mark `record` as an image the pipeline cannot use, for `problem`."""
+    record["problems"].append(problem)
+    record["action"] = "error"
+    return record
 
 
 def process_image(src: str, dst: str, crop: bool, margin: float, size: int,
@@ -66,7 +81,7 @@ def process_image(src: str, dst: str, crop: bool, margin: float, size: int,
     A problem that leaves no usable image (unreadable, truncated, absurd dimensions) is
     recorded with action "error" and nothing is written; the caller decides what to do.
     """
-    record = _empty_record(Path(src))
+    record = empty_record(Path(src))
     problems: list[str] = record["problems"]
     actions: list[str] = []
     try:
@@ -74,35 +89,25 @@ def process_image(src: str, dst: str, crop: bool, margin: float, size: int,
             width, height = img.size
             record.update(width=width, height=height, mode=img.mode)
             if width * height > max_pixels or min(width, height) < _MIN_SIDE:
-                problems.append(f"absurd dimensions: {width}x{height}")
-                record["action"] = "error"
-                return record
+                return unusable_record(record, f"absurd dimensions: {width}x{height}")
             img.load()
             rgba = to_rgba(img)
     except Image.DecompressionBombError as exc:
         # Pillow's own guard fires on open for images far above its pixel limit.
-        problems.append(f"absurd dimensions: {exc}")
-        record["action"] = "error"
-        return record
+        return unusable_record(record, f"absurd dimensions: {exc}")
     except FileNotFoundError:
-        problems.append("missing")
-        record["action"] = "error"
-        return record
+        return unusable_record(record, "missing")
     except OSError as exc:
         kind = "truncated" if "truncated" in str(exc) else "unreadable"
-        problems.append(f"{kind}: {exc}")
-        record["action"] = "error"
-        return record
+        return unusable_record(record, f"{kind}: {exc}")
     except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        problems.append(f"unreadable: {exc}")
-        record["action"] = "error"
-        return record
+        return unusable_record(record, f"unreadable: {exc}")
 
     mode = record["mode"]
     if mode in ("L", "LA", "1"):
         problems.append("grayscale")
         actions.append("converted to RGB")
-    if mode in ("I;16", "I;16B", "I;16L", "I"):
+    if mode in SIXTEEN_BIT_MODES:
         problems.append("16-bit")
         actions.append("rescaled to 8-bit RGB")
     has_alpha = "A" in mode or (mode == "P" and "transparency" in img.info)
@@ -167,20 +172,14 @@ def build_cache(paths: Sequence[Path], cfg: Config, desc: str = "cache",
                                       settings["max_pixels"])))
     if todo:
         workers = cfg.cache.workers or os.cpu_count() or 1
-        bar = tqdm(total=len(todo), desc=f"{desc}: {directory}", disable=None, mininterval=1.0)
         jobs = [job for _, _, job in todo]
+        progress = {"total": len(todo), "desc": f"{desc}: {directory}", "disable": None,
+                    "mininterval": 1.0}
         if workers > 1 and len(todo) > 1:
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                results = []
-                for record in pool.map(_process_star, jobs, chunksize=4):
-                    results.append(record)
-                    bar.update()
+                results = list(tqdm(pool.map(_process_star, jobs, chunksize=4), **progress))
         else:
-            results = []
-            for job in jobs:
-                results.append(_process_star(job))
-                bar.update()
-        bar.close()
+            results = list(tqdm(map(_process_star, jobs), **progress))
         for (key, stamp, _), record in zip(todo, results, strict=True):
             index[key] = {"stamp": stamp, "record": record}
         atomic_write_text(index_path, json.dumps(index) + "\n")

@@ -177,10 +177,13 @@ def resolve_image_paths(root: str | Path, names: Iterable[str], csv_path: str | 
 ALPHA_MODES = ("rgb", "crop", "crop_fill", "crop_blur")
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
 def to_rgba(img: Image.Image) -> np.ndarray:
     """A loaded PIL image as (H, W, 4) uint8; alpha is 255 everywhere when it has none.
     16-bit, grayscale and palette images are converted."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode in SIXTEEN_BIT_MODES:
         # Pillow's 8-bit conversion clips 16-bit values; rescale instead.
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if arr.max() > 255 else 255.0

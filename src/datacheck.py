@@ -358,7 +358,7 @@ def write_report(records: list[dict], groups: np.ndarray,
 def collect_records(cfg) -> tuple[list[dict], np.ndarray, list[tuple[int, int, int]]]:
     """Records for every train and test image (decoded once, through the cache), the
     near-duplicate groups of the train images and the cross-identity pairs."""
-    from src.cache import build_cache
+    from src.cache import build_cache, empty_record, unusable_record
     from src.data import data_files, index_images, pair_image_names, read_test_csv, read_train_csv
     from src.dedup import duplicate_groups, hex_to_hash
 
@@ -376,10 +376,10 @@ def collect_records(cfg) -> tuple[list[dict], np.ndarray, list[tuple[int, int, i
                                raise_on_error=False)
         by_name = dict(zip(present, built, strict=True))
         for name in split_names:
-            record = dict(by_name.get(name) or {
-                "filename": name, "path": None, "width": None, "height": None, "mode": None,
-                "mask_fraction": None, "phash": None, "problems": ["missing"],
-                "action": "error"})
+            if name in by_name:
+                record = dict(by_name[name])  # the cache's own record stays as it was
+            else:
+                record = unusable_record({**empty_record(Path(name)), "path": None}, "missing")
             if len(found.get(name, [])) > 1:
                 record["problems"] = [*record["problems"],
                                       f"found {len(found[name])} times beneath data.dir"]
