@@ -23,9 +23,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from src.augment import build_transform  # noqa: E402
 from src.cache import build_cache  # noqa: E402
 from src.config import load_config  # noqa: E402
-from src.data import ImageDataset, build_transform, image_loader  # noqa: E402
+from src.data import ImageDataset, image_loader  # noqa: E402
 
 
 def write_photos(folder: Path, n: int, width: int, height: int) -> list[Path]:

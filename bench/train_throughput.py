@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from src.config import load_config  # noqa: E402
 from src.io_utils import amp_dtype, resolve_device  # noqa: E402
 from src.model import build_model  # noqa: E402
-from src.train import build_optimizer  # noqa: E402
+from src.optim import build_optimizer  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}

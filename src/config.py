@@ -246,6 +246,13 @@ _CHOICES = {
     "folds.strategy": ("grouped", "closed"),
     "data.alpha": ("rgb", "crop", "crop_fill", "crop_blur"),
     "submit.ensemble": ("mean", "concat"),
+    "parallel": ("data", "folds"),
+    "model.tokens": ("patches", "cls", "both"),
+    "model.retrieval": ("neck", "backbone", "both"),
+    "submit.retrieval": ("", "neck", "backbone", "both"),
+    "train.sampler": ("random", "pk"),
+    "train.select": ("last", "best"),
+    "train.monitor": ("map", "pair_auc"),
 }
 
 
@@ -256,10 +263,26 @@ def validate(cfg: Config) -> None:
         if value not in choices:
             raise ConfigError(f"key '{dotted}' must be one of {', '.join(choices)}; got {value!r}")
     positive = ("data.img_size", "train.epochs", "train.batch_size", "train.grad_accum",
-                "folds.n_folds", "model.embed_dim", "embed.batch_size")
+                "folds.n_folds", "model.embed_dim", "embed.batch_size", "gpus",
+                "model.subcenters", "train.pk_k")
     for dotted in positive:
         if cfg.get_path(dotted) < 1:
             raise ConfigError(f"key '{dotted}' must be at least 1; got {cfg.get_path(dotted)}")
+    for dotted in ("aug.affine_p", "aug.color_p", "aug.blur_p", "aug.dropout_p", "aug.hflip",
+                   "train.bg_blank_prob", "model.neck_dropout"):
+        if not 0.0 <= cfg.get_path(dotted) <= 1.0:
+            raise ConfigError(f"key '{dotted}' is a probability in [0, 1]; got "
+                              f"{cfg.get_path(dotted)}")
+    if not 0.0 < cfg.train.layer_decay <= 1.0:
+        raise ConfigError(f"key 'train.layer_decay' must be in (0, 1]; got {cfg.train.layer_decay}")
+    if not 0.0 < cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"key 'train.ema_decay' must be in (0, 1); got {cfg.train.ema_decay}")
+    if cfg.model.dynamic_margin and cfg.model.arcface_m_min > cfg.model.arcface_m:
+        raise ConfigError(f"key 'model.arcface_m_min' ({cfg.model.arcface_m_min}) must not exceed "
+                          f"model.arcface_m ({cfg.model.arcface_m}), the rarest identity's margin")
+    if cfg.train.sampler == "pk" and cfg.train.batch_size % cfg.train.pk_k:
+        raise ConfigError(f"key 'train.batch_size' ({cfg.train.batch_size}) must be a multiple of "
+                          f"train.pk_k ({cfg.train.pk_k}) with train.sampler=pk")
     if cfg.folds.n_folds < 2:
         raise ConfigError(f"key 'folds.n_folds' must be at least 2; got {cfg.folds.n_folds}")
     fill = cfg.data.fill

@@ -252,20 +252,23 @@ def apply_alpha(rgba: np.ndarray, mode: str, margin: float = 0.05,
 
 
 def load_image(path: str | Path, alpha: str = "rgb", margin: float = 0.05,
-               fill: tuple[int, int, int] = (128, 128, 128)) -> Image.Image:
-    """An image as RGB, prepared by the alpha mode (see `apply_alpha`)."""
+               fill: tuple[int, int, int] = (128, 128, 128),
+               seed: int | None = None) -> Image.Image:
+    """An image as RGB, prepared by the alpha mode (see `apply_alpha`). `seed` is accepted so
+    every loader takes the same arguments; nothing here is random."""
     return Image.fromarray(apply_alpha(read_rgba(path), alpha, margin, tuple(fill)))
 
 
 def load_cached(path: str | Path, alpha: str = "rgb",
                 fill: tuple[int, int, int] = (128, 128, 128),
-                blank_prob: float = 0.0) -> Image.Image:
+                blank_prob: float = 0.0, seed: int | None = None) -> Image.Image:
     """A cached image (already cropped by the cache when the mode crops) as RGB: only the
     background fill of the alpha mode is left to apply. With probability `blank_prob` the
     background is painted black instead, as the competition's second round does to its test
-    images (a training augmentation; the draw uses torch's RNG, so seeded runs repeat)."""
+    images (a training augmentation; the draw comes from `seed`, the sampler's per-image seed,
+    so runs and resumed runs repeat it)."""
     rgba = read_rgba(path)
-    if blank_prob > 0 and torch.rand(()).item() < blank_prob:
+    if blank_prob > 0 and np.random.default_rng([int(seed or 0), 1]).random() < blank_prob:
         return Image.fromarray(fill_background(rgba, "crop_fill", (0, 0, 0)))
     return Image.fromarray(fill_background(rgba, alpha, fill))
 
@@ -286,7 +289,10 @@ def image_loader(cfg: Config, cached: bool = False, train: bool = False):
 
 
 class ImageDataset(Dataset):
-    """Images with integer labels (-1 where unknown); yields (tensor, label, index)."""
+    """Images with integer labels (-1 where unknown); yields (tensor, label, index).
+
+    An item is an index, or (index, seed) from the training sampler: the seed drives every
+    random draw for that image (background blanking, augmentations)."""
 
     def __init__(self, paths: Sequence[Path], labels: Sequence[int] | None, transform,
                  load=load_image) -> None:
@@ -300,32 +306,13 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        image = self.load(self.paths[index])
-        return self.transform(image), self.labels[index], index
-
-
-def build_transform(cfg: Config, train: bool):
-    """Square resize (the model sees `img_size` x `img_size`); light augmentation for training.
-
-    No horizontal flip in training: a mirrored left flank is not the right flank.
-    """
-    from torchvision.transforms import v2
-
-    size = (cfg.data.img_size, cfg.data.img_size)
-    steps: list = [v2.PILToTensor()]
-    if train:
-        steps += [
-            v2.RandomResizedCrop(size, scale=(cfg.train.crop_scale_min, 1.0), ratio=(0.75, 1.33),
-                                 antialias=True),
-            v2.ColorJitter(brightness=cfg.train.color_jitter, contrast=cfg.train.color_jitter,
-                           saturation=cfg.train.color_jitter),
-        ]
-    else:
-        steps.append(v2.Resize(size, antialias=True))
-    steps += [v2.ToDtype(torch.float32, scale=True),
-              v2.Normalize(mean=list(cfg.data.mean), std=list(cfg.data.std))]
-    return v2.Compose(steps)
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        if isinstance(item, tuple):
+            index, seed = item
+            image = self.load(self.paths[index], seed=seed)
+            return self.transform(image, seed=seed), self.labels[index], index
+        image = self.load(self.paths[item])
+        return self.transform(image), self.labels[item], item
 
 
 def data_files(cfg: Config) -> dict[str, Path]:

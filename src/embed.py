@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from src.augment import build_transform
 from src.config import Config
-from src.data import ImageDataset, build_transform, image_loader
+from src.data import ImageDataset, image_loader
 from src.io_utils import amp_dtype
+from src.model import RETRIEVAL_MODES
 
 
 def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -22,9 +24,10 @@ def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 @torch.no_grad()
-def embed_images(model: torch.nn.Module, paths: Sequence[Path], cfg: Config,
-                 device: str, load=None) -> np.ndarray:
-    """(N, D) float32, L2-normalised.
+def embed_all(model: torch.nn.Module, paths: Sequence[Path], cfg: Config,
+              device: str, load=None) -> dict[str, np.ndarray]:
+    """Every retrieval embedding (`neck`, `backbone`, `both`; see `ReIDModel.embed`) of the
+    images, each (N, D) float32 and L2-normalised, from one forward pass per view.
 
     With `embed.tta_flip` the mirrored image is a second view of the same decoded batch; each
     view is normalised before averaging so no view dominates by its norm. `load` reads one
@@ -36,19 +39,27 @@ def embed_images(model: torch.nn.Module, paths: Sequence[Path], cfg: Config,
     loader = DataLoader(dataset, batch_size=cfg.embed.batch_size, shuffle=False,
                         num_workers=cfg.data.num_workers, pin_memory=device.startswith("cuda"))
     dtype = amp_dtype(device, cfg.train.amp)
-    chunks = []
+    chunks: dict[str, list[np.ndarray]] = {}
     for images, _, _ in loader:
         images = images.to(device, non_blocking=True)
         views = [images, images.flip(dims=[3])] if cfg.embed.tta_flip else [images]
-        total = torch.zeros(())
+        totals: dict[str, torch.Tensor] = {}
         for view in views:
             with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
-                emb = model(view)
-            total = total + F.normalize(emb.float(), dim=1).cpu()
-        chunks.append(F.normalize(total, dim=1).numpy())
+                embedded = model.embed(view)
+            for kind, emb in embedded.items():
+                totals[kind] = totals.get(kind, 0) + F.normalize(emb.float(), dim=1).cpu()
+        for kind, total in totals.items():
+            chunks.setdefault(kind, []).append(F.normalize(total, dim=1).numpy())
     if not chunks:
-        return np.zeros((0, cfg.model.embed_dim), np.float32)
-    return np.concatenate(chunks).astype(np.float32)
+        return {kind: np.zeros((0, cfg.model.embed_dim), np.float32) for kind in RETRIEVAL_MODES}
+    return {kind: np.concatenate(parts).astype(np.float32) for kind, parts in chunks.items()}
+
+
+def embed_images(model: torch.nn.Module, paths: Sequence[Path], cfg: Config,
+                 device: str, load=None) -> np.ndarray:
+    """The retrieval embedding `model.retrieval` chose, (N, D) float32, L2-normalised."""
+    return embed_all(model, paths, cfg, device, load)[cfg.model.retrieval]
 
 
 ENSEMBLE_MODES = ("mean", "concat")

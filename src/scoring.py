@@ -16,6 +16,8 @@ from src.io_utils import atomic_write_json, atomic_write_text, read_json, run_ma
 from src.metrics import identity_balanced_map, pair_roc_auc
 
 METRICS = ("pair_auc", "map")
+# The retrieval embeddings a fold saves beside the chosen one (see src.model.RETRIEVAL_MODES).
+RETRIEVAL_KINDS = ("neck", "backbone", "both")
 METRIC_NAMES = {"pair_auc": "pair ROC-AUC", "map": "identity-balanced mAP"}
 
 
@@ -34,8 +36,11 @@ def collect_fold_scores(exp_dir: Path) -> list[dict]:
             continue
         with np.load(npz_path, allow_pickle=False) as data:
             emb, labels = data["embeddings"], data["labels"]
+            kinds = {k: data[k] for k in RETRIEVAL_KINDS if k in data.files}
         row = {"fold": int(fold_path.name[4:]), "images": len(labels),
                "identities": len(np.unique(labels)), **score_embeddings(emb, labels)}
+        if kinds:
+            row["by_kind"] = {k: score_embeddings(e, labels) for k, e in kinds.items()}
         untrained = read_json(fold_path / "metrics.json").get("untrained")
         if untrained:
             row["untrained"] = untrained
@@ -50,6 +55,18 @@ def summarise(rows: list[dict]) -> dict:
     if len(untrained) == len(rows):
         summary["untrained_mean"] = {m: float(np.nanmean([u[m] for u in untrained]))
                                      for m in METRICS}
+    # Every retrieval embedding, trained and before training: which one to use is decided here.
+    by_kind = {}
+    for kind in RETRIEVAL_KINDS:
+        if all(kind in r.get("by_kind", {}) for r in rows):
+            entry = {m: float(np.nanmean([r["by_kind"][kind][m] for r in rows]))
+                     for m in METRICS}
+            if all(f"map_{kind}" in u for u in untrained) and len(untrained) == len(rows):
+                entry["untrained"] = {m: float(np.nanmean([u[f"{m}_{kind}"] for u in untrained]))
+                                      for m in METRICS}
+            by_kind[kind] = entry
+    if by_kind:
+        summary["by_kind"] = by_kind
     return summary
 
 
@@ -64,6 +81,13 @@ def format_table(summary: dict) -> str:
     if "untrained_mean" in summary:
         base = summary["untrained_mean"]
         lines.append(f"| untrained (epoch 0) | | | {base['pair_auc']:.4f} | {base['map']:.4f} |")
+    if summary.get("by_kind"):
+        lines += ["", "| retrieval embedding (mean of folds) | pair AUC | mAP | "
+                  "before training: pair AUC | mAP |", "|---|---|---|---|---|"]
+        for kind, entry in summary["by_kind"].items():
+            base = entry.get("untrained", {"pair_auc": float("nan"), "map": float("nan")})
+            lines.append(f"| {kind} | {entry['pair_auc']:.4f} | {entry['map']:.4f} | "
+                         f"{base['pair_auc']:.4f} | {base['map']:.4f} |")
     return "\n".join(lines)
 
 

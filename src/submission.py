@@ -105,7 +105,11 @@ def _fold_config(cfg: Config, fold: int | str) -> tuple[Config, Path]:
     directory = fold_dir(cfg, fold)
     weights, saved = directory / "model.safetensors", directory / "config.yaml"
     saved_cfg = load_saved_config(saved)
-    merged = Config({**saved_cfg, "embed": cfg.embed, "device": cfg.device, "cache": cfg.cache,
+    model = saved_cfg.model
+    if cfg.submit.retrieval:  # the retrieval embedding is a choice made after training
+        model = Config({**model, "retrieval": cfg.submit.retrieval})
+    merged = Config({**saved_cfg, "model": model, "embed": cfg.embed, "device": cfg.device,
+                     "cache": cfg.cache,
                      "output_dir": cfg.output_dir,
                      "data": Config({**saved_cfg.data, "dir": cfg.data.dir,
                                      "num_workers": cfg.data.num_workers})})

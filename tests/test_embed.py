@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from src.augment import build_transform
 from src.config import load_config
-from src.data import build_transform, load_image
+from src.data import load_image
 from src.embed import embed_images
 from src.model import build_model
 

@@ -3,12 +3,21 @@
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from src.config import load_config
-from src.model import ArcFace, GeM, build_model, create_backbone, load_trained_model
+from src.model import (
+    ArcFace,
+    GeM,
+    build_model,
+    create_backbone,
+    dynamic_margins,
+    load_trained_model,
+)
 
 SHARED_WEIGHTS = (Path(__file__).resolve().parents[2] / "shared" / "weights"
                   / "tf_efficientnet_lite0.safetensors")
@@ -84,3 +93,79 @@ def test_trained_model_round_trips_through_safetensors(tmp_path, tiny_cfg_args):
     save_file({"backbone.x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a model saved by this pipeline"):
         load_trained_model(cfg, tmp_path / "other.safetensors")
+
+
+def test_subcenter_arcface_takes_the_closest_centre():
+    head = ArcFace(2, 2, s=1.0, m=0.0, subcenters=3)
+    with torch.no_grad():  # class 0: centres at 0, 90 and 180 degrees; class 1: 45, 135, 270
+        head.weight.copy_(torch.tensor([[1.0, 0], [0, 1.0], [-1.0, 0],
+                                        [1.0, 1.0], [-1.0, 1.0], [0, -1.0]]))
+    emb = torch.tensor([[0.0, 1.0], [-1.0, -0.1]])
+    cos = head.cosine(emb)
+    by_hand = (F.normalize(emb) @ F.normalize(head.weight.detach()).T).view(2, 2, 3).amax(2)
+    assert torch.allclose(cos, by_hand)
+    assert cos[0, 0].item() == pytest.approx(1.0)  # the 90-degree centre of class 0
+    # With m = 0 the logits are the cosines (times s), whatever the labels.
+    assert torch.allclose(head(emb, torch.tensor([0, 1])), cos, atol=1e-3)
+
+
+def test_dynamic_margins_are_larger_for_rarer_identities():
+    margins = dynamic_margins([1, 4, 16, 100], m_max=0.5, m_min=0.2)
+    assert margins[0] == pytest.approx(0.5) and margins[-1] == pytest.approx(0.2)
+    assert np.all(np.diff(margins) < 0)
+    w = np.array([1, 4, 16, 100]) ** -0.25
+    assert np.allclose(margins, 0.2 + 0.3 * (w - w.min()) / (w.max() - w.min()))
+    assert np.allclose(dynamic_margins([5, 5], 0.4, 0.1), [0.4, 0.4])
+    with pytest.raises(ValueError):
+        dynamic_margins([3, 0], 0.5, 0.2)
+    # Per-class margins reach the logits: each row's target uses its own class's margin.
+    head = ArcFace(2, 2, s=1.0, m=0.5, margins=[0.1, 0.4])
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    emb = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    logits = head(emb, torch.tensor([0, 1]))
+    assert logits[0, 0].item() == pytest.approx(math.cos(math.pi / 4 + 0.1), abs=1e-5)
+    assert logits[1, 1].item() == pytest.approx(math.cos(math.pi / 4 + 0.4), abs=1e-5)
+
+
+def test_vit_token_choices_and_retrieval_embeddings(tiny_cfg_args):
+    vit = [*tiny_cfg_args, "model.backbone=eva02_tiny_patch14_224", "data.img_size=28"]
+    x = torch.rand(2, 3, 28, 28)
+    widths = {}
+    for tokens in ("patches", "cls", "both"):
+        model = build_model(load_config([*vit, f"model.tokens={tokens}"]), n_classes=3).eval()
+        widths[tokens] = model.pooled(x).shape[1]
+        features = model.backbone.forward_features(x)
+        if tokens == "cls":
+            assert torch.allclose(model.pooled(x), features[:, 0])
+        if tokens == "patches":
+            assert torch.allclose(model.pooled(x), model.pool(features[:, 1:]))
+    assert widths["both"] == 2 * widths["patches"] == 2 * widths["cls"]
+
+    out = model.embed(x)
+    assert out["neck"].shape == (2, 32) and out["backbone"].shape == (2, 2 * widths["cls"])
+    for emb in out.values():
+        assert torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(out["neck"], F.normalize(model(x)), atol=1e-5)
+    # `both`: its cosine is the mean of the two cosines.
+    cos = {k: (v[0] @ v[1]).item() for k, v in out.items()}
+    assert cos["both"] == pytest.approx((cos["neck"] + cos["backbone"]) / 2, abs=1e-5)
+
+    cnn = build_model(load_config([*tiny_cfg_args, "model.tokens=cls"]), n_classes=3)
+    assert cnn.pooled(torch.rand(2, 3, 32, 32)).shape == (2, 512)  # CNNs ignore `tokens`
+    dropout = build_model(load_config([*tiny_cfg_args, "model.neck_dropout=0.4"]), n_classes=3)
+    assert dropout.neck[0].p == 0.4
+
+
+def test_subcenter_dynamic_model_round_trips(tmp_path, tiny_cfg_args):
+    cfg = load_config([*tiny_cfg_args, "model.subcenters=3", "model.dynamic_margin=true",
+                       "model.arcface_m=0.5", "model.arcface_m_min=0.2"])
+    model = build_model(cfg, n_classes=4, counts=[1, 2, 5, 9]).eval()
+    assert model.head.weight.shape == (12, cfg.model.embed_dim)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    again = load_trained_model(cfg, path)
+    assert torch.equal(again.head.margins, model.head.margins)
+    assert again.head.margins[0] > again.head.margins[-1]
+    with pytest.raises(ValueError, match="does not fit"):
+        load_trained_model(load_config([*tiny_cfg_args, "model.subcenters=2"]), path)
