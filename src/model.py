@@ -107,6 +107,17 @@ class ArcFace(nn.Module):
         return self.s * cosine.scatter(1, labels.unsqueeze(1), phi)
 
 
+def _check_weights_only(path: Path) -> None:
+    """Refuse a pickled file that holds anything but tensors and plain containers, before any
+    loader (whatever its version's defaults) unpickles it: a .pth can carry code."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"model.weights: {path} cannot be read as plain weights "
+                         f"(torch.load weights_only=True refused it: {type(exc).__name__}); "
+                         "convert it to .safetensors, or to a state dict of tensors") from None
+
+
 def create_backbone(cfg: Config) -> nn.Module:
     """A timm backbone without classifier or pooling, from a local weights file, timm's hub, or
     random initialisation, in that order of preference."""
@@ -116,8 +127,9 @@ def create_backbone(cfg: Config) -> nn.Module:
         path = Path(weights)
         if not path.is_file():
             raise FileNotFoundError(f"model.weights: file not found: {weights}")
-        # timm's own loader: drops the classifier, adapts position embeddings, and reads
-        # .pth/.bin with torch.load(weights_only=True).
+        if path.suffix != ".safetensors":
+            _check_weights_only(path)
+        # timm's own loader: drops the classifier, adapts position embeddings to img_size.
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     else:
         kwargs["pretrained"] = bool(cfg.model.pretrained)

@@ -169,3 +169,30 @@ def test_subcenter_dynamic_model_round_trips(tmp_path, tiny_cfg_args):
     assert again.head.margins[0] > again.head.margins[-1]
     with pytest.raises(ValueError, match="does not fit"):
         load_trained_model(load_config([*tiny_cfg_args, "model.subcenters=2"]), path)
+
+
+class _Payload:
+    """Unpickling this runs code: it would create the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pth_and_bin_weights_load_and_pickled_code_is_refused(tmp_path):
+    source = create_backbone(load_config(["model.backbone=resnet18", "data.img_size=32"]))
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    for suffix in (".pth", ".bin"):
+        torch.save(state, tmp_path / f"w{suffix}")
+        cfg = load_config(["model.backbone=resnet18", f"model.weights={tmp_path / f'w{suffix}'}"])
+        loaded = create_backbone(cfg).state_dict()
+        assert all(torch.equal(loaded[k], state[k]) for k in ("conv1.weight", "layer4.1.bn2.bias"))
+    marker = tmp_path / "ran"
+    evil = {"conv1.weight": state["conv1.weight"], "x": _Payload(marker)}
+    torch.save(evil, tmp_path / "evil.pth")
+    cfg = load_config(["model.backbone=resnet18", f"model.weights={tmp_path / 'evil.pth'}"])
+    with pytest.raises(ValueError, match=r"evil\.pth cannot be read as plain weights"):
+        create_backbone(cfg)
+    assert not marker.exists()
