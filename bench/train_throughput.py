@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from src.config import load_config  # noqa: E402
 from src.io_utils import amp_dtype, resolve_device  # noqa: E402
-from src.model import build_model  # noqa: E402
+from src.model import TrainStep, build_model  # noqa: E402
 from src.optim import build_optimizer  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
@@ -46,12 +46,16 @@ def peak_tflops(device: str) -> float | None:
 
 def step_fn(model, optimizer, cfg, device, n_classes):
     dtype = amp_dtype(device, cfg.train.amp)
+    # The training module exactly as src.train runs it, compiled when train.compile asks.
+    forward = TrainStep(model)
+    if cfg.train.compile:
+        forward = torch.compile(forward)
     x = torch.randn(cfg.train.batch_size, 3, cfg.data.img_size, cfg.data.img_size, device=device)
     y = torch.randint(0, n_classes, (cfg.train.batch_size,), device=device)
 
     def step() -> None:
         with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
-            logits = model.head(model(x), y)
+            logits = forward(x, y)
         F.cross_entropy(logits.float(), y).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -117,7 +121,8 @@ def main() -> None:
     per_fold_images = cfg.train.epochs * COMPETITION_TRAIN_IMAGES * 4 / 5
     five_folds_min = 5 * per_fold_images / images_per_s / 60
     print(f"{cfg.model.backbone} @ {cfg.data.img_size}px, batch {cfg.train.batch_size}, "
-          f"amp={cfg.train.amp}, grad_checkpointing={cfg.model.grad_checkpointing} on {where}")
+          f"amp={cfg.train.amp}, grad_checkpointing={cfg.model.grad_checkpointing}, "
+          f"compile={cfg.train.compile} on {where}")
     print(f"  {images_per_s:.3g} images/s; {flops_per_step / cfg.train.batch_size / 1e9:.1f} "
           f"GFLOP per image (forward + backward); {achieved:.2f} TFLOP/s achieved")
     print(f"  MFU {achieved / peak:.1%} of {peak:.0f} TFLOP/s dense bf16" if peak else
