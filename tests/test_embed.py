@@ -35,7 +35,8 @@ def by_hand(model, cfg, paths, flip):
 def test_embeddings_with_and_without_flip_view(tmp_path, tiny_cfg_args):
     paths = make_images(tmp_path)
     for flip in (False, True):
-        cfg = load_config([*tiny_cfg_args, f"embed.tta_flip={flip}", "embed.batch_size=2"])
+        cfg = load_config([*tiny_cfg_args, f"embed.tta_flip={flip}", "embed.batch_size=2",
+                           "model.retrieval=neck"])
         torch.manual_seed(0)
         model = build_model(cfg, n_classes=3).eval()
         got = embed_images(model, paths, cfg, "cpu")

@@ -56,7 +56,8 @@ def test_pipeline_end_to_end(demo_dir, tmp_path, tiny_cfg_args, capsys):
         assert (fold / "best.safetensors").is_file() and not (fold / "checkpoint.pt").exists()
         with np.load(fold / "val_embeddings.npz") as data:
             val = folds[folds["fold"] == k]
-            assert np.array_equal(data["embeddings"], data["neck"])  # model.retrieval=neck
+            chosen = load_config([f"config={fold / 'config.yaml'}"]).model.retrieval
+            assert np.array_equal(data["embeddings"], data[chosen])
             assert data["both"].shape[1] == data["neck"].shape[1] + data["backbone"].shape[1]
             assert data["filenames"].tolist() == val["filename"].tolist()
             assert data["labels"].tolist() == val["ground_truth"].tolist()
@@ -70,7 +71,8 @@ def test_pipeline_end_to_end(demo_dir, tmp_path, tiny_cfg_args, capsys):
     oof = json.loads((exp / "oof_scores.json").read_text())
     assert [row["fold"] for row in oof["folds"]] == [0, 1]
     assert oof["mean"]["map"] == pytest.approx(np.mean([r["map"] for r in oof["folds"]]))
-    assert oof["by_kind"]["neck"]["map"] == pytest.approx(oof["mean"]["map"])
+    chosen = load_config([f"config={exp / 'config.yaml'}"]).model.retrieval
+    assert oof["by_kind"][chosen]["map"] == pytest.approx(oof["mean"]["map"])
     assert set(oof["by_kind"]) == {"neck", "backbone", "both"}
     assert "untrained" in oof["by_kind"]["backbone"]
     assert "| mean |" in (exp / "oof_scores.md").read_text()
@@ -97,6 +99,12 @@ def test_pipeline_end_to_end(demo_dir, tmp_path, tiny_cfg_args, capsys):
         assert len(data["filenames"]) == len(set(test["query_image"]))
     assert 0 <= scores["test"]["map"] <= 1
     assert "local test" in out
+
+    # The retrieval embedding can be chosen again at submission time, without retraining.
+    submission.main([*args, "submit.folds=0..1", "submit.retrieval=backbone",
+                     f"submit.file={tmp_path / 'bb.csv'}"])
+    with np.load(tmp_path / "bb.embeddings.npz") as data:
+        assert data["embeddings"].shape[1] == 512  # resnet18's pooled features, not the neck
 
     # fold=full: every image, no validation; it alone makes a submission too.
     train.main([*args, "fold=full"])
@@ -229,7 +237,7 @@ def test_best_weights_early_stopping_and_compile(demo_dir, tmp_path, tiny_cfg_ar
     def evaluate(*a, **k):
         embs, scores = real_evaluate(*a, **k)
         value = next(scripted)
-        return embs, {**scores, "map": value, "map_neck": value}
+        return embs, {**scores, "map": value}
     compiled = []
 
     def fake_compile(module, **kwargs):
