@@ -71,6 +71,7 @@ class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.window = batch_size * world_size * grad_accum
         self.epoch = 0
+        self._cached: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
         if self.steps_per_epoch() == 0:
             raise ValueError(
                 f"{len(self.labels)} training images do not fill one optimiser step of "
@@ -81,6 +82,13 @@ class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The whole epoch across ranks: indices and their augmentation seeds."""
+        # len() and iteration both need it; the last epoch's order is kept.
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
+        self._cached = (epoch, self._make_order(epoch))
+        return self._cached[1]
+
+    def _make_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
         if self.mode == "pk":
             order = pk_order(self.labels, self.batch_size // self.k, self.k, rng)

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -45,7 +45,6 @@ from src.io_utils import (
     amp_dtype,
     atomic_path,
     atomic_write_json,
-    atomic_write_text,
     read_json,
     resolve_device,
     run_main,
@@ -154,9 +153,10 @@ def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
 
 def _write_log(path: Path, rows: list[dict]) -> None:
     """The whole log, atomically (a resumed fold drops rows past its checkpoint)."""
-    lines = [",".join(LOG_FIELDS)]
-    lines += [",".join(str(row.get(f, "")) for f in LOG_FIELDS) for row in rows]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    with atomic_path(path, suffix=".csv") as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _append_log(path: Path, row: dict) -> None:
@@ -396,10 +396,9 @@ def train_fold(cfg: Config, fold: int | str, folds_df: pd.DataFrame,
     _save_weights(final, out / "model.safetensors")
     selected = "last"
     if cfg.train.select == "best" and has_val and best_epoch > 0:
-        shutil.copyfile(out / "best.safetensors", out / "model.safetensors.tmp")
-        os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
+        with atomic_path(out / "model.safetensors", suffix=".safetensors") as tmp:
+            shutil.copyfile(out / "best.safetensors", tmp)
         selected = f"best (epoch {best_epoch})"
-        from safetensors.torch import load_file
         model.load_state_dict(load_file(str(out / "best.safetensors"), device=str(device)))
         ema = None  # the best file already holds the averaged weights when EMA is on
     metrics: dict = {"fold": fold, "n_train": len(train_idx), "n_val": len(val_idx),
