@@ -176,10 +176,22 @@ def _epoch_done(fold: int | str, epoch: int) -> None:
 
 
 def _set_backbone_frozen(model: ReIDModel, frozen: bool) -> None:
-    """Frozen: no gradients and eval mode, so BatchNorm statistics do not drift either."""
+    """Frozen: no gradients (the modes are `_set_train_modes`'s)."""
     for param in model.backbone.parameters():
         param.requires_grad_(not frozen)
+
+
+def _set_train_modes(model: ReIDModel, frozen: bool, freeze_bn: bool) -> None:
+    """Training mode, except a frozen backbone (eval: its BatchNorm statistics do not drift
+    either) and, with `freeze_bn`, the backbone's BatchNorm layers: on small data with strong
+    augmentation, batch statistics overwrite the pretrained running statistics within a few
+    hundred steps."""
+    model.train()
     model.backbone.train(not frozen)
+    if freeze_bn:
+        for module in model.backbone.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def _evaluate(model: ReIDModel, ema: ModelEma | None, paths: list[Path], labels: np.ndarray,
@@ -317,14 +329,7 @@ def train_fold(cfg: Config, fold: int | str, folds_df: pd.DataFrame,
                     step_module, device_ids=[local_rank] if device.startswith("cuda") else None)
             if cfg.train.compile:
                 step_module = torch.compile(step_module)
-        model.train()
-        model.backbone.train(not frozen)
-        if cfg.train.freeze_bn:
-            # Small data, strong augmentation: batch statistics would overwrite the pretrained
-            # running statistics within a few hundred steps.
-            for module in model.backbone.modules():
-                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+        _set_train_modes(model, frozen, cfg.train.freeze_bn)
         sampler.set_epoch(epoch)
         epoch_start, seen, loss_sum = time.time(), 0, 0.0
         bar = tqdm(loader, desc=f"fold {fold} epoch {epoch}/{cfg.train.epochs}", leave=False,

@@ -156,14 +156,11 @@ def _weights(path):
     return load_file(str(path))
 
 
-def _same_weights(a, b, atol=0.0):
+def _same_weights(a, b):
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
     for key in wa:
-        if atol == 0.0:
-            assert torch.equal(wa[key], wb[key]), key
-        else:
-            assert torch.allclose(wa[key], wb[key], atol=atol), key
+        assert torch.equal(wa[key], wb[key]), key
 
 
 class Interrupted(Exception):
