@@ -39,7 +39,8 @@ from src.data import (
 from src.dedup import hash_to_hex, phash
 from src.io_utils import atomic_path, atomic_write_text
 
-CACHE_VERSION = 1
+# 2: cached files are named after the source's path, not its stem alone.
+CACHE_VERSION = 2
 # Dimensions no photograph has: a side this short, or more pixels than data.max_pixels.
 _MIN_SIDE = 8
 
@@ -53,6 +54,13 @@ def cache_settings(cfg: Config) -> dict:
     return {"version": CACHE_VERSION, "crop": cfg.data.alpha != "rgb",
             "crop_margin": cfg.data.crop_margin, "size": cache_size(cfg),
             "max_pixels": cfg.data.max_pixels}
+
+
+def cached_name(src: str | Path) -> str:
+    """The cache's file for a source image: its stem (readable) and a digest of its full
+    path, so `train/0001.png` and `test/0001.png` (or `a.png` and `a.jpg`) never share one."""
+    digest = hashlib.sha256(str(Path(src).resolve()).encode()).hexdigest()[:10]
+    return f"{Path(src).stem}-{digest}.png"
 
 
 def cache_dir(cfg: Config) -> Path:
@@ -98,7 +106,9 @@ def process_image(src: str, dst: str, crop: bool, margin: float, size: int,
     except FileNotFoundError:
         return unusable_record(record, "missing")
     except OSError as exc:
-        kind = "truncated" if "truncated" in str(exc) else "unreadable"
+        # Pillow's message quotes the path: a folder named `truncated/` must not decide.
+        message = str(exc).replace(str(src), "")
+        kind = "truncated" if "truncated" in message.lower() else "unreadable"
         return unusable_record(record, f"{kind}: {exc}")
     except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
         return unusable_record(record, f"unreadable: {exc}")
@@ -142,6 +152,24 @@ def _process_star(args: tuple) -> dict:
     return process_image(*args)
 
 
+def _read_index(path: Path) -> dict:
+    """The cache's index; one that cannot be read (edited by hand, another tool's file) only
+    costs a rebuild, said so, because every entry can be made again from the sources."""
+    if not path.is_file():
+        return {}
+    try:
+        index = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        print(f"note: {path} is unreadable ({exc}); rebuilding the cache")
+        return {}
+    if not isinstance(index, dict) or not all(
+            isinstance(e, dict) and "stamp" in e and isinstance(e.get("record"), dict)
+            for e in index.values()):
+        print(f"note: {path} is not a cache index; rebuilding the cache")
+        return {}
+    return index
+
+
 def build_cache(paths: Sequence[Path], cfg: Config, desc: str = "cache",
                 raise_on_error: bool = True) -> tuple[list[Path], list[dict]]:
     """Cached file and record for each source path (in order), building only what is missing
@@ -150,11 +178,11 @@ def build_cache(paths: Sequence[Path], cfg: Config, desc: str = "cache",
     directory = cache_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     index_path = directory / "index.json"
-    index: dict = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    index = _read_index(index_path)
     settings = cache_settings(cfg)
     atomic_write_text(directory / "settings.json", json.dumps(settings, indent=2) + "\n")
 
-    cached = [directory / f"{Path(p).stem}.png" for p in paths]
+    cached = [directory / cached_name(p) for p in paths]
     todo = []
     for src, dst in zip(paths, cached, strict=True):
         key = str(Path(src).resolve())

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -124,6 +126,8 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
             return value
     elif isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # lr=nan would train until the first NaN loss
+                raise ConfigError(f"{source}: key '{key}' expects a finite number, got {value!r}")
             return float(value)
     elif isinstance(default, str):
         # A YAML `fold: 0` or `exp: 001` is meant as text.
@@ -190,8 +194,21 @@ def _set_dotted(node: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _merge_file(resolved: dict, defaults_flat: dict, data: Mapping, source: str) -> None:
+# Keys an earlier version had: a run saved then still loads (its value translated), while a
+# config a user writes today gets told the new key.
+_RETIRED: dict[str, tuple[str, Any]] = {
+    "embed.tta_flip": ("embed.tta", lambda flip: ["orig", "flip"] if flip else ["orig"]),
+}
+
+
+def _merge_file(resolved: dict, defaults_flat: dict, data: Mapping, source: str,
+                saved: bool = False) -> None:
     for dotted, value in _flatten(data).items():
+        if dotted in _RETIRED:
+            new_key, translate = _RETIRED[dotted]
+            if not saved:
+                raise ConfigError(f"{source}: config key '{dotted}' was replaced by '{new_key}'")
+            dotted, value = new_key, translate(value)
         if dotted not in defaults_flat:
             # A whole section given as a scalar (`model: x`) also lands here.
             raise _unknown_key_error(dotted, defaults_flat, source)
@@ -211,8 +228,10 @@ def parse_overrides(args: Iterable[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def load_config(args: Iterable[str] = (), config_path: str | Path | None = None) -> Config:
-    """Resolve defaults <- config file chain <- `key=value` overrides, checking keys and types."""
+def load_config(args: Iterable[str] = (), config_path: str | Path | None = None,
+                saved: bool = False) -> Config:
+    """Resolve defaults <- config file chain <- `key=value` overrides, checking keys and types.
+    `saved`: the file is a run's own saved config, whose retired keys are translated."""
     overrides = parse_overrides(args)
     for key, raw in overrides:
         if key == "config":
@@ -228,11 +247,14 @@ def load_config(args: Iterable[str] = (), config_path: str | Path | None = None)
             path = REPO_ROOT / path
         for file_path, data in _load_chain(path):
             if file_path != DEFAULT_CONFIG.resolve():
-                _merge_file(resolved, defaults_flat, data, str(file_path))
+                _merge_file(resolved, defaults_flat, data, str(file_path), saved)
 
     for key, raw in overrides:
         if key == "config":
             continue
+        if key in _RETIRED:
+            raise ConfigError(f"command line: config key '{key}' was replaced by "
+                              f"'{_RETIRED[key][0]}'")
         if key not in defaults_flat:
             raise _unknown_key_error(key, defaults_flat, "command line")
         _set_dotted(resolved, key, _parse_cli_value(key, raw, defaults_flat[key]))
@@ -245,7 +267,10 @@ def load_config(args: Iterable[str] = (), config_path: str | Path | None = None)
 _CHOICES = {
     "folds.strategy": ("grouped", "closed"),
     "data.alpha": ("rgb", "crop", "crop_fill", "crop_blur"),
-    "submit.ensemble": ("mean", "concat"),
+    "submit.ensemble": ("mean", "concat", "similarity"),
+    "post.proto_source": ("mean", "arcface"),
+    "post.on_large": ("sparse", "stop"),
+    "tune.metric": ("map", "pair_auc"),
     "parallel": ("data", "folds"),
     "model.tokens": ("patches", "cls", "both"),
     "model.retrieval": ("neck", "backbone", "both"),
@@ -294,6 +319,74 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"key '{dotted}' must be a list of 3 numbers; got {value!r}")
     if not cfg.exp or "/" in cfg.exp or cfg.exp in (".", ".."):
         raise ConfigError(f"key 'exp' must be a plain folder name; got {cfg.exp!r}")
+    _validate_post(cfg)
+
+
+VIEW_PATTERN = re.compile(r"^(orig|flip|(flip_)?zoom(\d+(\.\d*)?|\.\d+))$")
+
+
+def check_view(view: Any, key: str) -> str:
+    """A test-time view name: orig | flip | zoom<f> | flip_zoom<f>, with 0.5 <= f <= 2."""
+    if not isinstance(view, str) or not VIEW_PATTERN.match(view):
+        raise ConfigError(f"key '{key}': view {view!r} is not one of orig, flip, zoom<f>, "
+                          "flip_zoom<f> (e.g. zoom1.15)")
+    if "zoom" in view and not 0.5 <= float(view.split("zoom")[1]) <= 2.0:
+        raise ConfigError(f"key '{key}': view {view!r} zooms outside 0.5..2")
+    return view
+
+
+def _check_numbers(cfg: Config, dotted: str, low: float, high: float, kind: type = float) -> None:
+    value = cfg.get_path(dotted)
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and low <= v <= high
+        if kind is int:
+            ok = ok and isinstance(v, int)
+        if kind is bool:
+            ok = isinstance(v, bool)
+        if not ok:
+            what = "true/false" if kind is bool else f"{kind.__name__} in [{low}, {high}]"
+            raise ConfigError(f"key '{dotted}' expects {what}; got {v!r}")
+
+
+def _validate_post(cfg: Config) -> None:
+    if not cfg.embed.tta:
+        raise ConfigError("key 'embed.tta' needs at least one view (e.g. [orig])")
+    for view in cfg.embed.tta:
+        check_view(view, "embed.tta")
+    for view in cfg.tune.views:
+        check_view(view, "tune.views")
+    big = 10 ** 6
+    for dotted in ("post.qe_k", "post.dba_k", "tune.qe_k"):
+        _check_numbers(cfg, dotted, 0, big, int)
+    for dotted in ("post.k1", "post.k2", "tune.k1", "tune.k2"):
+        _check_numbers(cfg, dotted, 1, big, int)
+    for dotted in ("post.lambda", "post.blend", "post.proto_weight", "tune.lambda", "tune.blend",
+                   "tune.proto_weight"):
+        _check_numbers(cfg, dotted, 0.0, 1.0)
+    for dotted in ("post.qe_alpha", "tune.qe_alpha", "post.proto_scale", "tune.proto_scale"):
+        _check_numbers(cfg, dotted, 0.0, 1e6)
+    _check_numbers(cfg, "tune.min_gain", -1.0, 1.0)
+    _check_numbers(cfg, "tune.per_identity", -1, 10 ** 6, int)
+    _check_numbers(cfg, "tune.draws", 1, 1000, int)  # negative: keep every step (forced)
+    _check_numbers(cfg, "post.max_dense_gb", 0.0, 1e6)
+    _check_numbers(cfg, "tune.dba", 0, 1, bool)
+    _check_numbers(cfg, "submit.weights", 0.0, 1e6)
+    if cfg.submit.weights and len(cfg.submit.weights) != len(experiment_names(cfg)):
+        raise ConfigError(f"key 'submit.weights' has {len(cfg.submit.weights)} weight(s) for "
+                          f"{len(experiment_names(cfg))} experiment(s) of exps="
+                          f"{cfg.exps or cfg.exp!r}")
+
+
+def experiment_names(cfg: Config) -> list[str]:
+    """`exps=a,b,c` (an ensemble of experiments), else the one `exp`."""
+    names = [n.strip() for n in str(cfg.exps).split(",") if n.strip()] if cfg.exps else [cfg.exp]
+    for name in names:
+        if "/" in name or name in (".", ".."):
+            raise ConfigError(f"key 'exps': {name!r} is not a plain experiment folder name")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"key 'exps' names an experiment twice: {cfg.exps!r}")
+    return names
 
 
 def config_digest(cfg: Config) -> str:
@@ -313,4 +406,4 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def load_saved_config(path: str | Path) -> Config:
     """A config saved with a run, checked against today's defaults: old runs load or fail
     loudly."""
-    return load_config([], config_path=path)
+    return load_config([], config_path=path, saved=True)

@@ -359,7 +359,14 @@ def collect_records(cfg) -> tuple[list[dict], np.ndarray, list[tuple[int, int, i
     """Records for every train and test image (decoded once, through the cache), the
     near-duplicate groups of the train images and the cross-identity pairs."""
     from src.cache import build_cache, empty_record, unusable_record
-    from src.data import data_files, index_images, pair_image_names, read_test_csv, read_train_csv
+    from src.data import (
+        data_files,
+        index_images,
+        outside_root,
+        pair_image_names,
+        read_test_csv,
+        read_train_csv,
+    )
     from src.dedup import duplicate_groups, hex_to_hash
 
     files = data_files(cfg)
@@ -371,13 +378,21 @@ def collect_records(cfg) -> tuple[list[dict], np.ndarray, list[tuple[int, int, i
     records: list[dict] = []
     for split, split_names in names.items():
         found = {n: index[Path(n).name] for n in split_names if index.get(Path(n).name)}
-        present = [n for n in split_names if n in found]
+        # A link out of the data folder is reported, never decoded: the CSVs and the folder's
+        # links are not trusted to choose what is read.
+        escaped = {n: real for n in found
+                   if (real := outside_root(files["root"], found[n][0])) is not None}
+        present = [n for n in split_names if n in found and n not in escaped]
         _, built = build_cache([found[n][0] for n in present], cfg, f"{split} images",
                                raise_on_error=False)
         by_name = dict(zip(present, built, strict=True))
         for name in split_names:
             if name in by_name:
                 record = dict(by_name[name])  # the cache's own record stays as it was
+            elif name in escaped:
+                record = unusable_record(
+                    {**empty_record(Path(name)), "path": str(found[name][0])},
+                    f"outside data.dir: leads to {escaped[name]}")
             else:
                 record = unusable_record({**empty_record(Path(name)), "path": None}, "missing")
             if len(found.get(name, [])) > 1:

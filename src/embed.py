@@ -3,16 +3,18 @@ ensemble of several fold models."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from src.augment import build_transform
-from src.config import Config
+from src.config import Config, check_view
 from src.data import ImageDataset, image_loader
 from src.io_utils import amp_dtype
 from src.model import RETRIEVAL_MODES
@@ -23,37 +25,96 @@ def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return x / np.maximum(norm, 1e-12)
 
 
-@torch.no_grad()
-def embed_all(model: torch.nn.Module, paths: Sequence[Path], cfg: Config,
-              device: str, load=None) -> dict[str, np.ndarray]:
-    """Every retrieval embedding (`neck`, `backbone`, `both`; see `ReIDModel.embed`) of the
-    images, each (N, D) float32 and L2-normalised, from one forward pass per view.
+def view_zoom(view: str) -> float:
+    return float(view.split("zoom")[1]) if "zoom" in view else 1.0
 
-    With `embed.tta_flip` the mirrored image is a second view of the same decoded batch; each
-    view is normalised before averaging so no view dominates by its norm. `load` reads one
-    file (default: straight from the sources with the config's alpha mode).
-    """
+
+def apply_view(images: torch.Tensor, view: str) -> torch.Tensor:
+    """A test-time view of a normalised batch (B, C, H, W), same size as the input.
+
+    `flip` mirrors left-right. `zoom<f>` resizes by f and centre-crops back (f > 1), or pads
+    with zeros (f < 1): zero is the mean colour after normalisation. Done on the batch, on the
+    device, so every view shares one decode and works for any backbone (a ViT keeps its
+    input size)."""
+    check_view(view, "view")
+    out = images.flip(dims=[3]) if view.startswith("flip") else images
+    f = view_zoom(view)
+    if f == 1.0:
+        return out
+    h, w = out.shape[-2:]
+    # Sizes differ from the input's by an even number of pixels, so the crop or the padding
+    # is exactly centred (and a zoom commutes with the flip).
+    nh, nw = (max(2 - n % 2, n + 2 * round(n * (f - 1) / 2)) for n in (h, w))
+    resized = F.interpolate(out, size=(nh, nw), mode="bilinear", align_corners=False,
+                            antialias=f < 1.0)
+    if f > 1.0:
+        top, left = (nh - h) // 2, (nw - w) // 2
+        return resized[..., top:top + h, left:left + w]
+    top, left = (h - nh) // 2, (w - nw) // 2
+    return F.pad(resized, (left, w - nw - left, top, h - nh - top))
+
+
+@torch.no_grad()
+def embed_views(model: torch.nn.Module, paths: Sequence[Path], cfg: Config, device: str,
+                load=None, views: Sequence[str] = ("orig",)) -> dict[str, dict[str, np.ndarray]]:
+    """{view: {kind: (N, D) float32 L2-normalised}} for every retrieval embedding (`neck`,
+    `backbone`, `both`; see `ReIDModel.embed`): one decode per image, one forward per view.
+    Kept per view so that any set of views can be combined later (`combine_views`) without
+    embedding again. `load` reads one file (default: from the sources with the config's alpha
+    mode)."""
+    views = list(dict.fromkeys(check_view(v, "views") for v in views))
     model.eval().to(device)
     dataset = ImageDataset(paths, None, build_transform(cfg, train=False),
                            load or image_loader(cfg))
     loader = DataLoader(dataset, batch_size=cfg.embed.batch_size, shuffle=False,
                         num_workers=cfg.data.num_workers, pin_memory=device.startswith("cuda"))
     dtype = amp_dtype(device, cfg.train.amp)
-    chunks: dict[str, list[np.ndarray]] = {}
+    chunks: dict[str, dict[str, list[np.ndarray]]] = {v: {} for v in views}
     for images, _, _ in loader:
         images = images.to(device, non_blocking=True)
-        views = [images, images.flip(dims=[3])] if cfg.embed.tta_flip else [images]
-        totals: dict[str, torch.Tensor] = {}
         for view in views:
             with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
-                embedded = model.embed(view)
+                embedded = model.embed(apply_view(images, view))
             for kind, emb in embedded.items():
-                totals[kind] = totals.get(kind, 0) + F.normalize(emb.float(), dim=1).cpu()
-        for kind, total in totals.items():
-            chunks.setdefault(kind, []).append(F.normalize(total, dim=1).numpy())
-    if not chunks:
-        return {kind: np.zeros((0, cfg.model.embed_dim), np.float32) for kind in RETRIEVAL_MODES}
-    return {kind: np.concatenate(parts).astype(np.float32) for kind, parts in chunks.items()}
+                chunks[view].setdefault(kind, []).append(
+                    F.normalize(emb.float(), dim=1).cpu().numpy())
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for view in views:
+        if not chunks[view]:
+            dims = _embedding_dims(model, cfg)
+            out[view] = {k: np.zeros((0, dims.get(k, cfg.model.embed_dim)), np.float32)
+                         for k in RETRIEVAL_MODES}
+        else:
+            out[view] = {k: np.concatenate(parts).astype(np.float32)
+                         for k, parts in chunks[view].items()}
+    return out
+
+
+def _embedding_dims(model: torch.nn.Module, cfg: Config) -> dict[str, int]:
+    features = getattr(getattr(model, "backbone", None), "num_features", None)
+    if not features:
+        return {}
+    backbone = features * (2 if cfg.model.tokens == "both" else 1)
+    return {"neck": cfg.model.embed_dim, "backbone": backbone,
+            "both": cfg.model.embed_dim + backbone}
+
+
+def combine_views(per_view: dict[str, np.ndarray], views: Sequence[str]) -> np.ndarray:
+    """Mean of the chosen views' normalised embeddings, re-normalised (a view does not
+    dominate by its norm)."""
+    missing = [v for v in views if v not in per_view]
+    if not views or missing:
+        raise ValueError(f"views {missing or list(views)} not embedded; have {sorted(per_view)}")
+    total = np.sum([l2_normalize(per_view[v].astype(np.float64)) for v in views], axis=0)
+    return l2_normalize(total).astype(np.float32)
+
+
+def embed_all(model: torch.nn.Module, paths: Sequence[Path], cfg: Config,
+              device: str, load=None) -> dict[str, np.ndarray]:
+    """Every retrieval embedding of the images with the views of `embed.tta` combined."""
+    per_view = embed_views(model, paths, cfg, device, load, cfg.embed.tta)
+    return {kind: combine_views({v: per_view[v][kind] for v in per_view}, cfg.embed.tta)
+            for kind in per_view[cfg.embed.tta[0]]}
 
 
 def embed_images(model: torch.nn.Module, paths: Sequence[Path], cfg: Config,
@@ -65,23 +126,199 @@ def embed_images(model: torch.nn.Module, paths: Sequence[Path], cfg: Config,
 ENSEMBLE_MODES = ("mean", "concat")
 
 
-def ensemble_embeddings(embeddings: Sequence[np.ndarray], mode: str = "mean") -> np.ndarray:
+def ensemble_embeddings(embeddings: Sequence[np.ndarray], mode: str = "mean",
+                        weights: Sequence[float] | None = None) -> np.ndarray:
     """One embedding per image from several models' embeddings of the same images.
 
-    `mean`: average of the L2-normalised embeddings, re-normalised. Cheap and common; it
-    assumes the models' spaces roughly agree (fold models share their initialisation).
-    `concat`: the normalised embeddings side by side, re-normalised; its cosine similarity is
-    exactly the mean of the models' cosine similarities, whatever their spaces.
+    `mean`: weighted average of the L2-normalised embeddings, re-normalised. Cheap and common;
+    it assumes the models' spaces roughly agree (fold models share their initialisation), and
+    needs equal dimensions. `concat`: the normalised embeddings side by side, each scaled by
+    sqrt(weight / total), re-normalised: its cosine similarity is exactly the weighted mean of
+    the models' cosine similarities, whatever their spaces or dimensions.
     """
     if mode not in ENSEMBLE_MODES:
         raise ValueError(f"ensemble mode must be one of {', '.join(ENSEMBLE_MODES)}; got {mode!r}")
     if not embeddings:
         raise ValueError("no embeddings to ensemble")
+    weights = [1.0] * len(embeddings) if weights is None or not len(weights) else list(weights)
+    if len(weights) != len(embeddings) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"need one weight >= 0 per embedding ({len(embeddings)}), not all 0; "
+                         f"got {weights}")
+    rows = {len(e) for e in embeddings}
     shapes = {e.shape for e in embeddings}
-    if len(shapes) != 1:
-        raise ValueError(f"embeddings to ensemble differ in shape: {sorted(shapes)}")
-    stacked = np.stack([l2_normalize(e.astype(np.float64)) for e in embeddings])
-    if not np.isfinite(stacked).all():
+    if len(rows) != 1 or (mode == "mean" and len(shapes) != 1):
+        raise ValueError(f"embeddings to ensemble differ in shape: {sorted(shapes)}"
+                         + (" (submit.ensemble=concat takes any dimensions)"
+                            if len(rows) == 1 else ""))
+    normed = [l2_normalize(e.astype(np.float64)) for e in embeddings]
+    if not all(np.isfinite(e).all() for e in normed):
         raise ValueError("embeddings contain NaN or infinite values")
-    combined = stacked.mean(axis=0) if mode == "mean" else np.concatenate(stacked, axis=1)
+    share = np.asarray(weights, dtype=np.float64) / sum(weights)
+    if mode == "mean":
+        combined = np.tensordot(share, np.stack(normed), axes=1)
+    else:
+        combined = np.concatenate([np.sqrt(w) * e for w, e in zip(share, normed, strict=True)],
+                                  axis=1)
     return l2_normalize(combined).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- fold models
+
+
+def fold_config(cfg: Config, exp: str, fold: int | str) -> tuple[Config, Path]:
+    """A fold's own saved config for the model (with `submit.retrieval` when set) and today's
+    data, cache and embedding settings; and its weights file."""
+    from src.config import load_saved_config
+    from src.train import fold_dir
+
+    directory = fold_dir(Config({**cfg, "exp": exp}), fold)
+    weights, saved = directory / "model.safetensors", directory / "config.yaml"
+    if not weights.is_file() or not saved.is_file():
+        raise FileNotFoundError(f"experiment {exp!r}: no trained model in {directory} "
+                                f"(model.safetensors and config.yaml); train it with bash "
+                                f"train.sh exp={exp} fold={fold}, or choose submit.folds=...")
+    saved_cfg = load_saved_config(saved)
+    model = saved_cfg.model
+    if cfg.submit.retrieval:  # the retrieval embedding is a choice made after training
+        model = Config({**model, "retrieval": cfg.submit.retrieval})
+    merged = Config({**saved_cfg, "model": model, "embed": cfg.embed, "device": cfg.device,
+                     "cache": cfg.cache, "output_dir": cfg.output_dir,
+                     "data": Config({**saved_cfg.data, "dir": cfg.data.dir,
+                                     "num_workers": cfg.data.num_workers})})
+    return merged, weights
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file (a model's weights: embeddings made with other weights are stale)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+OOF_VIEWS_FILE = "oof_views.npz"
+VIEWS_VERSION = 2  # bumped whenever a view's definition changes: saved view embeddings go stale
+
+
+def oof_views_path(cfg: Config, exp: str, fold: int) -> Path:
+    from src.train import fold_dir
+    return fold_dir(Config({**cfg, "exp": exp}), fold) / OOF_VIEWS_FILE
+
+
+def read_oof_views(path: Path) -> dict:
+    """A fold's saved view embeddings: kind, views, val/train filenames and labels,
+    {view: (N, D)} for val and train, and the ArcFace head (weight, subcenters, classes)."""
+    with np.load(path, allow_pickle=False) as data:
+        views = [str(v) for v in data["views"]]
+        out = {"kind": str(data["kind"]), "views": views, "digest": str(data["digest"]),
+               "val_labels": data["val_labels"], "val_filenames": data["val_filenames"],
+               "train_labels": data["train_labels"],
+               "train_filenames": data["train_filenames"],
+               "val": {v: data[f"val.{v}"] for v in views},
+               "train": {v: data[f"train.{v}"] for v in views if f"train.{v}" in data.files},
+               "head_weight": data["head_weight"], "subcenters": int(data["subcenters"]),
+               "classes": data["classes"]}
+    return out
+
+
+def closed_share(folds_df, fold: int) -> float:
+    """Share of a fold's validation identities that also have training images (closed folds:
+    1; grouped folds: 0)."""
+    is_val = (folds_df["fold"] == fold).to_numpy()
+    val_ids = set(folds_df.loc[is_val, "ground_truth"])
+    train_ids = set(folds_df.loc[~is_val, "ground_truth"])
+    return len(val_ids & train_ids) / max(1, len(val_ids))
+
+
+def ensure_oof_views(cfg: Config, exp: str, fold: int, views: Sequence[str],
+                     device: str) -> dict:
+    """The fold's validation images (and, with closed folds, its training images) embedded
+    by the fold's model under every view asked, read from `fold<k>/oof_views.npz` when it is
+    there with the same weights, kind and views, else made and saved (atomically)."""
+    from src.cache import prepare_images
+    from src.data import data_files, read_train_csv
+    from src.folds import load_or_create_folds
+    from src.io_utils import atomic_path, read_json
+    from src.model import load_trained_model
+
+    fold_cfg, weights = fold_config(cfg, exp, fold)
+    kind = fold_cfg.model.retrieval
+    views = list(dict.fromkeys(["orig", *views]))
+    path = oof_views_path(cfg, exp, fold)
+    digest = f"{file_digest(weights)}:{VIEWS_VERSION}"
+    if path.is_file():
+        saved = read_oof_views(path)
+        if saved["digest"] == digest and saved["kind"] == kind and set(views) <= set(
+                saved["views"]):
+            return saved
+    files = data_files(fold_cfg)
+    train_df = read_train_csv(files["train"])
+    folds_df = load_or_create_folds(fold_cfg, train_df)
+    is_val = (folds_df["fold"] == fold).to_numpy()
+    closed = closed_share(folds_df, fold) >= 0.5
+    paths, load, _ = prepare_images(fold_cfg, train_df["filename"], files["train"],
+                                    "train images")
+    model = load_trained_model(fold_cfg, weights)
+    splits = {"val": np.flatnonzero(is_val)}
+    if closed:  # the fold's training images: the closed-set gallery and prototypes
+        splits["train"] = np.flatnonzero(~is_val)
+    arrays: dict[str, np.ndarray] = {"kind": np.array(kind), "views": np.array(views),
+                                     "digest": np.array(digest)}
+    names, labels = train_df["filename"].to_numpy(), train_df["ground_truth"].to_numpy()
+    for split in ("val", "train"):
+        idx = splits.get(split, np.zeros(0, dtype=np.int64))
+        arrays[f"{split}_filenames"] = names[idx].astype(str)
+        arrays[f"{split}_labels"] = labels[idx].astype(str)
+        if split in splits:
+            print(f"{exp} fold {fold}: embedding {len(idx)} {split} images, views "
+                  f"{', '.join(views)}")
+            per_view = embed_views(model, [paths[i] for i in idx], fold_cfg, device, load,
+                                   views)
+            for view in views:
+                arrays[f"{split}.{view}"] = per_view[view][kind]
+    state = load_file(str(weights))
+    arrays["head_weight"] = state["head.weight"].float().numpy()
+    arrays["subcenters"] = np.array(fold_cfg.model.subcenters)
+    metrics_path = weights.parent / "metrics.json"
+    classes = read_json(metrics_path).get("classes", []) if metrics_path.is_file() else []
+    arrays["classes"] = np.array([str(c) for c in classes])
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
+    return read_oof_views(path)
+
+
+def main(argv: list[str]) -> None:
+    """`python -m src.embed exp=NAME [exps=a,b] [tune.views=[...]]`: embed every finished
+    fold's validation images (and training images, with closed folds) under orig, the
+    candidate views of `tune.views` and `embed.tta`, for `python -m src.tune`."""
+    from src.config import experiment_names, load_config
+    from src.io_utils import resolve_device
+
+    cfg = load_config(argv)
+    device = resolve_device(cfg.device)
+    views = [*cfg.embed.tta, *cfg.tune.views]
+    for exp in experiment_names(cfg):
+        for fold in finished_folds(cfg, exp):
+            saved = ensure_oof_views(cfg, exp, fold, views, device)
+            print(f"{oof_views_path(cfg, exp, fold)}: {len(saved['val_labels'])} validation, "
+                  f"{len(saved['train_labels'])} training images, views "
+                  f"{', '.join(saved['views'])}")
+
+
+def finished_folds(cfg: Config, exp: str) -> list[int]:
+    """The validation folds of an experiment that have a trained model."""
+    exp_dir = Path(cfg.output_dir) / exp
+    folds = sorted(int(p.name[4:]) for p in exp_dir.glob("fold[0-9]*")
+                   if p.name[4:].isdigit() and (p / "model.safetensors").is_file()
+                   and (p / "val_embeddings.npz").is_file())
+    if not folds:
+        raise FileNotFoundError(f"{exp_dir}: no finished validation folds (fold<k>/"
+                                "model.safetensors and val_embeddings.npz)")
+    return folds
+
+
+if __name__ == "__main__":
+    from src.io_utils import run_main
+
+    run_main(main)

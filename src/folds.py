@@ -126,7 +126,7 @@ def near_duplicate_groups(train_df: pd.DataFrame, cfg: Config,
     if hashes is None:
         files = data_files(cfg)
         paths = resolve_image_paths(files["root"], train_df["filename"], files["train"])
-        hashes = [hash_to_hex(phash(read_rgba(p)[..., :3])) for p in paths]
+        hashes = [hash_to_hex(phash(read_rgba(p, cfg.data.max_pixels)[..., :3])) for p in paths]
     bits = np.stack([hex_to_hash(h) if h else np.zeros(64, bool) for h in hashes])
     groups, cross = duplicate_groups(bits, train_df["ground_truth"].to_numpy(),
                                      cfg.folds.dup_threshold)
@@ -176,13 +176,30 @@ def check_folds(folds_df: pd.DataFrame, train_df: pd.DataFrame, n_folds: int,
 
 
 def read_folds(path: Path) -> pd.DataFrame:
-    df = pd.read_csv(path, dtype={"filename": str, "ground_truth": str})
+    """A saved split; a file edited by hand into something unusable is named, with its row
+    (header = line 1), and deleting it re-splits."""
+    try:
+        # No NaN guessing: a file named `NA.png` is a name, and an empty fold is an error.
+        df = pd.read_csv(path, dtype={"filename": str, "ground_truth": str, "fold": str},
+                         keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable folds file ({str(exc).strip()}); delete it to "
+                        "re-split") from exc
     missing = [c for c in FOLD_COLUMNS if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; "
                         f"expected {', '.join(FOLD_COLUMNS)}")
-    if df["fold"].isna().any() or not pd.api.types.is_integer_dtype(df["fold"]):
-        raise DataError(f"{path}: column 'fold' must hold integers")
+    fold = pd.to_numeric(df["fold"], errors="coerce")
+    bad = np.flatnonzero(~np.isfinite(fold.astype(np.float64)) | (fold != fold.round()))
+    if len(bad):
+        raise DataError(f"{path}: row {bad[0] + 2}: column 'fold' must hold integers, got "
+                        f"{df['fold'].iloc[bad[0]]!r}")
+    df["fold"] = fold.astype(np.int64)
+    # One image in two folds would be trained on and validated on: a silent leak.
+    dup = np.flatnonzero(df["filename"].duplicated())
+    if len(dup):
+        raise DataError(f"{path}: row {dup[0] + 2}: filename {df['filename'].iloc[dup[0]]!r} "
+                        "appears more than once; delete the file to re-split")
     return df
 
 

@@ -16,10 +16,16 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from src.config import Config
+from src.io_utils import UserInputError
+
+
+class WeightsError(UserInputError):
+    """A weights file that cannot be used; the message names it."""
 
 TOKEN_MODES = ("patches", "cls", "both")
 RETRIEVAL_MODES = ("neck", "backbone", "both")
@@ -227,9 +233,14 @@ def build_model(cfg: Config, n_classes: int, counts: Sequence[int] | None = None
 
 def load_trained_model(cfg: Config, weights_path: str | Path) -> ReIDModel:
     """A trained fold model from its safetensors file (never unpickles anything)."""
-    state = load_file(str(weights_path))
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"{weights_path}: unreadable weights file ({exc}); train the fold "
+                           "again") from None
     if "head.weight" not in state or "head.margins" not in state:
-        raise ValueError(f"{weights_path}: not a model saved by this pipeline (no head weights)")
+        raise WeightsError(f"{weights_path}: not a model saved by this pipeline (no head "
+                           "weights)")
     n_classes = state["head.margins"].shape[0]
     # The saved weights replace the backbone's, so no pretrained file is needed (or read) here.
     arch_cfg = Config({**cfg, "model": Config({**cfg.model, "weights": "", "pretrained": False,
@@ -240,9 +251,10 @@ def load_trained_model(cfg: Config, weights_path: str | Path) -> ReIDModel:
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # same names, other shapes
-        raise ValueError(f"{weights_path}: does not fit model.backbone="
-                         f"{cfg.model.backbone!r}: {exc}") from None
+        raise WeightsError(f"{weights_path}: does not fit model.backbone="
+                           f"{cfg.model.backbone!r}: {exc}") from None
     if missing or unexpected:
-        raise ValueError(f"{weights_path}: does not fit model.backbone={cfg.model.backbone!r} "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise WeightsError(f"{weights_path}: does not fit model.backbone="
+                           f"{cfg.model.backbone!r} (missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]})")
     return model

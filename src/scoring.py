@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from src.config import load_config
+from src.data import DataError
 from src.io_utils import atomic_write_json, atomic_write_text, read_json, run_main
 from src.metrics import identity_balanced_map, pair_roc_auc
 
@@ -37,6 +38,13 @@ def collect_fold_scores(exp_dir: Path) -> list[dict]:
         with np.load(npz_path, allow_pickle=False) as data:
             emb, labels = data["embeddings"], data["labels"]
             kinds = {k: data[k] for k in RETRIEVAL_KINDS if k in data.files}
+            names = data["filenames"] if "filenames" in data.files else None
+        for values in (emb, *kinds.values()):
+            bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+            if len(bad):  # NaN would rank last and give a plausible, wrong score
+                which = names[bad[0]] if names is not None else f"row {bad[0]}"
+                raise DataError(f"{npz_path}: the embedding of {which} is not finite "
+                                f"({len(bad)} row(s)); train fold {fold_path.name[4:]} again")
         row = {"fold": int(fold_path.name[4:]), "images": len(labels),
                "identities": len(np.unique(labels)), **score_embeddings(emb, labels)}
         if kinds:

@@ -9,13 +9,14 @@ leaderboard metric. Nothing here touches the network.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from src.cache import prepare_images
-from src.config import Config, load_config, load_saved_config
+from src.config import Config, experiment_names, load_config
 from src.data import (
     DataError,
     data_files,
@@ -24,23 +25,19 @@ from src.data import (
     read_test_csv,
     read_train_csv,
 )
-from src.embed import embed_images, ensemble_embeddings
+from src.embed import combine_views, embed_views, ensemble_embeddings, fold_config
 from src.io_utils import atomic_path, atomic_write_json, read_json, resolve_device, run_main
 from src.metrics import identity_balanced_map, pair_roc_auc, pairs_to_matrix
 from src.model import load_trained_model
-from src.train import fold_dir, parse_fold_spec
-
-
-def cosine_to_unit(cos: np.ndarray) -> np.ndarray:
-    """[-1, 1] -> [0, 1], strictly increasing, so every ranking is kept."""
-    return np.clip((cos + 1.0) / 2.0, 0.0, 1.0)
-
-
-def pair_similarity(emb_n: np.ndarray, query_idx: np.ndarray,
-                    gallery_idx: np.ndarray) -> np.ndarray:
-    """Cosine similarity of rows `query_idx[i]`, `gallery_idx[i]` of L2-normalised (N, D)."""
-    sim = emb_n.astype(np.float32) @ emb_n.astype(np.float32).T
-    return sim[query_idx, gallery_idx].astype(np.float64)
+from src.postprocess import (
+    PostSettings,
+    identity_posteriors,
+    mean_prototypes,
+    postprocess_pairs,
+)
+from src.report import after_run
+from src.train import parse_fold_spec
+from src.tune import POST_FILE, load_choice
 
 
 def pair_indices(test_df: pd.DataFrame, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -100,79 +97,212 @@ def score_submission(test_df: pd.DataFrame, similarity: np.ndarray,
     return {"map": identity_balanced_map(sim, labels), "pair_auc": pair_roc_auc(sim, labels)}
 
 
-def _fold_config(cfg: Config, fold: int | str) -> tuple[Config, Path]:
-    """The fold's own saved config for the model, with today's data and embedding settings."""
-    directory = fold_dir(cfg, fold)
-    weights, saved = directory / "model.safetensors", directory / "config.yaml"
-    saved_cfg = load_saved_config(saved)
-    model = saved_cfg.model
-    if cfg.submit.retrieval:  # the retrieval embedding is a choice made after training
-        model = Config({**model, "retrieval": cfg.submit.retrieval})
-    merged = Config({**saved_cfg, "model": model, "embed": cfg.embed, "device": cfg.device,
-                     "cache": cfg.cache,
-                     "output_dir": cfg.output_dir,
-                     "data": Config({**saved_cfg.data, "dir": cfg.data.dir,
-                                     "num_workers": cfg.data.num_workers})})
-    return merged, weights
+def _embed_fold(cfg: Config, exp: str, fold: int | str, views: tuple[str, ...],
+                with_train: bool, test_names: list[str], files: dict, device: str) -> dict:
+    """One fold model's test images (and training images, `with_train`) under every view,
+    kept apart, with what the prototypes need from the model."""
+    fold_cfg, weights = fold_config(cfg, exp, fold)
+    # Test images are prepared the way this fold's model saw its training images.
+    paths, load, _ = prepare_images(fold_cfg, test_names, files["test"], "test images")
+    model = load_trained_model(fold_cfg, weights)
+    print(f"embedding {len(paths)} test images with {weights}, views {', '.join(views)}")
+    kind = fold_cfg.model.retrieval
+    test = {v: e[kind] for v, e in embed_views(model, paths, fold_cfg, device, load,
+                                               views).items()}
+    for emb in test.values():
+        bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+        if len(bad):
+            raise DataError(f"{weights}: the model's embedding of test image "
+                            f"{test_names[bad[0]]!r} is not finite ({len(bad)} image(s)); the "
+                            "weights are damaged or the fold diverged: train it again")
+    out = {"exp": exp, "kind": kind, "views": views, "test": test, "train": None,
+           "head": model.head.weight.detach().float().numpy(),
+           "subcenters": fold_cfg.model.subcenters}
+    if with_train:
+        train_df = read_train_csv(files["train"])
+        paths, load, _ = prepare_images(fold_cfg, train_df["filename"], files["train"],
+                                        "train images")
+        print(f"embedding {len(paths)} training images (closed-set extras)")
+        out["train"] = {v: e[kind] for v, e in embed_views(model, paths, fold_cfg, device,
+                                                           load, views).items()}
+        out["train_labels"] = train_df["ground_truth"].to_numpy().astype(str)
+    return out
+
+
+def _fold_material(embedded: dict, settings: PostSettings) -> dict:
+    """A fold's embeddings with the settings' views combined, and its identity posteriors
+    where the prototypes are blended in."""
+    out = {"test": combine_views(embedded["test"], settings.views)}
+    if settings.needs_training_images:
+        out["train"] = combine_views(embedded["train"], settings.views)
+    if settings.proto_weight > 0:
+        if settings.proto_source == "arcface":
+            if embedded["kind"] != "neck":
+                raise ValueError(f"post.proto_source=arcface scores the neck embedding, but "
+                                 f"experiment {embedded['exp']!r} submits "
+                                 f"{embedded['kind']!r}; use post.proto_source=mean or "
+                                 "submit.retrieval=neck")
+            out["posterior"] = identity_posteriors(out["test"], embedded["head"],
+                                                   settings.proto_scale, embedded["subcenters"])
+        else:
+            _, protos = mean_prototypes(out["train"], embedded["train_labels"])
+            out["posterior"] = identity_posteriors(out["test"], protos, settings.proto_scale)
+    return out
+
+
+def experiment_similarity(cfg: Config, exps: list[str], weights: list[float],
+                          settings: PostSettings, folds: list, test_names: list[str],
+                          query: np.ndarray, gallery: np.ndarray, files: dict,
+                          device: str, embedded: dict | None = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Post-processed similarity of every row, and the ensembled test embedding, from the
+    fold models of one or several experiments combined at the embedding level. `embedded`
+    ({(exp, fold): `_embed_fold`'s result} with every view the settings use) saves embedding
+    again when several settings are scored."""
+    fold_mode = "concat" if cfg.submit.ensemble == "concat" else "mean"
+    tests, trains, posteriors = [], [], []
+    for exp in exps:
+        material = []
+        for f in folds:
+            got = (embedded or {}).get((exp, f))
+            if got is None:
+                got = _embed_fold(cfg, exp, f, settings.views, settings.needs_training_images,
+                                  test_names, files, device)
+            material.append(_fold_material(got, settings))
+        tests.append(ensemble_embeddings([m["test"] for m in material], fold_mode))
+        if settings.needs_training_images:
+            trains.append(ensemble_embeddings([m["train"] for m in material], fold_mode))
+        posteriors += [m["posterior"] for m in material if "posterior" in m]
+    emb = ensemble_embeddings(tests, fold_mode, weights) if len(tests) > 1 else tests[0]
+    train_emb = None
+    if trains:
+        train_emb = ensemble_embeddings(trains, fold_mode, weights) if len(trains) > 1 \
+            else trains[0]
+    similarity = postprocess_pairs(emb, query, gallery, settings, train_emb=train_emb,
+                                   posteriors=posteriors or None,
+                                   max_dense_bytes=int(cfg.post.max_dense_gb * 2**30),
+                                   on_large=cfg.post.on_large, device=device)
+    return similarity, emb
 
 
 def run(cfg: Config) -> dict:
+    start = time.perf_counter()
     files = data_files(cfg)
-    exp_dir = Path(cfg.output_dir) / cfg.exp
-    folds = parse_fold_spec(cfg.submit.folds, cfg.folds.n_folds)
-    missing = [str(fold_dir(cfg, f)) for f in folds
-               if not (fold_dir(cfg, f) / "model.safetensors").is_file()
-               or not (fold_dir(cfg, f) / "config.yaml").is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"experiment {cfg.exp!r}: no trained model in {', '.join(missing)}; train them "
-            f"(bash train.sh exp={cfg.exp} fold=...) or choose submit.folds=..."
-        )
+    exps = experiment_names(cfg)
+    folds = parse_fold_spec(cfg.submit.folds, cfg.folds.n_folds, key="submit.folds")
+    for exp in exps:  # every model is there before anything is embedded
+        for fold in folds:
+            fold_config(cfg, exp, fold)
+    weights = [float(w) for w in cfg.submit.weights] or [1.0] * len(exps)
     test_df = read_test_csv(files["test"])
     sample = read_sample_submission(files["sample"])
+    # Before any model runs: the rows to score must be the sample's, in its order.
+    validate_submission(build_submission(test_df, np.zeros(len(test_df))), sample,
+                        files["sample"])
     names = pair_image_names(test_df)
     query, gallery = pair_indices(test_df, names)
     device = resolve_device(cfg.device)
 
-    per_fold = []
-    for fold in folds:
-        fold_cfg, weights = _fold_config(cfg, fold)
-        # Test images are prepared the way this fold's model saw its training images.
-        paths, load, _ = prepare_images(fold_cfg, names, files["test"], "test images")
-        model = load_trained_model(fold_cfg, weights)
-        print(f"embedding {len(paths)} test images with {weights}")
-        per_fold.append(embed_images(model, paths, fold_cfg, device, load))
-    emb_n = ensemble_embeddings(per_fold, cfg.submit.ensemble)
-    similarity = cosine_to_unit(pair_similarity(emb_n, query, gallery))
+    if cfg.submit.ensemble == "similarity" and len(exps) > 1:
+        # Each experiment with its own tuned post-processing; the similarities are averaged.
+        parts, embs, used = [], [], {}
+        for exp in exps:
+            exp_cfg = Config({**cfg, "exp": exp, "exps": ""})
+            settings, source = load_choice(exp_cfg)
+            print(f"{exp}: post-processing from {source}: {settings.describe()}")
+            sim, emb = experiment_similarity(exp_cfg, [exp], [1.0], settings, folds, names,
+                                             query, gallery, files, device)
+            parts.append(sim)
+            embs.append(emb)
+            used[exp] = {"settings": settings.to_dict(), "source": source}
+        similarity = np.average(np.stack(parts), axis=0, weights=weights)
+        emb_n = ensemble_embeddings(embs, "concat", weights)
+    else:
+        settings, source = load_choice(cfg)
+        print(f"post-processing from {source}: {settings.describe()}")
+        similarity, emb_n = experiment_similarity(cfg, exps, weights, settings, folds, names,
+                                                  query, gallery, files, device)
+        used = {"+".join(exps): {"settings": settings.to_dict(), "source": source}}
     sub = build_submission(test_df, similarity)
     validate_submission(sub, sample, files["sample"])
 
     # Everything this run makes is named after its submission file, so a second submission
     # of the same experiment (other folds, other settings) never replaces the first's extras.
-    out_path = Path(cfg.submit.file) if cfg.submit.file else exp_dir / "submission.csv"
+    out_dir = Path(cfg.output_dir) / "+".join(exps)
+    out_path = Path(cfg.submit.file) if cfg.submit.file else out_dir / "submission.csv"
     stem = out_path.with_suffix("")
     with atomic_path(f"{stem}.embeddings.npz", suffix=".npz") as tmp:
         np.savez(tmp, embeddings=emb_n, filenames=np.array(names))
     write_submission(sub, out_path)
-    print(f"wrote {out_path} ({len(sub)} rows, folds {', '.join(str(f) for f in folds)})")
+    print(f"wrote {out_path} ({len(sub)} rows, experiments {', '.join(exps)}, folds "
+          f"{', '.join(str(f) for f in folds)})")
 
-    result: dict = {"submission": str(out_path), "rows": len(sub), "folds": folds}
+    result: dict = {"submission": str(out_path), "rows": len(sub), "folds": folds,
+                    "experiments": exps, "post": used}
     if files["test_labels"].is_file():
         labels_df = read_train_csv(files["test_labels"])
         result["test"] = score_submission(test_df, similarity, labels_df)
-        oof = exp_dir / "oof_scores.json"
+        oof = out_dir / "oof_scores.json"
         result["oof"] = read_json(oof)["mean"] if oof.is_file() else None
+        tuned = out_dir / POST_FILE
+        if tuned.is_file():
+            steps = read_json(tuned)["steps"]
+            result["oof_post"] = {k: steps[-1][k] for k in ("map", "pair_auc")}
+            if cfg.submit.score_steps and cfg.submit.ensemble != "similarity":
+                result["steps"] = score_steps(cfg, exps, weights, steps, folds, names, test_df,
+                                              labels_df, query, gallery, files, device)
         atomic_write_json(f"{stem}.scores.json", result)
         print(_cv_vs_test(result))
+        if "steps" in result:
+            print(_steps_table(result["steps"]))
+    # An ensemble's row is named a+b; its report would have no folds of its own to show.
+    after_run(Config({**cfg, "exp": "+".join(exps)}), "submit", test_scores=result.get("test"),
+              wall_s=time.perf_counter() - start, device=device, report=len(exps) == 1)
     return result
+
+
+def score_steps(cfg: Config, exps: list[str], weights: list[float], steps: list[dict],
+                folds: list, names: list[str], test_df: pd.DataFrame, labels_df: pd.DataFrame,
+                query: np.ndarray, gallery: np.ndarray, files: dict, device: str) -> list[dict]:
+    """Every step of the tuned search applied to the local test: does what helped out of
+    fold help on the test? The models embed once, under every view any step uses."""
+    measured = [r for r in steps if not r.get("skipped")]
+    settings = [PostSettings.from_mapping(r["settings"]) for r in measured]
+    views = tuple(dict.fromkeys(v for s in settings for v in s.views))
+    with_train = any(s.needs_training_images for s in settings)
+    embedded = {(e, f): _embed_fold(cfg, e, f, views, with_train, names, files, device)
+                for e in exps for f in folds}
+    rows = []
+    for row, s in zip(measured, settings, strict=True):
+        sim, _ = experiment_similarity(cfg, exps, weights, s, folds, names, query, gallery,
+                                       files, device, embedded)
+        test = score_submission(test_df, sim, labels_df)
+        rows.append({"step": row["step"], "description": row["description"],
+                     "kept": row["kept"], "oof_map": row["map"], "oof_pair_auc": row["pair_auc"],
+                     "test_map": test["map"], "test_pair_auc": test["pair_auc"]})
+    return rows
+
+
+def _steps_table(rows: list[dict]) -> str:
+    lines = ["| step | settings | kept | OOF mAP | test mAP | OOF pair AUC | test pair AUC |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['step']} | {r['description']} | {'yes' if r['kept'] else 'no'} | "
+                     f"{r['oof_map']:.4f} | {r['test_map']:.4f} | {r['oof_pair_auc']:.4f} | "
+                     f"{r['test_pair_auc']:.4f} |")
+    return "\n".join(lines)
 
 
 def _cv_vs_test(result: dict) -> str:
     test, oof = result["test"], result["oof"]
     lines = ["| | identity-balanced mAP | pair AUC |", "|---|---|---|"]
     if oof:
-        lines.append(f"| out-of-fold (mean over folds) | {oof['map']:.4f} | "
+        lines.append(f"| out-of-fold, raw (mean over folds) | {oof['map']:.4f} | "
                      f"{oof['pair_auc']:.4f} |")
+    if result.get("oof_post"):
+        post = result["oof_post"]
+        lines.append(f"| out-of-fold, tuned post-processing | {post['map']:.4f} | "
+                     f"{post['pair_auc']:.4f} |")
     lines.append(f"| local test (test_labels.csv) | {test['map']:.4f} | {test['pair_auc']:.4f} |")
     return "\n".join(lines)
 

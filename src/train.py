@@ -58,6 +58,7 @@ from src.optim import (
     lr_lambdas,
     optimizer_step,
 )
+from src.report import after_run
 from src.sampler import TrainBatchSampler
 from src.scoring import score_embeddings, score_experiment
 
@@ -69,8 +70,8 @@ LOG_FIELDS = ["epoch", "loss", "lr", "pair_auc", "map",
               "images_per_s", "seconds"]
 
 
-def parse_fold_spec(spec: str, n_folds: int) -> list[int | str]:
-    """`0`, `0..4`, `0,2`, `full`, `all` -> the folds to run, in order."""
+def parse_fold_spec(spec: str, n_folds: int, key: str = "fold") -> list[int | str]:
+    """`0`, `0..4`, `0,2`, `full`, `all` -> the folds to run, in order; errors name `key`."""
     spec = str(spec).strip()
     if spec == "all":
         return list(range(n_folds))
@@ -89,10 +90,10 @@ def parse_fold_spec(spec: str, n_folds: int) -> list[int | str]:
                 folds.append(int(part))
         except ValueError:
             raise ConfigError(
-                f"key 'fold': expected 0, 0..4, 0,2, full or all; got {spec!r}") from None
+                f"key '{key}': expected 0, 0..4, 0,2, full or all; got {spec!r}") from None
     for fold in folds:
         if fold != FULL and not 0 <= int(fold) < n_folds:
-            raise ConfigError(f"key 'fold': fold {fold} is out of range for folds.n_folds="
+            raise ConfigError(f"key '{key}': fold {fold} is out of range for folds.n_folds="
                               f"{n_folds} (valid: 0..{n_folds - 1} or full)")
     return list(dict.fromkeys(folds))
 
@@ -105,7 +106,8 @@ def fold_dir(cfg: Config, fold: int | str) -> Path:
 def _training_digest(cfg: Config) -> str:
     """What decides the trained weights; knobs that only change speed or output are left out."""
     plain = to_plain(cfg)
-    for key in ("fold", "device", "embed", "submit", "parallel"):
+    for key in ("fold", "device", "embed", "submit", "parallel", "post", "tune", "report",
+                "exps"):
         plain.pop(key, None)
     plain["data"].pop("num_workers", None)
     plain["data"].pop("dir", None)
@@ -450,6 +452,7 @@ def prepare(cfg: Config) -> tuple[pd.DataFrame, list[Path], object, object]:
 def run(cfg: Config) -> dict:
     """Train the folds `cfg.fold` asks for, then rewrite the experiment's out-of-fold report.
     Under torchrun every rank runs this; rank 0 alone writes."""
+    start = time.perf_counter()
     folds_to_run = parse_fold_spec(cfg.fold, cfg.folds.n_folds)
     device = resolve_device(cfg.device)
     if distributed.launched_by_torchrun():
@@ -463,9 +466,10 @@ def run(cfg: Config) -> dict:
         results = {}
         for fold in folds_to_run:
             results[fold] = train_fold(cfg, fold, folds_df, paths, load, train_load, device)
-        if (distributed.is_main() and any(f != FULL for f in folds_to_run)
-                and not os.environ.get(distributed.CHILD_ENV)):
-            score_experiment(exp_dir)
+        if distributed.is_main() and not os.environ.get(distributed.CHILD_ENV):
+            if any(f != FULL for f in folds_to_run):
+                score_experiment(exp_dir)
+            after_run(cfg, "train", wall_s=time.perf_counter() - start, device=device)
         return results
     finally:
         distributed.shutdown()
@@ -481,9 +485,12 @@ def main(argv: list[str]) -> None:
         folds = parse_fold_spec(cfg.fold, cfg.folds.n_folds)
         exp_dir = Path(cfg.output_dir) / cfg.exp
         cuda = resolve_device(cfg.device).startswith("cuda")
+        start = time.perf_counter()
         distributed.launch_fold_parallel(argv, folds, cfg.gpus, exp_dir / "logs", cuda)
         if any(f != FULL for f in folds):
             score_experiment(exp_dir)
+        after_run(cfg, "train", wall_s=time.perf_counter() - start,
+                  device=f"{cfg.gpus} x {resolve_device(cfg.device)}")
         return
     run(cfg)
 

@@ -17,6 +17,7 @@ TINY_ARGS = [
     "train.batch_size=16",
     "embed.batch_size=32",
     "device=cpu",
+    "report.enabled=false",  # the report has its own tests; the end-to-end test turns it on
 ]
 
 

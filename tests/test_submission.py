@@ -7,11 +7,11 @@ import pytest
 from src.data import DataError
 from src.embed import ensemble_embeddings, l2_normalize
 from src.metrics import identity_balanced_map, pair_roc_auc
+from src.postprocess import cosine_to_unit
+from src.postprocess import pair_cosine as pair_similarity
 from src.submission import (
     build_submission,
-    cosine_to_unit,
     pair_indices,
-    pair_similarity,
     score_submission,
     validate_submission,
     write_submission,

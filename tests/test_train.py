@@ -115,6 +115,17 @@ def test_pipeline_end_to_end(demo_dir, tmp_path, tiny_cfg_args, capsys):
     assert pd.read_csv(tmp_path / "full.csv")["row_id"].tolist() == test["row_id"].tolist()
     assert (tmp_path / "full.scores.json").is_file()
 
+    # Every finished training and submission left a leaderboard row; with report.enabled the
+    # experiment's report is (re)built at the end of each.
+    board = pd.read_csv(tmp_path / "out" / "leaderboard.csv")
+    assert board["event"].tolist() == ["train", "train", "submit", "submit", "train", "submit"]
+    assert board["experiment"].eq("e2e").all()
+    assert board["test_map"].iloc[-1] == pytest.approx(
+        json.loads((tmp_path / "full.scores.json").read_text())["test"]["map"], abs=1e-4)
+    submission.main([*args, "submit.folds=0..1", "report.enabled=true",
+                     f"submit.file={tmp_path / 'r.csv'}"])
+    assert "Worst queries" in (exp / "report" / "index.html").read_text()
+
 
 @pytest.mark.slow
 def test_demo_recipe_learns_out_of_fold(tmp_path):
