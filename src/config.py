@@ -356,6 +356,10 @@ def _validate_post(cfg: Config) -> None:
         check_view(view, "embed.tta")
     for view in cfg.tune.views:
         check_view(view, "tune.views")
+    for dotted in ("tune.qe_k", "tune.qe_alpha", "tune.dba", "tune.k1", "tune.k2",
+                   "tune.lambda", "tune.blend", "tune.proto_weight", "tune.proto_scale"):
+        if not cfg.get_path(dotted):
+            raise ConfigError(f"key '{dotted}': the search grid needs at least one value")
     big = 10 ** 6
     for dotted in ("post.qe_k", "post.dba_k", "tune.qe_k"):
         _check_numbers(cfg, dotted, 0, big, int)
@@ -372,6 +376,7 @@ def _validate_post(cfg: Config) -> None:
     _check_numbers(cfg, "post.max_dense_gb", 0.0, 1e6)
     _check_numbers(cfg, "tune.dba", 0, 1, bool)
     _check_numbers(cfg, "submit.weights", 0.0, 1e6)
+    experiment_names(cfg)
     if cfg.submit.weights and len(cfg.submit.weights) != len(experiment_names(cfg)):
         raise ConfigError(f"key 'submit.weights' has {len(cfg.submit.weights)} weight(s) for "
                           f"{len(experiment_names(cfg))} experiment(s) of exps="

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
 import random
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -29,28 +31,126 @@ def run_main(main: Callable[[list[str]], Any], argv: list[str] | None = None) ->
         raise SystemExit(2) from None
 
 
+# Read once, at import (os.umask can only be read by setting it, which is not thread-safe).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+class DiskFullError(UserInputError):
+    """A write failed because its disk (or the user's quota) is full; nothing earlier was lost."""
+
+
+# Below this much free space, a failed write is taken for a full disk even when the writer hid
+# the errno: torch.save reports ENOSPC as a RuntimeError from its C++ stream ("unexpected pos").
+_NEARLY_FULL_BYTES = 1 << 20
+_DISK_FULL = {code: reason for code, reason in (
+    (errno.ENOSPC, "no space left on the device"),
+    (getattr(errno, "EDQUOT", None), "disk quota exceeded"),  # absent on Windows
+) if code is not None}
+
+
+def _disk_full_reason(exc: BaseException, directory: Path) -> str | None:
+    """Why `exc` looks like a full disk, or None. Looks through the exception's chain for
+    ENOSPC / EDQUOT (by errno or, for writers that only keep the text, by its strerror), then
+    at the free space left in `directory`."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _DISK_FULL:
+            return _DISK_FULL[current.errno]
+        for code, reason in _DISK_FULL.items():
+            if os.strerror(code) in str(current):
+                return reason
+        current = current.__cause__ or current.__context__
+    try:
+        stat = os.statvfs(directory)
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return None
+    if stat.f_bavail * stat.f_frsize < _NEARLY_FULL_BYTES:
+        return f"{stat.f_bavail * stat.f_frsize} bytes free"
+    return None
+
+
+def _disk_full_error(path: Path, reason: str, kept: str) -> DiskFullError:
+    return DiskFullError(f"{path}: the disk is full ({reason}) while writing it; {kept}. Free "
+                         f"some space (df -h {path.parent}) and run the same command again")
+
+
+@contextmanager
+def explain_disk_full(path: str | Path, kept: str) -> Iterator[None]:
+    """Turn a full disk while writing `path` in place into a `DiskFullError` naming the file
+    and saying what was kept (`kept`); any other error passes through unchanged."""
+    path = Path(path)
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        reason = _disk_full_reason(exc, path.parent)
+        if reason is None:
+            raise
+        raise _disk_full_error(path, reason, kept) from exc
+
+
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it over `path`.
 
     A run that dies while writing leaves the previous file untouched and at worst a stray
-    temporary file (named `.<name>.*.tmp`) beside it. `suffix` keeps a file type visible to
-    writers that look at the extension (numpy adds `.npz` otherwise).
+    temporary file (named `.<name>.*.tmp`) beside it (`remove_stray_temps`). A full disk is a
+    `DiskFullError` that says so; the temporary file is removed. `suffix` keeps a file type
+    visible to writers that look at the extension (numpy adds `.npz` otherwise).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}",
-                                    dir=path.parent)
+    existed = path.exists()
+    kept = f"the earlier {path.name} is intact" if existed else f"no {path.name} was written"
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}",
+                                        dir=path.parent)
+    except OSError as exc:
+        reason = _disk_full_reason(exc, path.parent)
+        if reason is None:
+            raise
+        raise _disk_full_error(path, reason, kept) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        # mkstemp makes the file private (0600); the output gets the mode a plain write would
+        # give it, or keeps the one of the file it replaces. Some file systems have no modes.
+        with suppress(OSError):
+            os.chmod(tmp, path.stat().st_mode & 0o7777 if existed else 0o666 & ~_UMASK)
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        # Judged before the partial file is removed: its size is what filled the disk.
+        reason = _disk_full_reason(exc, path.parent)
+        if reason is None:
+            raise
+        tmp.unlink(missing_ok=True)
+        raise _disk_full_error(path, reason, kept + " and the partial copy was removed") from exc
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stray_temps(directory: str | Path, names: Iterable[str]) -> list[Path]:
+    """Delete the temporary files (`.<name>.*.tmp*`) that `atomic_path` leaves beside each of
+    `names` when its writer is killed; returns them. Only where no other live process writes
+    these names (training calls it under the fold's lock), or it would pull a file from under
+    a writer."""
+    removed = []
+    for name in names:
+        for tmp in sorted(Path(directory).glob(f".{glob.escape(name)}.*.tmp*")):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

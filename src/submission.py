@@ -220,8 +220,15 @@ def run(cfg: Config) -> dict:
     else:
         settings, source = load_choice(cfg)
         print(f"post-processing from {source}: {settings.describe()}")
+        steps, embedded = None, None
+        tuned_path = Path(cfg.output_dir) / "+".join(exps) / POST_FILE
+        if cfg.submit.score_steps and files["test_labels"].is_file() and tuned_path.is_file():
+            # Every step is scored on the test too: embed once, under every view any uses.
+            steps = [r for r in read_json(tuned_path)["steps"] if not r.get("skipped")]
+            embedded = _embed_all_steps(cfg, exps, folds, [settings, *(
+                PostSettings.from_mapping(r["settings"]) for r in steps)], names, files, device)
         similarity, emb_n = experiment_similarity(cfg, exps, weights, settings, folds, names,
-                                                  query, gallery, files, device)
+                                                  query, gallery, files, device, embedded)
         used = {"+".join(exps): {"settings": settings.to_dict(), "source": source}}
     sub = build_submission(test_df, similarity)
     validate_submission(sub, sample, files["sample"])
@@ -231,9 +238,11 @@ def run(cfg: Config) -> dict:
     out_dir = Path(cfg.output_dir) / "+".join(exps)
     out_path = Path(cfg.submit.file) if cfg.submit.file else out_dir / "submission.csv"
     stem = out_path.with_suffix("")
+    # The submission first: a run killed after it leaves the earlier embeddings beside the new
+    # file at worst, never new embeddings beside a submission they did not make.
+    write_submission(sub, out_path)
     with atomic_path(f"{stem}.embeddings.npz", suffix=".npz") as tmp:
         np.savez(tmp, embeddings=emb_n, filenames=np.array(names))
-    write_submission(sub, out_path)
     print(f"wrote {out_path} ({len(sub)} rows, experiments {', '.join(exps)}, folds "
           f"{', '.join(str(f) for f in folds)})")
 
@@ -246,11 +255,12 @@ def run(cfg: Config) -> dict:
         result["oof"] = read_json(oof)["mean"] if oof.is_file() else None
         tuned = out_dir / POST_FILE
         if tuned.is_file():
-            steps = read_json(tuned)["steps"]
-            result["oof_post"] = {k: steps[-1][k] for k in ("map", "pair_auc")}
-            if cfg.submit.score_steps and cfg.submit.ensemble != "similarity":
+            tuned_row = read_json(tuned)["steps"][-1]
+            result["oof_post"] = {k: tuned_row[k] for k in ("map", "pair_auc")}
+            if embedded is not None:
                 result["steps"] = score_steps(cfg, exps, weights, steps, folds, names, test_df,
-                                              labels_df, query, gallery, files, device)
+                                              labels_df, query, gallery, files, device,
+                                              embedded)
         atomic_write_json(f"{stem}.scores.json", result)
         print(_cv_vs_test(result))
         if "steps" in result:
@@ -261,17 +271,24 @@ def run(cfg: Config) -> dict:
     return result
 
 
-def score_steps(cfg: Config, exps: list[str], weights: list[float], steps: list[dict],
-                folds: list, names: list[str], test_df: pd.DataFrame, labels_df: pd.DataFrame,
-                query: np.ndarray, gallery: np.ndarray, files: dict, device: str) -> list[dict]:
-    """Every step of the tuned search applied to the local test: does what helped out of
-    fold help on the test? The models embed once, under every view any step uses."""
-    measured = [r for r in steps if not r.get("skipped")]
-    settings = [PostSettings.from_mapping(r["settings"]) for r in measured]
+def _embed_all_steps(cfg: Config, exps: list[str], folds: list,
+                     settings: list[PostSettings], names: list[str], files: dict,
+                     device: str) -> dict:
+    """Every fold model's embeddings under every view any of `settings` uses."""
     views = tuple(dict.fromkeys(v for s in settings for v in s.views))
     with_train = any(s.needs_training_images for s in settings)
-    embedded = {(e, f): _embed_fold(cfg, e, f, views, with_train, names, files, device)
-                for e in exps for f in folds}
+    return {(e, f): _embed_fold(cfg, e, f, views, with_train, names, files, device)
+            for e in exps for f in folds}
+
+
+def score_steps(cfg: Config, exps: list[str], weights: list[float], steps: list[dict],
+                folds: list, names: list[str], test_df: pd.DataFrame, labels_df: pd.DataFrame,
+                query: np.ndarray, gallery: np.ndarray, files: dict, device: str,
+                embedded: dict) -> list[dict]:
+    """Every measured step of the tuned search applied to the local test: does what helped
+    out of fold help on the test? `embedded`: `_embed_all_steps` for these steps."""
+    measured = [r for r in steps if not r.get("skipped")]
+    settings = [PostSettings.from_mapping(r["settings"]) for r in measured]
     rows = []
     for row, s in zip(measured, settings, strict=True):
         sim, _ = experiment_similarity(cfg, exps, weights, s, folds, names, query, gallery,

@@ -10,17 +10,23 @@ Per fold, `<output_dir>/<exp>/fold<k>/` receives
   log.csv                one row per epoch (epoch 0 = before training: the floor)
   config.yaml            the resolved config of this fold
   checkpoint.pt          while training: everything needed to resume (removed when finished)
+  train.lock             while training: held by the one process training the fold (src/lock.py)
 `fold=full` trains on every image with no validation (`fold_full/`). After the folds, the
 out-of-fold report of the experiment is (re)written.
 
 A run that dies is started again with the same command: each fold resumes from its last
-checkpoint (end of an epoch) and, on a CPU, ends bit-identical to a run that never stopped.
+checkpoint (end of an epoch) and, on a CPU, ends bit-identical to a run that never stopped. A
+second run of a fold that is training is refused (the fold's lock); the temporary files of a
+killed writer are removed when the fold starts again; a full disk is a clear error that keeps
+the last checkpoint. docs/bad_inputs.md ("Faults") lists the tests that try each.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import pickle
+import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -45,11 +51,14 @@ from src.io_utils import (
     amp_dtype,
     atomic_path,
     atomic_write_json,
+    explain_disk_full,
     read_json,
+    remove_stray_temps,
     resolve_device,
     run_main,
     seed_everything,
 )
+from src.lock import fold_lock
 from src.model import RETRIEVAL_MODES, ReIDModel, TrainStep, build_model
 from src.optim import (
     ModelEma,
@@ -65,6 +74,10 @@ from src.scoring import score_embeddings, score_experiment
 __all__ = ["cosine_with_warmup", "fold_dir", "parse_fold_spec", "run", "train_fold"]
 
 FULL = "full"
+# Every file train_fold writes into the fold's folder: the temporary copies of these that a
+# killed run left behind are removed when the fold starts again.
+FOLD_FILES = ("model.safetensors", "best.safetensors", "val_embeddings.npz", "metrics.json",
+              "log.csv", "config.yaml", "checkpoint.pt")
 LOG_FIELDS = ["epoch", "loss", "lr", "pair_auc", "map",
               *[f"{m}_{k}" for k in RETRIEVAL_MODES for m in ("pair_auc", "map")],
               "images_per_s", "seconds"]
@@ -129,8 +142,17 @@ def load_checkpoint(path: Path) -> dict:
     from the file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's own message spans lines and suggests weights_only=False: never for a file
+        # that may run code.
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise ConfigError(f"{path}: unreadable checkpoint: it holds objects other than tensors, "
+                          f"numbers and strings{what}, which could run code, so it was not "
+                          "read; delete it to start the fold again") from None
     except Exception as exc:
-        raise ConfigError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc}); "
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {first}); "
                           "delete it to start the fold again") from None
 
 
@@ -162,9 +184,11 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 
 
 def _append_log(path: Path, row: dict) -> None:
-    # One short line per epoch, so a run that dies keeps its history.
+    # One short line per epoch, so a run that dies keeps its history. A line cut short (kill,
+    # full disk) is dropped on resume: the log is rewritten from the checkpoint's history.
     new = not path.exists()
-    with open(path, "a", newline="") as handle:
+    with explain_disk_full(path, "its earlier rows are kept and the checkpoint is intact"), \
+            open(path, "a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS, extrasaction="ignore")
         if new:
             writer.writeheader()
@@ -215,7 +239,24 @@ def train_fold(cfg: Config, fold: int | str, folds_df: pd.DataFrame,
                paths: list[Path], load, train_load, device: str = "cpu") -> dict:
     """Train one fold (or `full`) and write its outputs; returns its metrics. `paths[i]` is
     the file of `folds_df` row i; `load` reads it (cached or source) and `train_load` reads it
-    with the training-only augmentations."""
+    with the training-only augmentations.
+
+    The writing process (rank 0 under torchrun: the other ranks write nothing) holds the fold's
+    lock throughout, so a second run of the same fold is refused (`FoldBusyError`)."""
+    if not distributed.is_main():
+        return _train_fold(cfg, fold, folds_df, paths, load, train_load, device)
+    out = fold_dir(cfg, fold)
+    with fold_lock(out, f"experiment {cfg.exp!r}, fold {fold}"):
+        # Safe under the lock: no other live process writes these files of this fold.
+        stray = remove_stray_temps(out, FOLD_FILES)
+        if stray:
+            print(f"fold {fold}: removed {len(stray)} temporary file(s) a killed run left: "
+                  + ", ".join(p.name for p in stray))
+        return _train_fold(cfg, fold, folds_df, paths, load, train_load, device)
+
+
+def _train_fold(cfg: Config, fold: int | str, folds_df: pd.DataFrame,
+                paths: list[Path], load, train_load, device: str) -> dict:
     rank, world_size, local_rank = distributed.world()
     main = rank == 0
     out = fold_dir(cfg, fold)
@@ -298,6 +339,11 @@ def train_fold(cfg: Config, fold: int | str, folds_df: pd.DataFrame,
         start_epoch = resume["epoch"] + 1
         if main:
             _write_log(log_path, history)
+            if has_val and best_epoch == resume["epoch"]:
+                # The run may have died after its checkpoint and before (or while) it wrote
+                # these best weights: they are the checkpoint's own.
+                _save_weights(ema.shadow if ema else model.state_dict(),
+                              out / "best.safetensors")
             print(f"fold {fold}: resuming after epoch {resume['epoch']} from {ckpt_path}")
         del resume
     elif main and log_path.exists():
@@ -374,8 +420,6 @@ def train_fold(cfg: Config, fold: int | str, folds_df: pd.DataFrame,
                 value = scores[cfg.train.monitor]
                 if value > best:
                     best, best_epoch, stale = value, epoch, 0
-                    _save_weights(ema.shadow if ema else model.state_dict(),
-                                  out / "best.safetensors")
                 else:
                     stale += 1
                 stop = 0 < cfg.train.early_stop <= stale
@@ -391,6 +435,12 @@ def train_fold(cfg: Config, fold: int | str, folds_df: pd.DataFrame,
                 "ema": ema.state_dict() if ema else None,
                 "scaler": scaler.state_dict() if scaler else None, "rng": _rng_state(),
                 "history": history, "best": best, "best_epoch": best_epoch, "stale": stale})
+            if best_epoch == epoch and has_val:
+                # After the checkpoint, never before: a run killed in between resumes from the
+                # previous checkpoint, whose best epoch these weights must still be (on a GPU
+                # the epoch run again need not score as well); a resume rewrites them.
+                _save_weights(ema.shadow if ema else model.state_dict(),
+                              out / "best.safetensors")
         stop = distributed.broadcast_flag(stop)
         distributed.barrier()
         _epoch_done(fold, epoch)

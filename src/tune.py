@@ -226,8 +226,10 @@ def search(folds: list[FoldData], cfg: Config, score: Callable[[PostSettings], d
         candidates.remove(current.views[-1])
     if best_tta is None:
         srch.rows.append({"step": "tta", "skipped": True})
+    elif len(current.views) > 1:  # the views kept (a further view gained too little)
+        srch.record("tta", current, srch.score(current), kept=True)
     else:
-        srch.record("tta", *best_tta, kept=best_tta[0] == current)
+        srch.record("tta", *best_tta, kept=False)
 
     current = srch.step("qe", current, (
         replace(current, qe_k=k, qe_alpha=a, dba_k=k if dba else 0)

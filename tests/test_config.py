@@ -118,3 +118,44 @@ def test_digest_changes_with_any_value():
 
 def test_parse_overrides_keeps_equals_in_values():
     assert parse_overrides(["data.dir=/a=b"]) == [("data.dir", "/a=b")]
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("embed.tta=[orig,flop]", "view 'flop'"),
+    ("embed.tta=[]", "at least one view"),
+    ("embed.tta=[zoom3]", "zooms outside"),
+    ("tune.views=[flip,zoomx]", "tune.views"),
+    ("tune.k1=[]", "tune.k1': the search grid"),
+    ("tune.k1=[0]", "tune.k1"),
+    ("post.lambda=1.5", "post.lambda"),
+    ("post.blend=-0.1", "post.blend"),
+    ("post.proto_source=other", "post.proto_source"),
+    ("post.on_large=swap", "post.on_large"),
+    ("submit.ensemble=median", "submit.ensemble"),
+    ("tune.dba=[1]", "tune.dba"),
+    ("exps=a,a", "twice"),
+    ("embed.tta_flip=true", "replaced by 'embed.tta'"),
+])
+def test_post_processing_keys_are_checked(arg, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[")):
+        load_config([arg])
+
+
+def test_experiment_weights_must_match_the_experiments():
+    from src.config import experiment_names
+
+    cfg = load_config(["exps=a, b,c", "submit.weights=[1,2,3]"])
+    assert experiment_names(cfg) == ["a", "b", "c"]
+    assert experiment_names(load_config(["exp=x"])) == ["x"]
+    with pytest.raises(ConfigError, match="2 weight"):
+        load_config(["exps=a,b,c", "submit.weights=[1,2]"])
+
+
+def test_a_run_saved_with_a_retired_key_still_loads(tmp_path):
+    from src.config import load_saved_config
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text("embed:\n  tta_flip: true\n")
+    assert load_saved_config(saved).embed.tta == ["orig", "flip"]
+    with pytest.raises(ConfigError, match="replaced by 'embed.tta'"):
+        load_config([f"config={saved}"])

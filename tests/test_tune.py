@@ -51,6 +51,7 @@ def test_search_keeps_only_steps_that_gain():
                                          "prototypes", "tuned"]
     assert by_step["raw"]["map"] == 0.5
     assert by_step["tta"]["kept"] and not by_step["qe"]["kept"]
+    assert by_step["tta"]["settings"]["views"] == ["orig", "zoom1.1"]
     assert by_step["qe"]["map"] == pytest.approx(0.5205)  # measured, reported, not kept
     assert not by_step["rerank"]["kept"] and by_step["blend"]["kept"]
     assert by_step["closed"]["skipped"] and "folds.strategy=closed" in by_step["closed"]["why"]
