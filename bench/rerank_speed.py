@@ -5,6 +5,7 @@ and the time to write a submission CSV.
     python bench/rerank_speed.py --sizes 2000 5000        # the reference runs where N <= 2000
     python bench/rerank_speed.py --sizes 100000           # sparse path (dense would be 40 GB)
     python bench/rerank_speed.py --sizes 5000 --path both --ref-max 5000 --threads 1
+    python bench/rerank_speed.py --sizes 20000 100000 --device cuda   # on a GPU
 
 Embeddings are random unit vectors (seeded). Every measurement runs in a fresh Python process,
 so the peak resident memory it reports (VmHWM of /proc/self/status, the process's high-water
@@ -90,12 +91,17 @@ def run_child(args: argparse.Namespace) -> None:
     if args.child == "reference":
         result = rerank_reference(emb, args.k1, args.k2, args.lam)
     elif args.child == "dense":
-        result = rerank(emb, args.k1, args.k2, args.lam, max_dense_bytes=1 << 62)
+        result = rerank(emb, args.k1, args.k2, args.lam, max_dense_bytes=1 << 62,
+                        device=args.device)
     else:
-        result = rerank_sparse(emb, args.k1, args.k2, args.lam)
+        result = rerank_sparse(emb, args.k1, args.k2, args.lam, device=args.device)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = peak_rss_bytes()
     info = {"seconds": seconds, "peak": peak, "base": base, "threads": torch.get_num_threads()}
+    if args.device.startswith("cuda") and args.child != "reference":
+        info["gpu_peak"] = torch.cuda.max_memory_allocated()
     if args.child == "sparse":
         info["stored_per_row"] = len(result.indices) / args.n
     if args.out:
@@ -109,7 +115,7 @@ def run_child(args: argparse.Namespace) -> None:
 def measure(kind: str, n: int, args: argparse.Namespace, out: str | None) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--n", str(n), "--dim", str(args.dim),
            "--seed", str(args.seed), "--k1", str(args.k1), "--k2", str(args.k2),
-           "--lam", str(args.lam), "--threads", str(args.threads)]
+           "--lam", str(args.lam), "--threads", str(args.threads), "--device", args.device]
     if out:
         cmd += ["--out", out]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -216,6 +222,8 @@ def main() -> None:
     parser.add_argument("--k2", type=int, default=6)
     parser.add_argument("--lam", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu",
+                        help="where the fast paths run: cpu | cuda (the reference: CPU)")
     parser.add_argument("--csv-rows", type=int, default=SUBMISSION_ROWS)
     parser.add_argument("--child", choices=["reference", "dense", "sparse"],
                         help=argparse.SUPPRESS)
@@ -251,6 +259,8 @@ def main() -> None:
                     continue
                 if "stored_per_row" in fast:
                     note = f"{fast['stored_per_row']:.0f} pairs stored a row (upper triangle)"
+                if "gpu_peak" in fast:
+                    note += f" GPU peak {gib(fast['gpu_peak'])} GiB"
                 ref_s = ref_peak = ""
                 if ref and "error" not in ref:
                     ref_s, ref_peak = f"{ref['seconds']:.2f}", gib(ref["peak"])

@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,22 @@ def _read_index(path: Path) -> dict:
     return index
 
 
+@contextmanager
+def _index_lock(directory: Path) -> Iterator[None]:
+    """Exclusive lock for rewriting the index (none where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(directory / "index.lock", "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def build_cache(paths: Sequence[Path], cfg: Config, desc: str = "cache",
                 raise_on_error: bool = True) -> tuple[list[Path], list[dict]]:
     """Cached file and record for each source path (in order), building only what is missing
@@ -208,9 +225,13 @@ def build_cache(paths: Sequence[Path], cfg: Config, desc: str = "cache",
                 results = list(tqdm(pool.map(_process_star, jobs, chunksize=4), **progress))
         else:
             results = list(tqdm(map(_process_star, jobs), **progress))
-        for (key, stamp, _), record in zip(todo, results, strict=True):
-            index[key] = {"stamp": stamp, "record": record}
-        atomic_write_text(index_path, json.dumps(index) + "\n")
+        ours = {key: {"stamp": stamp, "record": record}
+                for (key, stamp, _), record in zip(todo, results, strict=True)}
+        # Another process (a training beside a submission) may have added entries since we
+        # read the index: merge into the latest under a lock, so neither loses the other's.
+        with _index_lock(directory):
+            index = {**index, **_read_index(index_path), **ours}
+            atomic_write_text(index_path, json.dumps(index) + "\n")
         print(f"{desc}: {len(todo)} image(s) decoded into {directory}, "
               f"{len(paths) - len(todo)} already cached")
 

@@ -106,14 +106,9 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     existed = path.exists()
     kept = f"the earlier {path.name} is intact" if existed else f"no {path.name} was written"
-    try:
+    with explain_disk_full(path, kept):
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}",
                                         dir=path.parent)
-    except OSError as exc:
-        reason = _disk_full_reason(exc, path.parent)
-        if reason is None:
-            raise
-        raise _disk_full_error(path, reason, kept) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:

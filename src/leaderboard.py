@@ -25,7 +25,7 @@ from src.io_utils import UserInputError, atomic_path, read_json, run_main
 
 COLUMNS = ("time", "event", "experiment", "config_digest", "commit", "backbone", "img_size",
            "folds", "oof_map", "oof_pair_auc", "oof_map_post", "oof_pair_auc_post", "test_map",
-           "test_pair_auc", "wall_s", "device")
+           "test_pair_auc", "wall_s", "device", "post")
 EVENTS = ("train", "submit")
 # postprocess.json's step that holds the chosen post-processing's scores.
 TUNED_STEP = "tuned"
@@ -84,7 +84,8 @@ def tuned_scores(postprocess: dict) -> dict | None:
 
 
 def run_row(cfg: Config, event: str, test_scores: dict | None = None,
-            wall_s: float | None = None, device: str | None = None) -> dict[str, str]:
+            wall_s: float | None = None, device: str | None = None,
+            post: str | None = None) -> dict[str, str]:
     """The leaderboard row of one finished event of experiment `cfg.exp`, as CSV strings;
     files of the experiment that do not exist leave their columns blank."""
     if event not in EVENTS:
@@ -112,6 +113,9 @@ def run_row(cfg: Config, event: str, test_scores: dict | None = None,
         "test_pair_auc": _metric(test.get("pair_auc")),
         "wall_s": "" if wall_s is None else f"{float(wall_s):.1f}",
         "device": device or "",
+        # what a submission applied: the tuned columns above are the experiment's choice,
+        # which `post.use_tuned=false` does not use
+        "post": post or "",
     }
 
 
@@ -163,11 +167,12 @@ def append_row(path: str | Path, row: dict[str, str]) -> None:
 
 
 def record_run(cfg: Config, event: str, test_scores: dict | None = None,
-               wall_s: float | None = None, device: str | None = None) -> dict:
+               wall_s: float | None = None, device: str | None = None,
+               post: str | None = None) -> dict:
     """Append one row for a finished `event` ("train" or "submit") of `cfg.exp` to
     `<output_dir>/leaderboard.csv`; `test_scores` is submission's {"map", "pair_auc"} on the
     local test labels (None: no labels, blank columns). Returns the row written."""
-    row = run_row(cfg, event, test_scores, wall_s, device)
+    row = run_row(cfg, event, test_scores, wall_s, device, post)
     append_row(leaderboard_path(cfg), row)
     return row
 

@@ -267,7 +267,9 @@ def run(cfg: Config) -> dict:
             print(_steps_table(result["steps"]))
     # An ensemble's row is named a+b; its report would have no folds of its own to show.
     after_run(Config({**cfg, "exp": "+".join(exps)}), "submit", test_scores=result.get("test"),
-              wall_s=time.perf_counter() - start, device=device, report=len(exps) == 1)
+              wall_s=time.perf_counter() - start, device=device, report=len(exps) == 1,
+              post="; ".join(f"{name}: {PostSettings.from_mapping(u['settings']).describe()}"
+                             for name, u in used.items()))
     return result
 
 

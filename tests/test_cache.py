@@ -116,3 +116,26 @@ def test_parallel_build_matches_serial(tmp_path):
     for a, b in zip(serial, parallel, strict=True):
         assert (read_rgba(a) == read_rgba(b)).all()
     assert [r["phash"] for r in rec1] == [r["phash"] for r in rec2]
+
+
+def test_two_builds_at_once_keep_each_others_entries(tmp_path, monkeypatch):
+    """A second process finishing its build while ours decodes: the index keeps both."""
+    ours, theirs = tmp_path / "ours.png", tmp_path / "theirs.png"
+    make_rgba(ours, 10)
+    make_rgba(theirs, 20)
+    cfg = cfg_for(tmp_path)
+    real = cache.process_image
+    interleaved = []
+
+    def process(src, *args):
+        if not interleaved:  # the other process runs to the end in the middle of ours
+            interleaved.append(True)
+            cache.build_cache([theirs], cfg)
+        return real(src, *args)
+
+    monkeypatch.setattr(cache, "process_image", process)
+    cache.build_cache([ours], cfg)
+    calls = []
+    monkeypatch.setattr(cache, "process_image", lambda src, *a: calls.append(src) or real(src, *a))
+    cache.build_cache([ours, theirs], cfg)
+    assert calls == []  # both were still in the index: nothing decoded again

@@ -120,6 +120,7 @@ def test_pipeline_end_to_end(demo_dir, tmp_path, tiny_cfg_args, capsys):
     board = pd.read_csv(tmp_path / "out" / "leaderboard.csv")
     assert board["event"].tolist() == ["train", "train", "submit", "submit", "train", "submit"]
     assert board["experiment"].eq("e2e").all()
+    assert board.loc[board["event"] == "submit", "post"].eq("e2e: views orig").all()
     assert board["test_map"].iloc[-1] == pytest.approx(
         json.loads((tmp_path / "full.scores.json").read_text())["test"]["map"], abs=1e-4)
     submission.main([*args, "submit.folds=0..1", "report.enabled=true",

@@ -148,3 +148,59 @@ def test_per_identity_subsets_mimic_a_sparse_test_gallery():
     assert all(np.array_equal(a, b) for a, b in zip(subs, again, strict=True))  # seeded
     assert np.array_equal(per_identity_subsets(labels, 0, 3, (0,))[0], np.arange(11))
     assert len(per_identity_subsets(labels, 6, 3, (0,))) == 1  # the cap changes nothing
+
+
+def fake_experiment(out, exp, emb, labels, kind="neck"):
+    """Two finished folds whose out-of-fold view embeddings are already saved (no model)."""
+    from src.config import save_config
+    from src.embed import VIEWS_VERSION, file_digest
+
+    cfg = load_config([f"output_dir={out}", f"exp={exp}", f"model.retrieval={kind}"])
+    for fold in (0, 1):
+        d = out / exp / f"fold{fold}"
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"not read: the views below are up to date")
+        save_config(cfg, d / "config.yaml")
+        np.savez(d / "val_embeddings.npz", embeddings=emb[fold]["orig"], labels=labels)
+        np.savez(d / "oof_views.npz", kind=np.array(kind), views=np.array(list(emb[fold])),
+                 digest=np.array(f"{file_digest(d / 'model.safetensors')}:{VIEWS_VERSION}"),
+                 val_filenames=np.array([f"f{i}" for i in range(len(labels))]),
+                 val_labels=labels, train_filenames=np.array([], dtype=str),
+                 train_labels=np.array([], dtype=str), head_weight=np.zeros((1, 1)),
+                 subcenters=np.array(1), classes=np.array([], dtype=str),
+                 **{f"val.{v}": e for v, e in emb[fold].items()})
+
+
+def test_tuning_an_ensemble_of_experiments(tmp_path):
+    from src.tune import tune
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.array(list("abcdef")), 3)
+
+    def views():
+        out = {}
+        for v in ("orig", "flip"):
+            x = rng.normal(size=(18, 8)) + 1.5 * rng.normal(size=(6, 8))[np.arange(18) // 3]
+            out[v] = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+        return out
+
+    a, b = [views(), views()], [views(), views()]
+    fake_experiment(tmp_path, "a", a, labels)
+    fake_experiment(tmp_path, "b", b, labels)
+    grid = ["tune.views=[flip]", "tune.qe_k=[1]", "tune.qe_alpha=[0.0]", "tune.dba=[false]",
+            "tune.k1=[3]", "tune.k2=[1]", "tune.lambda=[0.3]", "tune.blend=[0.5]",
+            "tune.per_identity=0", "data.dir=nowhere", "device=cpu"]
+    base = [f"output_dir={tmp_path}", *grid]
+    both = tune(load_config([*base, "exps=a,b", "submit.weights=[3,1]"]), quiet=True)
+    assert (tmp_path / "a+b" / "postprocess.json").is_file()
+    # its raw row is the weighted mean ensemble of the two experiments' orig embeddings
+    from src.metrics import identity_balanced_map
+
+    expected = []
+    for fold in (0, 1):
+        m = 0.75 * a[fold]["orig"] + 0.25 * b[fold]["orig"]
+        m /= np.linalg.norm(m, axis=1, keepdims=True)
+        expected.append(identity_balanced_map(m @ m.T, labels))
+    assert both["steps"][0]["map"] == pytest.approx(np.mean(expected), abs=1e-6)
+    with pytest.raises(ValueError, match="tune each experiment on its own"):
+        tune(load_config([*base, "exps=a,b", "submit.ensemble=similarity"]), quiet=True)
