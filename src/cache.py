@@ -19,9 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,7 @@ from src.data import (
     to_rgba,
 )
 from src.dedup import hash_to_hex, phash
-from src.io_utils import atomic_path, atomic_write_text
+from src.io_utils import atomic_path, atomic_write_text, file_lock
 
 # 2: cached files are named after the source's path, not its stem alone.
 CACHE_VERSION = 2
@@ -171,22 +170,6 @@ def _read_index(path: Path) -> dict:
     return index
 
 
-@contextmanager
-def _index_lock(directory: Path) -> Iterator[None]:
-    """Exclusive lock for rewriting the index (none where fcntl is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    with open(directory / "index.lock", "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def build_cache(paths: Sequence[Path], cfg: Config, desc: str = "cache",
                 raise_on_error: bool = True) -> tuple[list[Path], list[dict]]:
     """Cached file and record for each source path (in order), building only what is missing
@@ -229,7 +212,7 @@ def build_cache(paths: Sequence[Path], cfg: Config, desc: str = "cache",
                 for (key, stamp, _), record in zip(todo, results, strict=True)}
         # Another process (a training beside a submission) may have added entries since we
         # read the index: merge into the latest under a lock, so neither loses the other's.
-        with _index_lock(directory):
+        with file_lock(directory / "index.lock"):
             index = {**index, **_read_index(index_path), **ours}
             atomic_write_text(index_path, json.dumps(index) + "\n")
         print(f"{desc}: {len(todo)} image(s) decoded into {directory}, "

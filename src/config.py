@@ -370,9 +370,10 @@ def _validate_post(cfg: Config) -> None:
         _check_numbers(cfg, dotted, 0.0, 1.0)
     for dotted in ("post.qe_alpha", "tune.qe_alpha", "post.proto_scale", "tune.proto_scale"):
         _check_numbers(cfg, dotted, 0.0, 1e6)
-    _check_numbers(cfg, "tune.min_gain", -1.0, 1.0)
+    _check_numbers(cfg, "tune.min_gain", -1.0, 1.0)  # negative: keep every step (forced)
     _check_numbers(cfg, "tune.per_identity", -1, 10 ** 6, int)
-    _check_numbers(cfg, "tune.draws", 1, 1000, int)  # negative: keep every step (forced)
+    _check_numbers(cfg, "tune.draws", 1, 1000, int)
+    _check_numbers(cfg, "tune.noise", 0.0, 100.0)
     _check_numbers(cfg, "post.max_dense_gb", 0.0, 1e6)
     _check_numbers(cfg, "tune.dba", 0, 1, bool)
     _check_numbers(cfg, "submit.weights", 0.0, 1e6)

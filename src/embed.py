@@ -3,14 +3,12 @@ ensemble of several fold models."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from src.augment import build_transform
@@ -189,12 +187,11 @@ def fold_config(cfg: Config, exp: str, fold: int | str) -> tuple[Config, Path]:
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of a file (a model's weights: embeddings made with other weights are stale)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    """Size and modification time of a file: a retrained fold rewrites its weights, so saved
+    embeddings of the old ones go stale (a hash of 1.2 GB of EVA-L weights would cost seconds
+    on every call)."""
+    stat = path.stat()
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
 
 
 OOF_VIEWS_FILE = "oof_views.npz"
@@ -277,8 +274,7 @@ def ensure_oof_views(cfg: Config, exp: str, fold: int, views: Sequence[str],
                                    views)
             for view in views:
                 arrays[f"{split}.{view}"] = per_view[view][kind]
-    state = load_file(str(weights))
-    arrays["head_weight"] = state["head.weight"].float().numpy()
+    arrays["head_weight"] = model.head.weight.detach().float().cpu().numpy()
     arrays["subcenters"] = np.array(fold_cfg.model.subcenters)
     metrics_path = weights.parent / "metrics.json"
     classes = read_json(metrics_path).get("classes", []) if metrics_path.is_file() else []

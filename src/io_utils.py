@@ -78,6 +78,27 @@ def _disk_full_error(path: Path, reason: str, kept: str) -> DiskFullError:
 
 
 @contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Wait for an exclusive lock on `path` (a side file, created if missing) and hold it in
+    the block: for read-modify-write of a file that is itself replaced atomically, where a
+    lock on the file would be held on one that is no longer there. No lock without fcntl
+    (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@contextmanager
 def explain_disk_full(path: str | Path, kept: str) -> Iterator[None]:
     """Turn a full disk while writing `path` in place into a `DiskFullError` naming the file
     and saying what was kept (`kept`); any other error passes through unchanged."""

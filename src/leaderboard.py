@@ -10,18 +10,16 @@ over the old one: no row is ever lost and a reader never sees half a file.
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 import math
 import subprocess
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from src.config import REPO_ROOT, Config, config_digest, load_config
-from src.io_utils import UserInputError, atomic_path, read_json, run_main
+from src.config import REPO_ROOT, Config, config_digest, load_config, load_saved_config
+from src.io_utils import UserInputError, atomic_path, file_lock, read_json, run_main
 
 COLUMNS = ("time", "event", "experiment", "config_digest", "commit", "backbone", "img_size",
            "folds", "oof_map", "oof_pair_auc", "oof_map_post", "oof_pair_auc_post", "test_map",
@@ -85,7 +83,7 @@ def tuned_scores(postprocess: dict) -> dict | None:
 
 def run_row(cfg: Config, event: str, test_scores: dict | None = None,
             wall_s: float | None = None, device: str | None = None,
-            post: str | None = None) -> dict[str, str]:
+            post: str | None = None, folds: list | None = None) -> dict[str, str]:
     """The leaderboard row of one finished event of experiment `cfg.exp`, as CSV strings;
     files of the experiment that do not exist leave their columns blank."""
     if event not in EVENTS:
@@ -96,15 +94,22 @@ def run_row(cfg: Config, event: str, test_scores: dict | None = None,
     tuned = tuned_scores(read_json(post_path)) if post_path.is_file() else None
     tuned = tuned or {}
     test = test_scores or {}
+    # The experiments' own saved configs (an ensemble is named a+b): a `submit.py exp=X`
+    # without config= has only the defaults for the model.
+    models = [load_saved_config(p) for p in (Path(cfg.output_dir) / name / "config.yaml"
+                                             for name in cfg.exp.split("+")) if p.is_file()]
+    models = models or [cfg]
     return {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "event": event,
         "experiment": cfg.exp,
         "config_digest": config_digest(cfg),
         "commit": short_commit(code_version()),
-        "backbone": cfg.model.backbone,
-        "img_size": str(cfg.data.img_size),
-        "folds": ",".join(finished_folds(exp_dir)),
+        "backbone": "+".join(dict.fromkeys(c.model.backbone for c in models)),
+        "img_size": "+".join(dict.fromkeys(str(c.data.img_size) for c in models)),
+        # a submission's own folds; a training's: every fold the experiment has finished
+        "folds": ",".join(map(str, folds)) if folds is not None else ",".join(
+            finished_folds(exp_dir)),
         "oof_map": _metric(oof.get("map")),
         "oof_pair_auc": _metric(oof.get("pair_auc")),
         "oof_map_post": _metric(tuned.get("map")),
@@ -125,19 +130,6 @@ def leaderboard_path(cfg: Config) -> Path:
     return Path(cfg.output_dir) / "leaderboard.csv"
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Exclusive lock on `<path>.lock`: the CSV itself is replaced by each writer, so a lock
-    taken on it would be held on a file that is no longer there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def read_leaderboard(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
     """(columns, rows) of a leaderboard CSV; a missing file is an empty leaderboard."""
     path = Path(path)
@@ -153,7 +145,7 @@ def read_leaderboard(path: str | Path) -> tuple[list[str], list[dict[str, str]]]
 def append_row(path: str | Path, row: dict[str, str]) -> None:
     """Add `row` to the CSV at `path` under the lock, keeping every earlier row and column."""
     path = Path(path)
-    with _locked(path):
+    with file_lock(path.with_name(path.name + ".lock")):
         columns, rows = read_leaderboard(path)
         # Columns a newer or older version wrote are kept, ours are added at the end.
         columns += [c for c in row if c not in columns]
@@ -168,11 +160,11 @@ def append_row(path: str | Path, row: dict[str, str]) -> None:
 
 def record_run(cfg: Config, event: str, test_scores: dict | None = None,
                wall_s: float | None = None, device: str | None = None,
-               post: str | None = None) -> dict:
+               post: str | None = None, folds: list | None = None) -> dict:
     """Append one row for a finished `event` ("train" or "submit") of `cfg.exp` to
     `<output_dir>/leaderboard.csv`; `test_scores` is submission's {"map", "pair_auc"} on the
     local test labels (None: no labels, blank columns). Returns the row written."""
-    row = run_row(cfg, event, test_scores, wall_s, device, post)
+    row = run_row(cfg, event, test_scores, wall_s, device, post, folds)
     append_row(leaderboard_path(cfg), row)
     return row
 

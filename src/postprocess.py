@@ -33,7 +33,7 @@ from src.rerank import (
     rerank_sparse,
 )
 
-_PAIR_CHUNK = 1 << 16  # pairs per block when dotting rows: bounds the temporaries
+_PAIR_CHUNK = 1 << 12  # pairs per block when dotting rows: bounds the temporaries
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,8 @@ class PostSettings:
 
     @property
     def needs_training_images(self) -> bool:
-        return self.closed_gallery or self.proto_weight > 0
+        # ArcFace prototypes are the head's weights: no training image is embedded for them.
+        return self.closed_gallery or (self.proto_weight > 0 and self.proto_source == "mean")
 
     def describe(self) -> str:
         parts = ["views " + "+".join(self.views)]
@@ -110,6 +111,12 @@ def expand(emb: np.ndarray, settings: PostSettings, device: str = "cpu") -> np.n
 def pair_dot(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """Row-wise dot products of x[rows] and x[cols] in float64, in blocks (never N x N)."""
     x = np.asarray(x, dtype=np.float64)
+    if not len(rows):
+        return np.zeros(0, dtype=np.float64)
+    top = int(max(rows.max(), cols.max())) + 1
+    if len(rows) >= top * top // 4:  # most pairs of the first `top` rows: one matrix product
+        sub = x[:top]
+        return (sub @ sub.T)[rows, cols]
     out = np.empty(len(rows), dtype=np.float64)
     for a in range(0, len(rows), _PAIR_CHUNK):
         out[a:a + _PAIR_CHUNK] = np.einsum("pd,pd->p", x[rows[a:a + _PAIR_CHUNK]],

@@ -918,13 +918,17 @@ def build_report(cfg: Config) -> Path:
 
 def after_run(cfg: Config, event: str, test_scores: dict | None = None,
               wall_s: float | None = None, device: str | None = None,
-              report: bool = True, post: str | None = None) -> None:
+              report: bool = True, post: str | None = None,
+              folds: list | None = None) -> None:
     """What training and submit.py do when they finish: a leaderboard row, then the report
     (`report.enabled`). The results are already written; a report that cannot be drawn is
     a warning, never the run's failure."""
     from src.leaderboard import record_run
 
-    record_run(cfg, event, test_scores, wall_s, device, post)
+    try:
+        record_run(cfg, event, test_scores, wall_s, device, post, folds)
+    except Exception as exc:  # noqa: BLE001 - the run's results are written already
+        print(f"warning: no leaderboard row for {cfg.exp!r}: {type(exc).__name__}: {exc}")
     if report and cfg.report.enabled:
         try:
             index = build_report(cfg)

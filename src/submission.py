@@ -27,6 +27,7 @@ from src.data import (
 )
 from src.embed import combine_views, embed_views, ensemble_embeddings, fold_config
 from src.io_utils import atomic_path, atomic_write_json, read_json, resolve_device, run_main
+from src.leaderboard import tuned_scores
 from src.metrics import identity_balanced_map, pair_roc_auc, pairs_to_matrix
 from src.model import load_trained_model
 from src.postprocess import (
@@ -115,8 +116,8 @@ def _embed_fold(cfg: Config, exp: str, fold: int | str, views: tuple[str, ...],
             raise DataError(f"{weights}: the model's embedding of test image "
                             f"{test_names[bad[0]]!r} is not finite ({len(bad)} image(s)); the "
                             "weights are damaged or the fold diverged: train it again")
-    out = {"exp": exp, "kind": kind, "views": views, "test": test, "train": None,
-           "head": model.head.weight.detach().float().numpy(),
+    out = {"exp": exp, "kind": kind, "test": test, "train": None,
+           "head": model.head.weight.detach().float().cpu().numpy(),
            "subcenters": fold_cfg.model.subcenters}
     if with_train:
         train_df = read_train_csv(files["train"])
@@ -203,6 +204,7 @@ def run(cfg: Config) -> dict:
     query, gallery = pair_indices(test_df, names)
     device = resolve_device(cfg.device)
 
+    steps, embedded = None, None
     if cfg.submit.ensemble == "similarity" and len(exps) > 1:
         # Each experiment with its own tuned post-processing; the similarities are averaged.
         parts, embs, used = [], [], {}
@@ -220,7 +222,6 @@ def run(cfg: Config) -> dict:
     else:
         settings, source = load_choice(cfg)
         print(f"post-processing from {source}: {settings.describe()}")
-        steps, embedded = None, None
         tuned_path = Path(cfg.output_dir) / "+".join(exps) / POST_FILE
         if cfg.submit.score_steps and files["test_labels"].is_file() and tuned_path.is_file():
             # Every step is scored on the test too: embed once, under every view any uses.
@@ -254,9 +255,10 @@ def run(cfg: Config) -> dict:
         oof = out_dir / "oof_scores.json"
         result["oof"] = read_json(oof)["mean"] if oof.is_file() else None
         tuned = out_dir / POST_FILE
-        if tuned.is_file():
-            tuned_row = read_json(tuned)["steps"][-1]
-            result["oof_post"] = {k: tuned_row[k] for k in ("map", "pair_auc")}
+        row = tuned_scores(read_json(tuned)) if tuned.is_file() else None
+        applied = used.get("+".join(exps), {}).get("source") == str(tuned)
+        if row and applied:  # the experiment's (or ensemble's) tuned choice was applied
+            result["oof_post"] = {k: row[k] for k in ("map", "pair_auc")}
             if embedded is not None:
                 result["steps"] = score_steps(cfg, exps, weights, steps, folds, names, test_df,
                                               labels_df, query, gallery, files, device,
@@ -268,8 +270,9 @@ def run(cfg: Config) -> dict:
     # An ensemble's row is named a+b; its report would have no folds of its own to show.
     after_run(Config({**cfg, "exp": "+".join(exps)}), "submit", test_scores=result.get("test"),
               wall_s=time.perf_counter() - start, device=device, report=len(exps) == 1,
-              post="; ".join(f"{name}: {PostSettings.from_mapping(u['settings']).describe()}"
-                             for name, u in used.items()))
+              folds=folds, post="; ".join(
+                  f"{name}: {PostSettings.from_mapping(u['settings']).describe()}"
+                  for name, u in used.items()))
     return result
 
 
@@ -289,10 +292,9 @@ def score_steps(cfg: Config, exps: list[str], weights: list[float], steps: list[
                 embedded: dict) -> list[dict]:
     """Every measured step of the tuned search applied to the local test: does what helped
     out of fold help on the test? `embedded`: `_embed_all_steps` for these steps."""
-    measured = [r for r in steps if not r.get("skipped")]
-    settings = [PostSettings.from_mapping(r["settings"]) for r in measured]
+    settings = [PostSettings.from_mapping(r["settings"]) for r in steps]
     rows = []
-    for row, s in zip(measured, settings, strict=True):
+    for row, s in zip(steps, settings, strict=True):
         sim, _ = experiment_similarity(cfg, exps, weights, s, folds, names, query, gallery,
                                        files, device, embedded)
         test = score_submission(test_df, sim, labels_df)

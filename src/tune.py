@@ -4,7 +4,9 @@ Each fold's validation images are embedded by that fold's model under every cand
 (`python -m src.embed`, done here when missing); pairs are formed inside one fold, as for the
 out-of-fold scores. A greedy search then takes the steps in order — test-time views, query
 expansion, re-ranking, its blend with the raw similarity, the closed-set extras — and keeps a
-step only when it raises `tune.metric` (mean over folds) by more than `tune.min_gain`. It prints
+step only when it raises `tune.metric` (mean over folds) by more than `tune.min_gain` and by
+more than `tune.noise` standard errors of its per-fold gains (a gain some folds contradict is
+noise: small folds move by more than the steps' effects). It prints
 raw vs each step vs the chosen combination and saves the choice in `<exp>/postprocess.json`,
 which `submit.py` then uses (unless `post.use_tuned=false`).
 """
@@ -32,7 +34,6 @@ from src.postprocess import (
 )
 
 POST_FILE = "postprocess.json"
-STEPS = ("raw", "tta", "qe", "rerank", "blend", "closed", "prototypes", "tuned")
 
 
 @dataclass
@@ -168,8 +169,8 @@ class Search:
     choice by more than `min_gain` on `metric`."""
 
     def __init__(self, score: Callable[[PostSettings], dict], metric: str,
-                 min_gain: float) -> None:
-        self.score_fn, self.metric, self.min_gain = score, metric, min_gain
+                 min_gain: float, noise: float = 0.0) -> None:
+        self.score_fn, self.metric, self.min_gain, self.noise = score, metric, min_gain, noise
         self.cache: dict[PostSettings, dict] = {}
         self.rows: list[dict] = []
 
@@ -194,9 +195,18 @@ class Search:
             self.rows.append({"step": name, "skipped": True})
             return current
         s, result = found
-        kept = result[self.metric] > self.score(current)[self.metric] + self.min_gain
+        kept = self.gains(result, self.score(current))
         self.record(name, s, result, kept)
         return s if kept else current
+
+    def gains(self, result: dict, base: dict) -> bool:
+        """Does `result` beat `base` by more than min_gain, and by more than `noise` standard
+        errors of the paired per-fold gains (one fold: min_gain alone)?"""
+        diff = np.array([r[self.metric] - b[self.metric]
+                         for r, b in zip(result["per_fold"], base["per_fold"], strict=True)])
+        mean = float(diff.mean())
+        se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+        return mean > self.min_gain and (self.min_gain < 0 or mean > self.noise * se)
 
     def record(self, name: str, s: PostSettings, result: dict, kept: bool) -> None:
         self.rows.append({"step": name, "settings": s.to_dict(), "description": s.describe(),
@@ -208,7 +218,7 @@ def search(folds: list[FoldData], cfg: Config, score: Callable[[PostSettings], d
            ) -> tuple[PostSettings, list[dict]]:
     """The tuned settings and one row per step (see the module's docstring)."""
     t = cfg.tune
-    srch = Search(score, t.metric, t.min_gain)
+    srch = Search(score, t.metric, t.min_gain, t.noise)
     current = PostSettings(proto_scale=cfg.post.proto_scale)
     srch.record("raw", current, srch.score(current), True)
 
@@ -220,7 +230,7 @@ def search(folds: list[FoldData], cfg: Config, score: Callable[[PostSettings], d
         found = srch.best(trials)
         best_tta = found if best_tta is None or found[1][t.metric] > best_tta[1][t.metric] \
             else best_tta
-        if found[1][t.metric] <= srch.score(current)[t.metric] + t.min_gain:
+        if not srch.gains(found[1], srch.score(current)):
             break
         current = found[0]
         candidates.remove(current.views[-1])
@@ -242,10 +252,9 @@ def search(folds: list[FoldData], cfg: Config, score: Callable[[PostSettings], d
                for k1 in t.k1 for k2 in t.k2 for lam in t["lambda"]]
     rr, rr_result = srch.best(reranks)
     blended = srch.best(replace(rr, blend=w) for w in t.blend)
-    base = srch.score(before)[t.metric]
     winner = max([(rr, rr_result), *([blended] if blended else [])],
                  key=lambda pair: pair[1][t.metric])
-    if winner[1][t.metric] > base + t.min_gain:
+    if srch.gains(winner[1], srch.score(before)):
         current = winner[0]
     srch.record("rerank", rr, rr_result, kept=current == rr)
     if blended:
@@ -277,7 +286,7 @@ def search(folds: list[FoldData], cfg: Config, score: Callable[[PostSettings], d
     return current, srch.rows
 
 
-def format_steps(rows: list[dict], metric: str) -> str:
+def format_steps(rows: list[dict]) -> str:
     lines = ["| step | settings | mAP | pair AUC | kept |", "|---|---|---|---|---|"]
     for row in rows:
         if row.get("skipped"):
@@ -309,18 +318,21 @@ def tune(cfg: Config, quiet: bool = False) -> dict:
     chosen, rows = search(folds, cfg, score)
     out_dir = choice_dir(cfg)
     result = {"experiments": experiment_names(cfg), "metric": cfg.tune.metric,
-              "min_gain": cfg.tune.min_gain, "folds": [fd.fold for fd in folds],
+              "min_gain": cfg.tune.min_gain, "noise": cfg.tune.noise,
+              "folds": [fd.fold for fd in folds],
               "ensemble": cfg.submit.ensemble, "weights": list(cfg.submit.weights),
               "scored_on": scored_on,
               "settings": chosen.to_dict(), "description": chosen.describe(), "steps": rows,
               "evaluations": evaluations, "seconds": round(time.perf_counter() - start, 1)}
     atomic_write_json(out_dir / POST_FILE, result)
-    table = format_steps(rows, cfg.tune.metric)
+    table = format_steps(rows)
     atomic_write_text(out_dir / "postprocess.md",
                       f"# Post-processing chosen out of fold: {out_dir.name}\n\nMetric: "
                       f"{cfg.tune.metric}, mean over folds {result['folds']}, scored on "
                       f"{scored_on}; a step is kept "
-                      f"when it gains more than {cfg.tune.min_gain}.\n\n{table}\n")
+                      f"when it gains more than {cfg.tune.min_gain} and more than "
+                      f"{cfg.tune.noise} standard error(s) of its per-fold gains.\n\n"
+                      f"{table}\n")
     if not quiet:
         print(f"post-processing out of fold ({out_dir}, {evaluations} settings tried in "
               f"{result['seconds']} s):\n{table}\nchosen: {chosen.describe()}")

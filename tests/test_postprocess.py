@@ -150,3 +150,24 @@ def test_settings_round_trip_and_bad_embeddings():
     x[1, 2] = np.nan
     with pytest.raises(ValueError, match="row 1"):
         postprocess_pairs(x, *all_pairs(3), PostSettings())
+
+
+def test_pair_dot_dense_and_blocked_paths_agree():
+    from src.postprocess import pair_dot
+
+    rng = np.random.default_rng(6)
+    x = unit(rng, 30)
+    rows, cols = all_pairs(30)  # most pairs: one matrix product
+    loop = [float(x[i].astype(np.float64) @ x[j]) for i, j in zip(rows, cols, strict=True)]
+    assert np.allclose(pair_dot(x, rows, cols), loop, atol=1e-12)
+    few = rng.integers(0, 30, size=(2, 7))  # a few pairs: gathered blocks
+    assert np.allclose(pair_dot(x, few[0], few[1]),
+                       [float(x[i].astype(np.float64) @ x[j]) for i, j in few.T], atol=1e-12)
+    assert pair_dot(x, np.zeros(0, int), np.zeros(0, int)).shape == (0,)
+
+
+def test_only_the_steps_that_use_them_embed_the_training_images():
+    assert not PostSettings(rerank=True, qe_k=2).needs_training_images
+    assert PostSettings(closed_gallery=True).needs_training_images
+    assert PostSettings(proto_weight=0.2, proto_source="mean").needs_training_images
+    assert not PostSettings(proto_weight=0.2, proto_source="arcface").needs_training_images

@@ -204,3 +204,20 @@ def test_tuning_an_ensemble_of_experiments(tmp_path):
     assert both["steps"][0]["map"] == pytest.approx(np.mean(expected), abs=1e-6)
     with pytest.raises(ValueError, match="tune each experiment on its own"):
         tune(load_config([*base, "exps=a,b", "submit.ensemble=similarity"]), quiet=True)
+
+
+def test_a_gain_that_some_folds_contradict_is_noise():
+    from src.tune import Search
+
+    def result(*per_fold):
+        return {"map": float(np.mean(per_fold)), "pair_auc": 0.5,
+                "per_fold": [{"fold": i, "map": m, "pair_auc": 0.5}
+                             for i, m in enumerate(per_fold)]}
+
+    base = result(0.50, 0.40, 0.60)
+    srch = Search(lambda s: base, "map", min_gain=0.001, noise=1.0)
+    assert srch.gains(result(0.52, 0.42, 0.62), base)        # +0.02 in every fold
+    assert not srch.gains(result(0.56, 0.44, 0.51), base)    # +0.003 on average, one fold -0.09
+    assert Search(None, "map", 0.001, noise=0.0).gains(result(0.56, 0.44, 0.51), base)
+    assert not srch.gains(result(0.5005, 0.4005, 0.6005), base)  # under min_gain
+    assert Search(None, "map", -1.0, noise=1.0).gains(result(0.4, 0.3, 0.5), base)  # forced
