@@ -133,23 +133,17 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        # mkstemp makes the file private (0600); the output gets the mode a plain write would
-        # give it, or keeps the one of the file it replaces. Some file systems have no modes.
-        with suppress(OSError):
-            os.chmod(tmp, path.stat().st_mode & 0o7777 if existed else 0o666 & ~_UMASK)
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except DiskFullError:
-        raise
-    except Exception as exc:
-        # Judged before the partial file is removed: its size is what filled the disk.
-        reason = _disk_full_reason(exc, path.parent)
-        if reason is None:
-            raise
-        tmp.unlink(missing_ok=True)
-        raise _disk_full_error(path, reason, kept + " and the partial copy was removed") from exc
+        # A full disk is judged inside, before the partial file is removed (its size is what
+        # filled the disk); the finally below removes it.
+        with explain_disk_full(path, kept + " and the partial copy was removed"):
+            # mkstemp makes the file private (0600); the output gets the mode a plain write
+            # would give it, or keeps the one of the file it replaces (some have no modes).
+            with suppress(OSError):
+                os.chmod(tmp, path.stat().st_mode & 0o7777 if existed else 0o666 & ~_UMASK)
+            yield tmp
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
