@@ -25,7 +25,8 @@ COLUMNS = ("time", "event", "experiment", "config_digest", "commit", "backbone",
            "folds", "oof_map", "oof_pair_auc", "oof_map_post", "oof_pair_auc_post", "test_map",
            "test_pair_auc", "wall_s", "device", "post")
 EVENTS = ("train", "submit")
-# postprocess.json's step that holds the chosen post-processing's scores.
+# The tuned choice's file (written by src.tune) and its step with the chosen scores.
+POST_FILE = "postprocess.json"
 TUNED_STEP = "tuned"
 # Metric columns keep more digits than any table shows: rows are compared long after the run.
 _METRIC_DIGITS = 6
@@ -89,7 +90,7 @@ def run_row(cfg: Config, event: str, test_scores: dict | None = None,
     if event not in EVENTS:
         raise ValueError(f"event must be one of {', '.join(EVENTS)}; got {event!r}")
     exp_dir = Path(cfg.output_dir) / cfg.exp
-    oof_path, post_path = exp_dir / "oof_scores.json", exp_dir / "postprocess.json"
+    oof_path, post_path = exp_dir / "oof_scores.json", exp_dir / POST_FILE
     oof = read_json(oof_path).get("mean", {}) if oof_path.is_file() else {}
     tuned = tuned_scores(read_json(post_path)) if post_path.is_file() else None
     tuned = tuned or {}

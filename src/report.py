@@ -35,7 +35,8 @@ from src.config import (
     load_saved_config,
 )
 from src.io_utils import atomic_path, atomic_write_text, read_json, run_main
-from src.leaderboard import code_version, tuned_scores
+from src.leaderboard import POST_FILE as POSTPROCESS_FILE
+from src.leaderboard import code_version, record_run, tuned_scores
 from src.metrics import per_query_ap
 from src.scoring import collect_fold_scores, summarise
 
@@ -58,7 +59,6 @@ ROC_POINTS = 2000
 # The zoomed ROC panel's right edge: where runs whose AUCs are all near 1 still differ.
 ROC_ZOOM_FPR = 0.1
 HIST_BINS = 40
-POSTPROCESS_FILE = "postprocess.json"
 
 
 # --------------------------------------------------------------------------- pure numbers
@@ -923,8 +923,6 @@ def after_run(cfg: Config, event: str, test_scores: dict | None = None,
     """What training and submit.py do when they finish: a leaderboard row, then the report
     (`report.enabled`). The results are already written; a report that cannot be drawn is
     a warning, never the run's failure."""
-    from src.leaderboard import record_run
-
     try:
         record_run(cfg, event, test_scores, wall_s, device, post, folds)
     except Exception as exc:  # noqa: BLE001 - the run's results are written already

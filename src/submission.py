@@ -38,7 +38,7 @@ from src.postprocess import (
 )
 from src.report import after_run
 from src.train import parse_fold_spec
-from src.tune import POST_FILE, load_choice
+from src.tune import POST_FILE, choice_dir, load_choice
 
 
 def pair_indices(test_df: pd.DataFrame, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -205,6 +205,8 @@ def run(cfg: Config) -> dict:
     device = resolve_device(cfg.device)
 
     steps, embedded = None, None
+    tuned = choice_dir(cfg) / POST_FILE  # the ensemble's (or the one experiment's) choice
+    tuned_doc = read_json(tuned) if tuned.is_file() else None
     if cfg.submit.ensemble == "similarity" and len(exps) > 1:
         # Each experiment with its own tuned post-processing; the similarities are averaged.
         parts, embs, used = [], [], {}
@@ -222,10 +224,9 @@ def run(cfg: Config) -> dict:
     else:
         settings, source = load_choice(cfg)
         print(f"post-processing from {source}: {settings.describe()}")
-        tuned_path = Path(cfg.output_dir) / "+".join(exps) / POST_FILE
-        if cfg.submit.score_steps and files["test_labels"].is_file() and tuned_path.is_file():
+        if cfg.submit.score_steps and files["test_labels"].is_file() and tuned_doc:
             # Every step is scored on the test too: embed once, under every view any uses.
-            steps = [r for r in read_json(tuned_path)["steps"] if not r.get("skipped")]
+            steps = [r for r in tuned_doc["steps"] if not r.get("skipped")]
             embedded = _embed_all_steps(cfg, exps, folds, [settings, *(
                 PostSettings.from_mapping(r["settings"]) for r in steps)], names, files, device)
         similarity, emb_n = experiment_similarity(cfg, exps, weights, settings, folds, names,
@@ -254,8 +255,7 @@ def run(cfg: Config) -> dict:
         result["test"] = score_submission(test_df, similarity, labels_df)
         oof = out_dir / "oof_scores.json"
         result["oof"] = read_json(oof)["mean"] if oof.is_file() else None
-        tuned = out_dir / POST_FILE
-        row = tuned_scores(read_json(tuned)) if tuned.is_file() else None
+        row = tuned_scores(tuned_doc) if tuned_doc else None
         applied = used.get("+".join(exps), {}).get("source") == str(tuned)
         if row and applied:  # the experiment's (or ensemble's) tuned choice was applied
             result["oof_post"] = {k: row[k] for k in ("map", "pair_auc")}

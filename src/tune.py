@@ -24,6 +24,7 @@ import numpy as np
 from src.config import Config, experiment_names, load_config
 from src.embed import combine_views, ensemble_embeddings, ensure_oof_views, finished_folds
 from src.io_utils import atomic_write_json, atomic_write_text, read_json, resolve_device, run_main
+from src.leaderboard import POST_FILE
 from src.metrics import identity_balanced_map, pair_roc_auc
 from src.postprocess import (
     PostSettings,
@@ -32,8 +33,6 @@ from src.postprocess import (
     mean_prototypes,
     postprocess_pairs,
 )
-
-POST_FILE = "postprocess.json"
 
 
 @dataclass
@@ -86,8 +85,9 @@ def choice_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir) / "+".join(experiment_names(cfg))
 
 
-def load_folds(cfg: Config, device: str) -> list[FoldData]:
-    """Every experiment's fold material, combined per view the way submit.py combines them."""
+def load_folds(cfg: Config, device: str, cap: int = 0) -> list[FoldData]:
+    """Every experiment's fold material, combined per view the way submit.py combines them;
+    each fold scored on subsets of at most `cap` images per identity (0: all)."""
     exps = experiment_names(cfg)
     if len(exps) > 1 and cfg.submit.ensemble == "similarity":
         raise ValueError("submit.ensemble=similarity averages each experiment's own tuned "
@@ -119,7 +119,6 @@ def load_folds(cfg: Config, device: str) -> list[FoldData]:
             head = (first["head_weight"], first["subcenters"], first["classes"])
         out.append(FoldData(fold, first["val_labels"], {v: combine("val", v) for v in views},
                             train, first["train_labels"], head))
-    cap, _ = test_density(cfg)
     for fd in out:
         fd.subsets = per_identity_subsets(fd.labels, cap, cfg.tune.draws, (cfg.seed, fd.fold))
     return out
@@ -153,7 +152,7 @@ def evaluate(folds: list[FoldData], s: PostSettings, cfg: Config, device: str) -
     per_fold = []
     for fd in folds:
         scores = []
-        for subset in fd.subsets or [np.arange(len(fd.labels))]:
+        for subset in fd.subsets:
             sim = fold_similarity(fd, s, cfg, device, subset)
             labels = fd.labels[subset]
             scores.append((identity_balanced_map(sim, labels), pair_roc_auc(sim, labels)))
@@ -301,7 +300,8 @@ def format_steps(rows: list[dict]) -> str:
 def tune(cfg: Config, quiet: bool = False) -> dict:
     device = resolve_device(cfg.device)
     start = time.perf_counter()
-    folds = load_folds(cfg, device)
+    cap, why = test_density(cfg)
+    folds = load_folds(cfg, device, cap)
     evaluations = 0
 
     def score(s: PostSettings) -> dict:
@@ -309,8 +309,7 @@ def tune(cfg: Config, quiet: bool = False) -> dict:
         evaluations += 1
         return evaluate(folds, s, cfg, device)
 
-    cap, why = test_density(cfg)
-    sizes = [len(fd.subsets[0]) if fd.subsets else len(fd.labels) for fd in folds]
+    sizes = [len(fd.subsets[0]) for fd in folds]
     scored_on = (f"at most {cap} images per identity ({why}), {cfg.tune.draws} draw(s) per "
                  f"fold" if cap else why) + f"; {', '.join(map(str, sizes))} images per fold"
     if not quiet:
