@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from src.augment import build_transform  # noqa: E402
-from src.cache import build_cache  # noqa: E402
-from src.config import load_config  # noqa: E402
-from src.data import ImageDataset, image_loader  # noqa: E402
+from jaguar_reid.config import load_config  # noqa: E402
+from jaguar_reid.data.augment import build_transform  # noqa: E402
+from jaguar_reid.data.cache import build_cache  # noqa: E402
+from jaguar_reid.data.images import ImageDataset
+from jaguar_reid.data.images import image_loader  # noqa: E402
 
 
 def write_photos(folder: Path, n: int, width: int, height: int) -> list[Path]:

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from src.rerank import (  # noqa: E402
+from jaguar_reid.retrieval.rerank import (  # noqa: E402
     DEFAULT_MAX_DENSE_BYTES,
     estimate_rerank_memory,
     rerank,

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from src.config import load_config  # noqa: E402
-from src.io_utils import amp_dtype, resolve_device  # noqa: E402
-from src.model import TrainStep, build_model  # noqa: E402
-from src.optim import build_optimizer  # noqa: E402
+from jaguar_reid.config import load_config  # noqa: E402
+from jaguar_reid.io_utils import amp_dtype, resolve_device  # noqa: E402
+from jaguar_reid.training.model import TrainStep, build_model  # noqa: E402
+from jaguar_reid.training.optim import build_optimizer  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
@@ -46,7 +46,8 @@ def peak_tflops(device: str) -> float | None:
 
 def step_fn(model, optimizer, cfg, device, n_classes):
     dtype = amp_dtype(device, cfg.train.amp)
-    # The training module exactly as src.train runs it, compiled when train.compile asks.
+    # The training module exactly as jaguar_reid.training.loop runs it, compiled when
+    # train.compile asks.
     forward = TrainStep(model)
     if cfg.train.compile:
         forward = torch.compile(forward)

@@ -16,53 +16,43 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from src import cache as cache_cli
-from src import datacheck as datacheck_cli
-from src import folds as folds_cli
-from src import submission
-from src import train as train_cli
-from src.config import Config, ConfigError, load_config, save_config
-from src.data import (
+from jaguar_reid import layout, submission
+from jaguar_reid import train as train_cli
+from jaguar_reid.config import ConfigError, load_config, parse_fold_spec
+from jaguar_reid.data import cache as cache_cli
+from jaguar_reid.data import datacheck as datacheck_cli
+from jaguar_reid.data import folds as folds_cli
+from jaguar_reid.data.folds import assign_closed_folds, assign_grouped_folds
+from jaguar_reid.data.images import image_loader, load_image, read_rgba
+from jaguar_reid.data.tables import (
     DataError,
-    image_loader,
-    load_image,
-    read_rgba,
     read_sample_submission,
     read_test_csv,
     read_train_csv,
     resolve_image_paths,
 )
-from src.embed import ensemble_embeddings
-from src.folds import assign_closed_folds, assign_grouped_folds
-from src.io_utils import run_main
-from src.metrics import identity_balanced_map, pair_roc_auc, per_identity_ap, per_query_ap
-from src.model import build_model
-from src.scoring import score_experiment
-from src.train import parse_fold_spec
-
-IDS = ("Marcela", "Kwang", "Pixana", "Bagua")
-TRAIN_HEADER = "filename,ground_truth\n"
-TEST_HEADER = "row_id,query_image,gallery_image\n"
-SAMPLE_HEADER = "row_id,similarity\n"
-
+from jaguar_reid.io_utils import run_main
+from jaguar_reid.retrieval.embed import ensemble_embeddings
+from jaguar_reid.retrieval.metrics import (
+    identity_balanced_map,
+    pair_roc_auc,
+    per_identity_ap,
+    per_query_ap,
+)
+from jaguar_reid.retrieval.scoring import score_experiment
+from tests.helpers import (
+    SAMPLE_HEADER,
+    TEST_HEADER,
+    TRAIN_HEADER,
+    base_args,
+    fake_experiment,
+    make_data,
+    tiny_png,
+)
 
 # --------------------------------------------------------------------------- helpers
-
-
-def tiny_png(path: Path, seed: int, size: tuple[int, int] = (24, 16)) -> Path:
-    """A small RGBA image with a rectangular mask, different for every seed."""
-    rng = np.random.default_rng(seed)
-    width, height = size
-    rgba = rng.integers(0, 255, (height, width, 4), dtype=np.uint8)
-    rgba[..., 3] = 0
-    rgba[height // 4: 3 * height // 4, width // 4: 3 * width // 4, 3] = 255
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgba, "RGBA").save(path)
-    return path
 
 
 def bomb_png(path: Path, width: int, height: int) -> Path:
@@ -76,32 +66,9 @@ def bomb_png(path: Path, width: int, height: int) -> Path:
     return path
 
 
-def make_data(root: Path) -> Path:
-    """12 train images of 4 identities, 3 test images, every ordered test pair."""
-    train = [(f"train_{i:04d}.png", IDS[i % len(IDS)]) for i in range(12)]
-    test = [f"test_{i:04d}.png" for i in range(1, 4)]
-    for i, (name, _) in enumerate(train):
-        tiny_png(root / "train" / "train" / name, i)
-    for i, name in enumerate(test):
-        tiny_png(root / "test" / "test" / name, 100 + i)
-    pairs = [(q, g) for q in test for g in test if q != g]
-    (root / "train.csv").write_text(TRAIN_HEADER + "".join(f"{f},{g}\n" for f, g in train))
-    (root / "test.csv").write_text(
-        TEST_HEADER + "".join(f"{i},{q},{g}\n" for i, (q, g) in enumerate(pairs)))
-    (root / "sample_submission.csv").write_text(
-        SAMPLE_HEADER + "".join(f"{i},0.5\n" for i in range(len(pairs))))
-    return root
-
-
 @pytest.fixture
 def data(tmp_path) -> Path:
     return make_data(tmp_path / "data")
-
-
-def base_args(data: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return [f"data.dir={data}", f"output_dir={tmp_path / 'out'}",
-            f"folds.file={tmp_path / 'folds.csv'}", "folds.n_folds=2", "cache.workers=1",
-            "device=cpu", "data.num_workers=0", *extra]
 
 
 def cli_error(main, argv: list[str], capsys) -> str:
@@ -114,29 +81,6 @@ def cli_error(main, argv: list[str], capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "Traceback" not in err, err
     return err
-
-
-def fake_experiment(args: list[str], folds=(0,), weights: str = "random") -> Path:
-    """Fold folders as training leaves them, without training: the fold's config and weights
-    of an untrained model ("random"), weights full of NaN ("nan") or bytes that are not a
-    weights file ("garbage")."""
-    cfg = load_config(args)
-    exp = Path(cfg.output_dir) / cfg.exp
-    for fold in folds:
-        directory = exp / f"fold{fold}"
-        directory.mkdir(parents=True)
-        save_config(Config({**cfg, "fold": str(fold)}), directory / "config.yaml")
-        if weights == "garbage":
-            (directory / "model.safetensors").write_bytes(b"these are not weights")
-            continue
-        torch.manual_seed(0)
-        state = build_model(cfg, n_classes=len(IDS)).state_dict()
-        if weights == "nan":
-            state = {k: torch.full_like(v, float("nan")) if v.is_floating_point()
-                     and k != "head.margins" else v for k, v in state.items()}
-        save_file({k: v.contiguous() for k, v in state.items()},
-                  str(directory / "model.safetensors"))
-    return exp
 
 
 # --------------------------------------------------------------------------- CSV files
@@ -298,7 +242,7 @@ def test_sample_disagreeing_with_test_csv_at_submit(data, tmp_path, capsys, tiny
     drop_last_sample_row(data)
     err = cli_error(submission.main, args, capsys)
     assert f"submission has 6 rows but {data / 'sample_submission.csv'} has 5" in err
-    assert not (exp / "submission.csv").exists()
+    assert not (exp / layout.SUBMISSION).exists()
 
 
 def test_sample_disagreeing_with_test_csv_is_found_before_any_model_runs(
@@ -387,7 +331,7 @@ def test_corrupt_truncated_empty_and_bomb_images_at_the_command_line(data, tmp_p
 def test_one_file_name_in_two_folders_keeps_two_cache_files(tmp_path):
     """`train/0001.png` and `test/0001.png` are two images: the cache must not serve one for
     the other (it once named cached files by their stem alone)."""
-    from src.cache import build_cache
+    from jaguar_reid.data.cache import build_cache
 
     first = tiny_png(tmp_path / "train" / "0001.png", 1)
     second = tiny_png(tmp_path / "test" / "0001.png", 2)
@@ -403,7 +347,7 @@ def test_one_file_name_in_two_folders_keeps_two_cache_files(tmp_path):
 @pytest.mark.parametrize("damage", [b"{not json", b"\xff\xfe", b"[1, 2]", b'{"x": 1}'],
                          ids=["not-json", "not-text", "a-list", "other-entries"])
 def test_damaged_cache_index_is_rebuilt(tmp_path, capsys, damage):
-    from src.cache import build_cache, cache_dir
+    from jaguar_reid.data.cache import build_cache, cache_dir
 
     source = tiny_png(tmp_path / "a.png", 1)
     cfg = load_config([f"output_dir={tmp_path / 'out'}", "cache.workers=1"])
@@ -416,7 +360,7 @@ def test_damaged_cache_index_is_rebuilt(tmp_path, capsys, damage):
 
 
 def test_problem_kind_comes_from_the_image_not_its_path(tmp_path):
-    from src.cache import process_image
+    from jaguar_reid.data.cache import process_image
 
     folder = tmp_path / "truncated_copies"
     folder.mkdir()
@@ -462,14 +406,16 @@ def test_bad_images_are_listed_by_the_data_check(data, tmp_path, outside):
     link.symlink_to(outside)
     with open(data / "test.csv", "a") as handle:
         handle.write("6,test_0001.png,test_9999.png\n")
-    run_main(datacheck_cli.main, base_args(data, tmp_path))
-    summary = json.loads((tmp_path / "out" / "datacheck" / "data" / "summary.json").read_text())
+    args = base_args(data, tmp_path)
+    run_main(datacheck_cli.main, args)
+    report_dir = layout.datacheck_dir(load_config(args))
+    summary = json.loads((report_dir / "summary.json").read_text())
     problems = {p["filename"]: p for p in summary["problems"]}
     for name, kind in broken.items():
         assert problems[name]["problem"].startswith(kind) and problems[name]["action"] == "error"
     assert problems["test_9999.png"]["problem"] == "missing"
     assert problems["train_0004.png"]["problem"] == f"outside data.dir: leads to {outside}"
-    report = (tmp_path / "out" / "datacheck" / "data" / "report.md").read_text()
+    report = (report_dir / "report.md").read_text()
     assert "train_0004.png" in report and "test_9999.png" in report
 
 
@@ -602,23 +548,23 @@ def test_experiment_with_missing_folds_at_submit(data, tmp_path, capsys):
     args = base_args(data, tmp_path, "exp=e", "submit.folds=all")
     exp = fake_experiment(args, folds=(0,), weights="garbage")
     err = cli_error(submission.main, args, capsys)
-    assert f"experiment 'e': no trained model in {exp / 'fold1'}" in err
-    assert str(exp / "fold0") not in err
+    assert f"experiment 'e': no trained model in {layout.fold_dir(exp, 1)}" in err
+    assert str(layout.fold_dir(exp, 0)) not in err
 
 
 def test_unreadable_fold_config_at_submit(data, tmp_path, capsys):
     args = base_args(data, tmp_path, "exp=e", "submit.folds=0")
-    exp = fake_experiment(args, weights="garbage")
-    (exp / "fold0" / "config.yaml").write_text("train:\n  epochz: 1\n")
+    saved = layout.fold_dir(fake_experiment(args, weights="garbage"), 0) / layout.RUN_CONFIG
+    saved.write_text("train:\n  epochz: 1\n")
     err = cli_error(submission.main, args, capsys)
-    assert f"{exp / 'fold0' / 'config.yaml'}" in err and "train.epochz" in err
+    assert str(saved) in err and "train.epochz" in err
 
 
 def test_corrupt_fold_weights_at_submit(data, tmp_path, capsys):
     args = base_args(data, tmp_path, "exp=e", "submit.folds=0", "cache.enabled=false")
     exp = fake_experiment(args, weights="garbage")
     err = cli_error(submission.main, args, capsys)
-    assert str(exp / "fold0" / "model.safetensors") in err
+    assert str(layout.fold_dir(exp, 0) / layout.MODEL_WEIGHTS) in err
 
 
 # --------------------------------------------------------------------------- NaN embeddings
@@ -639,25 +585,25 @@ def test_nan_embeddings_at_submit(data, tmp_path, capsys, tiny_cfg_args):
     args = [*tiny_cfg_args, *base_args(data, tmp_path, "exp=e", "submit.folds=0")]
     exp = fake_experiment(args, weights="nan")
     err = cli_error(submission.main, args, capsys)
-    assert str(exp / "fold0" / "model.safetensors") in err and "test_0001.png" in err
+    weights = layout.fold_dir(exp, 0) / layout.MODEL_WEIGHTS
+    assert str(weights) in err and "test_0001.png" in err
 
 
-def nan_fold(exp: Path) -> Path:
-    fold = exp / "fold0"
-    fold.mkdir(parents=True)
+def nan_fold(tmp_path: Path) -> Path:
+    """A finished fold whose validation embeddings hold a NaN (no weights); returns the
+    experiment folder."""
     emb = np.eye(4, dtype=np.float32)[[0, 0, 1, 1]]
     emb[2] = np.nan
-    np.savez(fold / "val_embeddings.npz", embeddings=emb, labels=np.array(list("aabb")),
-             filenames=np.array([f"train_{i}.png" for i in range(4)]))
-    (fold / "metrics.json").write_text("{}")
-    return fold / "val_embeddings.npz"
+    val = {"embeddings": emb, "labels": np.array(list("aabb")),
+           "filenames": np.array([f"train_{i}.png" for i in range(4)])}
+    return fake_experiment([f"output_dir={tmp_path}", "exp=exp"], weights=None, val=val)
 
 
 def test_nan_validation_embeddings_are_refused_by_scoring(tmp_path):
-    npz = nan_fold(tmp_path / "exp")
+    exp = nan_fold(tmp_path)
     with pytest.raises(DataError, match="train_2.png") as info:
-        score_experiment(tmp_path / "exp", quiet=True)
-    assert str(npz) in str(info.value)
+        score_experiment(exp, quiet=True)
+    assert str(layout.fold_dir(exp, 0) / layout.VAL_EMBEDDINGS) in str(info.value)
 
 
 def test_nan_scores_rank_last_in_the_metrics():

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src.config import (
+from jaguar_reid.config import (
     ConfigError,
     config_digest,
     load_config,
@@ -142,7 +142,7 @@ def test_post_processing_keys_are_checked(arg, message):
 
 
 def test_experiment_weights_must_match_the_experiments():
-    from src.config import experiment_names
+    from jaguar_reid.config import experiment_names
 
     cfg = load_config(["exps=a, b,c", "submit.weights=[1,2,3]"])
     assert experiment_names(cfg) == ["a", "b", "c"]
@@ -152,7 +152,7 @@ def test_experiment_weights_must_match_the_experiments():
 
 
 def test_a_run_saved_with_a_retired_key_still_loads(tmp_path):
-    from src.config import load_saved_config
+    from jaguar_reid.config import load_saved_config
 
     saved = tmp_path / "config.yaml"
     saved.write_text("embed:\n  tta_flip: true\n")

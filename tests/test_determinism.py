@@ -12,11 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from src import folds as folds_cli
-from src import submission, train
-from src.config import load_config
-from src.data import data_files, read_train_csv
-from src.folds import make_folds
+from jaguar_reid import submission, train
+from jaguar_reid.config import load_config
+from jaguar_reid.data import folds as folds_cli
+from jaguar_reid.data.folds import make_folds
+from jaguar_reid.data.tables import read_train_csv
+from jaguar_reid.layout import data_files
 
 
 def folds_args(demo_dir, tmp_path, name: str, *extra: str) -> list[str]:
@@ -26,7 +27,7 @@ def folds_args(demo_dir, tmp_path, name: str, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("strategy", ["grouped", "closed"])
 def test_same_seed_same_folds_file(demo_dir, tmp_path, strategy):
-    """Two runs of `python -m src.folds` with their own caches write the same bytes; the
+    """Two runs of `python -m jaguar_reid.folds` with their own caches write the same bytes; the
     near-duplicate grouping (from the image hashes) is part of what is compared."""
     for name in ("a", "b"):
         folds_cli.main(folds_args(demo_dir, tmp_path, name, f"folds.strategy={strategy}",

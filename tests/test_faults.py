@@ -28,25 +28,29 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from src import submission, train
-from src.io_utils import (
+from jaguar_reid import layout, submission, train
+from jaguar_reid.io_utils import (
     DiskFullError,
     atomic_path,
     atomic_write_text,
     remove_stray_temps,
     run_main,
 )
-from src.lock import LOCK_NAME, FoldBusyError, fold_lock
-from src.train import _append_log, _save_weights, load_checkpoint, save_checkpoint
-from tests.conftest import TINY_ARGS
-from tests.test_bad_inputs import base_args, fake_experiment, make_data
+from jaguar_reid.training import loop
+from jaguar_reid.training.checkpoint import (
+    append_log,
+    load_checkpoint,
+    save_checkpoint,
+    save_weights,
+)
+from jaguar_reid.training.lock import LOCK_NAME, FoldBusyError, fold_lock
+from tests.helpers import REPO, TINY_ARGS, base_args, fake_experiment, fold_path, make_data
 
-REPO = Path(__file__).resolve().parents[1]
 LOG_COLUMNS = ["epoch", "loss", "lr", "pair_auc", "map", "map_neck", "map_backbone", "map_both"]
 
 CHILD = r'''
-"""argv: MODE MARKER key=value...: run src.train (submit.py for MODE submission-write) with
-one function patched to SIGKILL this process at the point MODE names."""
+"""argv: MODE MARKER key=value...: run jaguar_reid.train (submit.py for MODE
+submission-write) with one function patched to SIGKILL this process at the point MODE names."""
 import io
 import os
 import shutil
@@ -71,12 +75,13 @@ def write_half_and_die(path, data, where):
     die(where)
 
 
+after_epoch = None
 if mode == "mid-epoch":  # in the second epoch, after its second optimiser step (of three)
-    from src import train
+    from jaguar_reid.training import loop
 
     epochs_done, steps = [], []
-    train._epoch_done = lambda fold, epoch: epochs_done.append(epoch)
-    real_step = train.optimizer_step
+    after_epoch = lambda fold, epoch: epochs_done.append(epoch)  # noqa: E731
+    real_step = loop.optimizer_step
 
     def step(*args, **kwargs):
         real_step(*args, **kwargs)
@@ -84,7 +89,7 @@ if mode == "mid-epoch":  # in the second epoch, after its second optimiser step 
             steps.append(1)
             if len(steps) == 2:
                 die(f"in epoch {epochs_done[-1] + 1} after step 2")
-    train.optimizer_step = step
+    loop.optimizer_step = step
 elif mode.startswith("checkpoint-write:"):  # half of checkpoint N written, then killed
     import torch
 
@@ -113,21 +118,22 @@ elif mode == "submission-write":  # half of the new submission.csv written, then
         return real_to_csv(self, path, *args, **kwargs)
     pd.DataFrame.to_csv = to_csv
 elif mode == "pause":  # after epoch 1: MARKER appears, then wait for MARKER.go
-    from src import train
-
     def pause(fold, epoch):
         if epoch == 1:
             marker.write_text(str(os.getpid()))
             while not marker.with_suffix(".go").exists():
                 time.sleep(0.05)
-    train._epoch_done = pause
+    after_epoch = pause
 
-from src.io_utils import run_main
+from jaguar_reid import train
+from jaguar_reid.config import load_config
+from jaguar_reid.io_utils import run_main
 
 if mode == "submission-write":
-    from src.submission import main
+    from jaguar_reid.submission import main
 else:
-    from src.train import main
+    def main(args):
+        train.run(load_config(args), after_epoch=after_epoch)
 run_main(main, argv)
 '''
 
@@ -137,7 +143,8 @@ run_main(main, argv)
 
 def child_env() -> dict[str, str]:
     path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep + path if path else ''}",
+    pythonpath = [str(REPO / "src"), str(REPO), *([path] if path else [])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath),
             "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -187,17 +194,18 @@ def same_tensors(a: dict, b: dict) -> None:
 def assert_same_run(reference: Path, fold: Path) -> None:
     """`fold` finished with the very weights, embeddings, log and scores of `reference`, and
     left nothing of its interruption behind."""
-    assert (fold / "metrics.json").is_file()
-    assert not (fold / "checkpoint.pt").exists() and not (fold / LOCK_NAME).exists()
+    assert (fold / layout.FOLD_METRICS).is_file()
+    assert not (fold / layout.CHECKPOINT).exists() and not (fold / LOCK_NAME).exists()
     assert not temps(fold), temps(fold)
-    for name in ("model.safetensors", "best.safetensors"):
+    for name in (layout.MODEL_WEIGHTS, layout.BEST_WEIGHTS):
         same_tensors(load_file(str(reference / name)), load_file(str(fold / name)))
-    with np.load(reference / "val_embeddings.npz") as a, np.load(fold / "val_embeddings.npz") as b:
+    with np.load(reference / layout.VAL_EMBEDDINGS) as a, \
+            np.load(fold / layout.VAL_EMBEDDINGS) as b:
         for key in ("embeddings", "neck", "backbone", "both", "filenames"):
             assert np.array_equal(a[key], b[key]), key
-    pd.testing.assert_frame_equal(pd.read_csv(reference / "log.csv")[LOG_COLUMNS],
-                                  pd.read_csv(fold / "log.csv")[LOG_COLUMNS])
-    ref, got = (json.loads((d / "metrics.json").read_text()) for d in (reference, fold))
+    pd.testing.assert_frame_equal(pd.read_csv(reference / layout.TRAIN_LOG)[LOG_COLUMNS],
+                                  pd.read_csv(fold / layout.TRAIN_LOG)[LOG_COLUMNS])
+    ref, got = (json.loads((d / layout.FOLD_METRICS).read_text()) for d in (reference, fold))
     for key in ("map", "pair_auc", "epochs_run", "best_epoch", "weights", "classes"):
         assert ref[key] == got[key], key
 
@@ -227,8 +235,9 @@ def one_thread():
 def reference(demo_dir, tmp_path_factory) -> Path:
     """The uninterrupted run every killed one is compared with (a child on one thread too)."""
     tmp = tmp_path_factory.mktemp("reference")
-    succeeded(train_sh(train_args(demo_dir, tmp, "straight")))
-    return tmp / "out" / "straight" / "fold0"
+    args = train_args(demo_dir, tmp, "straight")
+    succeeded(train_sh(args))
+    return fold_path(args)
 
 
 # --------------------------------------------------------------------------- killed training
@@ -238,13 +247,13 @@ def reference(demo_dir, tmp_path_factory) -> Path:
 def test_sigkill_mid_epoch_resumes_bit_identical(reference, demo_dir, tmp_path):
     args = train_args(demo_dir, tmp_path, "killed")
     killed(run_child(tmp_path, "mid-epoch", args), "in epoch 2 after step 2")
-    fold = tmp_path / "out" / "killed" / "fold0"
-    assert load_checkpoint(fold / "checkpoint.pt")["epoch"] == 1
-    assert pd.read_csv(fold / "log.csv")["epoch"].tolist() == [0, 1]
-    assert not (fold / "metrics.json").exists()
+    fold = fold_path(args)
+    assert load_checkpoint(fold / layout.CHECKPOINT)["epoch"] == 1
+    assert pd.read_csv(fold / layout.TRAIN_LOG)["epoch"].tolist() == [0, 1]
+    assert not (fold / layout.FOLD_METRICS).exists()
 
     out = succeeded(train_sh(args))
-    assert f"fold 0: resuming after epoch 1 from {fold / 'checkpoint.pt'}" in out
+    assert f"fold 0: resuming after epoch 1 from {fold / layout.CHECKPOINT}" in out
     assert_same_run(reference, fold)
 
 
@@ -258,14 +267,14 @@ def test_sigkill_mid_checkpoint_write_keeps_the_previous_one(reference, demo_dir
     args = train_args(demo_dir, tmp_path, "killed")
     before = tmp_path / "checkpoint-at-kill.pt"
     killed(run_child(tmp_path, f"checkpoint-write:{save}", args, before), "writing checkpoint")
-    fold = tmp_path / "out" / "killed" / "fold0"
+    fold = fold_path(args)
     (stray,) = temps(fold)
     assert stray.name.startswith(".checkpoint.pt.") and stray.stat().st_size > 0
     if save == 1:
-        assert not (fold / "checkpoint.pt").exists() and not before.exists()
+        assert not (fold / layout.CHECKPOINT).exists() and not before.exists()
     else:
-        assert (fold / "checkpoint.pt").read_bytes() == before.read_bytes()
-        assert load_checkpoint(fold / "checkpoint.pt")["epoch"] == 1
+        assert (fold / layout.CHECKPOINT).read_bytes() == before.read_bytes()
+        assert load_checkpoint(fold / layout.CHECKPOINT)["epoch"] == 1
 
     out = succeeded(train_sh(args))
     assert f"fold 0: removed 1 temporary file(s) a killed run left: {stray.name}" in out
@@ -290,8 +299,8 @@ def test_best_weights_match_the_checkpoint_after_a_kill(demo_dir, tmp_path, monk
     lower than epoch 2 ("after-checkpoint": killed while writing the best file, resumed after
     epoch 2)."""
     args = train_args(demo_dir, tmp_path, "best", "train.ema=false", "train.select=best")
-    fold = tmp_path / "out" / "best" / "fold0"
-    real_evaluate = train._evaluate
+    fold = fold_path(args)
+    real_evaluate = train.validation_scores
 
     def scripted(values):
         values = iter(values)
@@ -300,7 +309,7 @@ def test_best_weights_match_the_checkpoint_after_a_kill(demo_dir, tmp_path, monk
             embs, scores = real_evaluate(*a, **k)
             return embs, {**scores, "map": next(values)}
         return evaluate
-    real_torch_save, real_save_weights = torch.save, train._save_weights
+    real_torch_save, real_save_weights = torch.save, loop.save_weights
 
     def die_at_second_checkpoint(obj, f, *a, **k):
         if obj["epoch"] == 2:
@@ -310,31 +319,31 @@ def test_best_weights_match_the_checkpoint_after_a_kill(demo_dir, tmp_path, monk
     best_writes = []
 
     def die_writing_best_of_epoch_2(state, path):
-        if path.name == "best.safetensors":
+        if path.name == layout.BEST_WEIGHTS:
             best_writes.append(path)
             if len(best_writes) == 2:  # epoch 1's, then epoch 2's
                 raise Killed
         real_save_weights(state, path)
-    monkeypatch.setattr(train, "_evaluate", scripted([0.1, 0.5, 0.9]))
+    monkeypatch.setattr(train, "validation_scores", scripted([0.1, 0.5, 0.9]))
     if when == "while-writing-checkpoint":
         monkeypatch.setattr(torch, "save", die_at_second_checkpoint)
     else:
-        monkeypatch.setattr(train, "_save_weights", die_writing_best_of_epoch_2)
+        monkeypatch.setattr(loop, "save_weights", die_writing_best_of_epoch_2)
     with pytest.raises(Killed):
         train.main(args)
     monkeypatch.undo()
-    resume_epoch = load_checkpoint(fold / "checkpoint.pt")["epoch"]
+    resume_epoch = load_checkpoint(fold / layout.CHECKPOINT)["epoch"]
     # Epoch 1's or epoch 2's weights, as that checkpoint holds them: the best epoch's.
-    expected = load_checkpoint(fold / "checkpoint.pt")["model"]
+    expected = load_checkpoint(fold / layout.CHECKPOINT)["model"]
     assert resume_epoch == (1 if when == "while-writing-checkpoint" else 2)
 
     later = [0.4, 0.3] if resume_epoch == 1 else [0.3]
-    monkeypatch.setattr(train, "_evaluate", scripted([*later, 0.0]))
+    monkeypatch.setattr(train, "validation_scores", scripted([*later, 0.0]))
     train.main(args)
-    metrics = json.loads((fold / "metrics.json").read_text())
+    metrics = json.loads((fold / layout.FOLD_METRICS).read_text())
     assert metrics["weights"] == f"best (epoch {resume_epoch})"
-    same_tensors(expected, load_file(str(fold / "best.safetensors")))
-    same_tensors(expected, load_file(str(fold / "model.safetensors")))
+    same_tensors(expected, load_file(str(fold / layout.BEST_WEIGHTS)))
+    same_tensors(expected, load_file(str(fold / layout.MODEL_WEIGHTS)))
 
 
 # --------------------------------------------------------------------------- killed submit.py
@@ -346,18 +355,18 @@ def test_sigkill_mid_submission_write_keeps_the_previous_file(tmp_path, capsys):
     args = [*TINY_ARGS, *base_args(data, tmp_path, "exp=e", "submit.folds=0")]
     exp = fake_experiment(args)
     submission.main(args)
-    first = (exp / "submission.csv").read_bytes()
+    first = (exp / layout.SUBMISSION).read_bytes()
 
     # Another retrieval embedding: another file, had the killed write gone through.
     other = [*args, "submit.retrieval=backbone"]
     killed(run_child(tmp_path, "submission-write", other), "writing submission.csv")
-    assert (exp / "submission.csv").read_bytes() == first
-    (stray,) = exp.glob(".submission.csv.*.tmp*")
+    assert (exp / layout.SUBMISSION).read_bytes() == first
+    (stray,) = exp.glob(f".{layout.SUBMISSION}.*.tmp*")
     assert 0 < stray.stat().st_size < len(first)
 
     # The stray file is ignored: the next submission is written and differs from the first.
     submission.main(other)
-    second = (exp / "submission.csv").read_bytes()
+    second = (exp / layout.SUBMISSION).read_bytes()
     assert second != first and len(second.splitlines()) == len(first.splitlines())
 
 
@@ -370,7 +379,7 @@ def test_full_disk_at_submission_keeps_the_previous_file(tmp_path, monkeypatch, 
     args = [*TINY_ARGS, *base_args(data, tmp_path, "exp=e", "submit.folds=0")]
     exp = fake_experiment(args)
     submission.main(args)
-    first = (exp / "submission.csv").read_bytes()
+    first = (exp / layout.SUBMISSION).read_bytes()
     real_to_csv = pd.DataFrame.to_csv
 
     def to_csv(self, path=None, *a, **k):
@@ -381,9 +390,9 @@ def test_full_disk_at_submission_keeps_the_previous_file(tmp_path, monkeypatch, 
     monkeypatch.setattr(pd.DataFrame, "to_csv", to_csv)
     err = cli_error(submission.main, [*args, "submit.retrieval=backbone"], capsys)
     reason = "no space left on the device" if code == errno.ENOSPC else "disk quota exceeded"
-    assert err.startswith(f"error: {exp / 'submission.csv'}: the disk is full ({reason})")
+    assert err.startswith(f"error: {exp / layout.SUBMISSION}: the disk is full ({reason})")
     assert "the earlier submission.csv is intact and the partial copy was removed" in err
-    assert (exp / "submission.csv").read_bytes() == first
+    assert (exp / layout.SUBMISSION).read_bytes() == first
     assert not temps(exp)
 
 
@@ -416,7 +425,7 @@ WRITERS = {
     # torch.save reports a full disk as a RuntimeError without errno (found: was a traceback)
     "checkpoint": lambda path, n: save_checkpoint(path, {"x": torch.zeros(n)}),
     # safetensors as a SafetensorError holding only the text of the error (found: the same)
-    "weights": lambda path, n: _save_weights({"x": torch.zeros(n)}, path),
+    "weights": lambda path, n: save_weights({"x": torch.zeros(n)}, path),
     "text": lambda path, n: atomic_write_text(path, "x" * 4 * n),
     "npz": lambda path, n: _savez(path, np.zeros(n, dtype=np.float32)),
 }
@@ -445,9 +454,9 @@ def test_full_real_disk_is_a_clear_error_and_keeps_the_earlier_file(small_disk, 
 
 def test_full_real_disk_while_appending_the_log(small_disk):
     disk = small_disk("64k")
-    log = disk / "log.csv"
+    log = disk / layout.TRAIN_LOG
     row = {"epoch": 0, "loss": 1.0, "lr": 0.1}
-    _append_log(log, row)
+    append_log(log, row)
     with pytest.raises(OSError), open(disk / "filler", "wb", buffering=0) as handle:
         while True:
             handle.write(b"\0" * 4096)
@@ -455,7 +464,7 @@ def test_full_real_disk_while_appending_the_log(small_disk):
     with pytest.raises(DiskFullError, match=f"{log}: the disk is full .*its earlier rows are "
                                             "kept and the checkpoint is intact"):
         for epoch in range(1, 1000):  # the last page of the file fills first
-            _append_log(log, {**row, "epoch": epoch})
+            append_log(log, {**row, "epoch": epoch})
     assert log.read_text().startswith(earlier)
 
 
@@ -468,18 +477,18 @@ def test_training_on_a_full_real_disk_stops_clearly_and_resumes(small_disk, demo
     resumes after epoch 1 and finishes."""
     disk = small_disk("300m")
     args = [*train_args(demo_dir, tmp_path, "full"), f"output_dir={disk}"]
-    fold = disk / "full" / "fold0"
+    fold = fold_path(args)
     err = cli_error(train.main, args, capsys)
-    assert err.startswith(f"error: {fold / 'checkpoint.pt'}: the disk is full")
+    assert err.startswith(f"error: {fold / layout.CHECKPOINT}: the disk is full")
     assert "the earlier checkpoint.pt is intact and the partial copy was removed" in err
-    assert load_checkpoint(fold / "checkpoint.pt")["epoch"] == 1
+    assert load_checkpoint(fold / layout.CHECKPOINT)["epoch"] == 1
     assert not temps(fold) and not (fold / LOCK_NAME).exists()
 
     small_disk("700m", remount=True)
     train.main(args)
     assert "resuming after epoch 1" in capsys.readouterr().out
-    assert pd.read_csv(fold / "log.csv")["epoch"].tolist() == [0, 1, 2, 3]
-    assert (fold / "metrics.json").is_file() and not (fold / "checkpoint.pt").exists()
+    assert pd.read_csv(fold / layout.TRAIN_LOG)["epoch"].tolist() == [0, 1, 2, 3]
+    assert (fold / layout.FOLD_METRICS).is_file() and not (fold / layout.CHECKPOINT).exists()
 
 
 # --------------------------------------------------------------------------- one fold, one run
@@ -502,43 +511,43 @@ def _start_holder(directory: Path):
 
 def test_a_fold_being_trained_is_refused_and_free_again_after(demo_dir, tmp_path, capsys):
     args = train_args(demo_dir, tmp_path, "busy", "train.epochs=1", "train.ema=false")
-    exp = tmp_path / "out" / "busy"
-    holder, release = _start_holder(exp / "fold0")
+    fold = fold_path(args)
+    holder, release = _start_holder(fold)
     try:
         err = cli_error(train.main, args, capsys)
         assert f"experiment 'busy', fold 0 is being trained by another process (pid " \
                f"{holder.pid} on host " in err
-        assert f"lock file {exp / 'fold0' / LOCK_NAME}" in err
-        assert not (exp / "fold0" / "checkpoint.pt").exists()
-        assert not (exp / "fold0" / "log.csv").exists()
-        with fold_lock(exp / "fold1", "fold 1"):  # another fold of the experiment is free
+        assert f"lock file {fold / LOCK_NAME}" in err
+        assert not (fold / layout.CHECKPOINT).exists()
+        assert not (fold / layout.TRAIN_LOG).exists()
+        with fold_lock(fold_path(args, 1), "fold 1"):  # another fold of the experiment is free
             pass
     finally:
         release.set()
         holder.join(60)
-    assert holder.exitcode == 0 and not (exp / "fold0" / LOCK_NAME).exists()
+    assert holder.exitcode == 0 and not (fold / LOCK_NAME).exists()
     train.main(args)
-    assert (exp / "fold0" / "metrics.json").is_file()
-    assert not (exp / "fold0" / LOCK_NAME).exists()
+    assert (fold / layout.FOLD_METRICS).is_file()
+    assert not (fold / LOCK_NAME).exists()
 
 
 def test_a_sigkilled_holder_leaves_no_blocking_lock(demo_dir, tmp_path):
     args = train_args(demo_dir, tmp_path, "stale", "train.epochs=1", "train.ema=false")
-    fold = tmp_path / "out" / "stale" / "fold0"
+    fold = fold_path(args)
     holder, _ = _start_holder(fold)
     os.kill(holder.pid, signal.SIGKILL)
     holder.join(60)
     assert holder.exitcode == -signal.SIGKILL
     assert (fold / LOCK_NAME).read_text().split()[0] == str(holder.pid)  # left behind
     train.main(args)
-    assert (fold / "metrics.json").is_file() and not (fold / LOCK_NAME).exists()
+    assert (fold / layout.FOLD_METRICS).is_file() and not (fold / LOCK_NAME).exists()
 
 
 def test_a_lock_on_a_removed_lock_file_is_not_taken_for_the_fold(tmp_path, monkeypatch):
     """The race a releasing holder opens: we open train.lock, the holder removes it and lets
     go, we lock the old file. Locking a file no one else can see is not holding the fold: the
     path is opened again, and the lock is then one a second process runs into."""
-    from src import lock
+    from jaguar_reid.training import lock
 
     real_open, opened = os.open, []
 
@@ -563,7 +572,7 @@ def test_two_train_sh_on_one_fold(demo_dir, tmp_path):
     `bash train.sh fold=0` starts; the second exits with status 2 and one line naming the
     experiment, the fold, the lock file and the first one's pid; the first finishes."""
     args = train_args(demo_dir, tmp_path, "twice", "train.epochs=2", "train.ema=false")
-    fold = tmp_path / "out" / "twice" / "fold0"
+    fold = fold_path(args)
     paused = tmp_path / "paused"
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -585,7 +594,7 @@ def test_two_train_sh_on_one_fold(demo_dir, tmp_path):
         paused.with_suffix(".go").write_text("")
         out, err = first.communicate(timeout=240)
     assert first.returncode == 0, err[-3000:]
-    assert pd.read_csv(fold / "log.csv")["epoch"].tolist() == [0, 1, 2]
+    assert pd.read_csv(fold / layout.TRAIN_LOG)["epoch"].tolist() == [0, 1, 2]
 
 
 # --------------------------------------------------------------------------- untrusted files
@@ -607,9 +616,9 @@ def test_bad_checkpoint_is_refused_in_one_line(demo_dir, tmp_path, capsys, conte
     message of several lines, advising `weights_only=False`, i.e. to run the code); a cut
     one is named too. Both in one `error:` line."""
     args = train_args(demo_dir, tmp_path, "evil", "train.epochs=1")
-    fold = tmp_path / "out" / "evil" / "fold0"
+    fold = fold_path(args)
     fold.mkdir(parents=True)
-    marker, path = tmp_path / "ran", fold / "checkpoint.pt"
+    marker, path = tmp_path / "ran", fold / layout.CHECKPOINT
     if content == "code":
         torch.save({"training_digest": "x", "epoch": 1, "x": _Payload(marker)}, path)
     else:

@@ -26,8 +26,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from src.config import Config, ConfigError, load_config, to_plain
-from src.data import (
+from jaguar_reid.config import Config, ConfigError, load_config, to_plain
+from jaguar_reid.data.folds import assign_closed_folds, assign_grouped_folds, read_folds
+from jaguar_reid.data.tables import (
     MISSING_MARKERS,
     SUBMISSION_COLUMNS,
     TEST_COLUMNS,
@@ -37,9 +38,13 @@ from src.data import (
     read_test_csv,
     read_train_csv,
 )
-from src.folds import assign_closed_folds, assign_grouped_folds, read_folds
-from src.metrics import identity_balanced_map, pair_roc_auc, per_identity_ap, per_query_ap
-from src.submission import build_submission, validate_submission, write_submission
+from jaguar_reid.retrieval.metrics import (
+    identity_balanced_map,
+    pair_roc_auc,
+    per_identity_ap,
+    per_query_ap,
+)
+from jaguar_reid.submission import build_submission, validate_submission, write_submission
 
 # Modest: the whole file runs in seconds on 2 shared cores. The function-scoped tmp_path is
 # shared by the examples of one test on purpose: each example overwrites its one file.

@@ -4,12 +4,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.data import DataError
-from src.embed import ensemble_embeddings, l2_normalize
-from src.metrics import identity_balanced_map, pair_roc_auc
-from src.postprocess import cosine_to_unit
-from src.postprocess import pair_cosine as pair_similarity
-from src.submission import (
+from jaguar_reid.data.tables import DataError
+from jaguar_reid.retrieval.embed import ensemble_embeddings, l2_normalize
+from jaguar_reid.retrieval.metrics import identity_balanced_map, pair_roc_auc
+from jaguar_reid.retrieval.postprocess import cosine_to_unit
+from jaguar_reid.retrieval.postprocess import pair_cosine as pair_similarity
+from jaguar_reid.submission import (
     build_submission,
     pair_indices,
     score_submission,

@@ -1,0 +1,167 @@
+"""Images: decoding (any mode, 16-bit too), alpha-mask modes, loaders and the dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from jaguar_reid.config import Config, ConfigError, declare_choices
+from jaguar_reid.data.tables import DataError
+
+ALPHA_MODES = declare_choices("data.alpha", ("rgb", "crop", "crop_fill", "crop_blur"))
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def to_rgba(img: Image.Image) -> np.ndarray:
+    """A loaded PIL image as (H, W, 4) uint8; alpha is 255 everywhere when it has none.
+    16-bit, grayscale and palette images are converted."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        # Pillow's 8-bit conversion clips 16-bit values; rescale instead.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.round(arr / top * 255).astype(np.uint8), mode="L")
+    return np.asarray(img.convert("RGBA"))
+
+
+def read_rgba(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+    """Any image file as (H, W, 4) uint8 (see `to_rgba`). An image of more than `max_pixels`
+    pixels (`data.max_pixels`) is refused before it is decoded: a small file can claim
+    gigapixels (a decompression bomb)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise DataError(f"{path}: {width}x{height} pixels, more than data.max_pixels="
+                                f"{max_pixels}; refused unread (decompression bomb guard)")
+            img.load()
+            return to_rgba(img)
+    except Image.DecompressionBombError as exc:
+        # Pillow's own guard, on open, far above its pixel limit; not an OSError.
+        raise DataError(f"{path}: refused unread: {exc}") from exc
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable image: {exc}") from exc
+
+
+def mask_box(alpha: np.ndarray, margin: float) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right) of the mask (alpha > 127), grown by `margin` x its size on
+    each side and clipped to the image; None for an empty mask."""
+    rows = np.flatnonzero((alpha > 127).any(axis=1))
+    cols = np.flatnonzero((alpha > 127).any(axis=0))
+    if len(rows) == 0:
+        return None
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    dy, dx = round((bottom - top) * margin), round((right - left) * margin)
+    height, width = alpha.shape
+    return max(0, top - dy), min(height, bottom + dy), max(0, left - dx), min(width, right + dx)
+
+
+def fill_background(rgba: np.ndarray, mode: str, fill: tuple[int, int, int] = (128, 128, 128),
+                    blur_radius: float = 0.05) -> np.ndarray:
+    """(H, W, 4) -> (H, W, 3): `crop_fill` paints outside the mask with `fill`; `crop_blur`
+    replaces it by a strong blur of the image (the animal stays sharp, the scene's colours
+    stay); other modes keep the RGB. `blur_radius` is a fraction of the image's long side."""
+    rgb = rgba[..., :3]
+    background = rgba[..., 3] <= 127
+    if mode not in ("crop_fill", "crop_blur") or not background.any():
+        return rgb
+    out = rgb.copy()
+    if mode == "crop_fill":
+        out[background] = fill
+    else:
+        radius = max(1.0, blur_radius * max(rgb.shape[:2]))
+        blurred = np.asarray(Image.fromarray(rgb).filter(ImageFilter.GaussianBlur(radius)))
+        out[background] = blurred[background]
+    return out
+
+
+def apply_alpha(rgba: np.ndarray, mode: str, margin: float = 0.05,
+                fill: tuple[int, int, int] = (128, 128, 128)) -> np.ndarray:
+    """(H, W, 4) -> (h, w, 3) RGB by the alpha mode:
+    `rgb` keeps the whole RGB; `crop` cuts to the mask's box (plus margin); `crop_fill` and
+    `crop_blur` also fill the background (see `fill_background`). An empty mask keeps the
+    whole image."""
+    if mode not in ALPHA_MODES:
+        raise ValueError(f"alpha mode must be one of {', '.join(ALPHA_MODES)}; got {mode!r}")
+    if mode == "rgb":
+        return rgba[..., :3]
+    box = mask_box(rgba[..., 3], margin)
+    if box is None:
+        return rgba[..., :3]
+    top, bottom, left, right = box
+    return fill_background(rgba[top:bottom, left:right], mode, fill)
+
+
+def load_image(path: str | Path, alpha: str = "rgb", margin: float = 0.05,
+               fill: tuple[int, int, int] = (128, 128, 128),
+               seed: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """An image as RGB, prepared by the alpha mode (see `apply_alpha`). `seed` is accepted so
+    every loader takes the same arguments; nothing here is random. `max_pixels`: see
+    `read_rgba`."""
+    return Image.fromarray(apply_alpha(read_rgba(path, max_pixels), alpha, margin, tuple(fill)))
+
+
+def load_cached(path: str | Path, alpha: str = "rgb",
+                fill: tuple[int, int, int] = (128, 128, 128),
+                blank_prob: float = 0.0, seed: int | None = None) -> Image.Image:
+    """A cached image (already cropped by the cache when the mode crops) as RGB: only the
+    background fill of the alpha mode is left to apply. With probability `blank_prob` the
+    background is painted black instead, as the competition's second round does to its test
+    images (a training augmentation; the draw comes from `seed`, the sampler's per-image seed,
+    so runs and resumed runs repeat it)."""
+    rgba = read_rgba(path)
+    if blank_prob > 0 and np.random.default_rng([int(seed or 0), 1]).random() < blank_prob:
+        return Image.fromarray(fill_background(rgba, "crop_fill", (0, 0, 0)))
+    return Image.fromarray(fill_background(rgba, alpha, fill))
+
+
+def image_loader(cfg: Config, cached: bool = False, train: bool = False):
+    """The image-loading callable for this config's alpha settings (picklable for workers):
+    from the preprocessing cache, or straight from the source files. `train` adds the
+    background-blanking augmentation (cache only: it needs the kept alpha)."""
+    if cached:
+        blank = cfg.train.bg_blank_prob if train else 0.0
+        return partial(load_cached, alpha=cfg.data.alpha, fill=tuple(cfg.data.fill),
+                       blank_prob=blank)
+    if train and cfg.train.bg_blank_prob > 0:
+        raise ConfigError("train.bg_blank_prob needs cache.enabled=true (the cache keeps the "
+                          "mask the augmentation paints with)")
+    return partial(load_image, alpha=cfg.data.alpha, margin=cfg.data.crop_margin,
+                   fill=tuple(cfg.data.fill), max_pixels=cfg.data.max_pixels)
+
+
+class ImageDataset(Dataset):
+    """Images with integer labels (-1 where unknown); yields (tensor, label, index).
+
+    An item is an index, or (index, seed) from the training sampler: the seed drives every
+    random draw for that image (background blanking, augmentations)."""
+
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int] | None, transform,
+                 load=load_image) -> None:
+        self.paths = list(paths)
+        self.load = load
+        self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
+        if len(self.labels) != len(self.paths):
+            raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        if isinstance(item, tuple):
+            index, seed = item
+            image = self.load(self.paths[index], seed=seed)
+            return self.transform(image, seed=seed), self.labels[index], index
+        image = self.load(self.paths[item])
+        return self.transform(image), self.labels[item], item

@@ -1,0 +1,1 @@
+"""Reporting: the leaderboard of runs and the report page of an experiment."""

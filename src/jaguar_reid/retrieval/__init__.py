@@ -1,0 +1,1 @@
+"""Retrieval: embeddings, metrics, re-ranking, post-processing, out-of-fold scoring and tuning."""

@@ -1,0 +1,75 @@
+"""What decides a trained fold: the training digest, free of paths and machine settings, so
+an experiment folder copied to another place or machine still skips its finished folds and
+resumes its checkpoints; and the content digest of a weights file, computed once per file."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+
+from jaguar_reid.config import Config, config_digest, to_plain
+from jaguar_reid.io_utils import atomic_write_json, file_lock, read_json
+from jaguar_reid.layout import WEIGHT_DIGESTS, cache_root
+
+# Keys that never change the trained weights: where things are, how fast, what happens after
+# training. Every other key decides the weights.
+NOT_DECIDING = ("exp", "exps", "models", "output_dir", "fold", "device", "parallel", "embed",
+                "post", "tune", "submit", "report", "data.dir", "data.num_workers",
+                "cache.workers", "folds.file", "model.weights", "train.overwrite",
+                "train.compile", "model.grad_checkpointing")
+_CHUNK = 1 << 24
+
+
+def _drop(plain: dict, dotted: str) -> None:
+    *parents, last = dotted.split(".")
+    node = plain
+    for part in parents:
+        node = node.get(part, {})
+    node.pop(last, None)
+
+
+def folds_digest(folds_df: pd.DataFrame) -> str:
+    """The fold assignment itself (file name -> fold), whichever file it was read from."""
+    text = "\n".join(f"{n},{f}" for n, f in zip(folds_df["filename"], folds_df["fold"],
+                                                  strict=True))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def training_digest(cfg: Config, folds_df: pd.DataFrame) -> str:
+    """Digest of what decides the trained weights: the recipe, the fold assignment and the
+    starting weights' content (`model.weights` by its bytes, not its path)."""
+    plain = to_plain(cfg)
+    for dotted in NOT_DECIDING:
+        _drop(plain, dotted)
+    plain["folds_digest"] = folds_digest(folds_df)
+    plain["weights_digest"] = weights_digest(cfg, cfg.model.weights) if cfg.model.weights else ""
+    return config_digest(Config(plain))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_digest(cfg: Config, path: str | Path) -> str:
+    """sha256 of a file's bytes, remembered in `<output_dir>/cache/weight_digests.json` by
+    (path, size, modification time): 1.2 GB of EVA-02 L weights is read once, not per run."""
+    path = Path(path)
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    index = cache_root(cfg) / WEIGHT_DIGESTS
+    known = read_json(index) if index.is_file() else {}
+    if key in known:
+        return known[key]
+    value = _sha256(path)
+    index.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(index.with_name(index.name + ".lock")):
+        merged = read_json(index) if index.is_file() else {}
+        merged[key] = value
+        atomic_write_json(index, merged)
+    return value

@@ -1,0 +1,131 @@
+"""Several processes for one run: data-parallel folds through torchrun, or folds side by side.
+
+`bash train.sh fold=0 gpus=N` re-launches training under `torchrun` with N processes
+(DistributedDataParallel; NCCL on CUDA, gloo on CPU); `bash train.sh fold=0..4 gpus=N
+parallel=folds` runs up to N single-process folds at once, fold i on GPU i mod N. In both cases
+the parent prepares the shared inputs (image cache, folds file) first, so the children only read
+them, and only rank 0 of a data-parallel run writes anything.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from jaguar_reid.config import declare_choices
+from jaguar_reid.layout import PACKAGE_PARENT
+
+# Set by the launcher in a fold-parallel child: train its fold, leave the experiment report to
+# the parent.
+PARALLEL_MODES = declare_choices("parallel", ("data", "folds"))  # with gpus > 1
+CHILD_ENV = "REID_FOLD_CHILD"
+TRAIN_MODULE = "jaguar_reid.train"  # the command the launchers start (by name: no import)
+
+
+def launched_by_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, world size, local rank); (0, 1, 0) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    return 0, 1, 0
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def init(device: str) -> str:
+    """Join the torchrun process group; returns this rank's device."""
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return f"cuda:{local_rank}"
+    dist.init_process_group("gloo")
+    return device
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_flag(flag: bool) -> bool:
+    """Rank 0's decision (early stop) to every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    tensor = torch.tensor([int(flag)])
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
+def _child_env(**extra: str) -> dict[str, str]:
+    # The children import this copy of the package, wherever they are started from.
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{PACKAGE_PARENT}{os.pathsep + path if path else ''}",
+            **extra}
+
+
+def launch_data_parallel(argv: Sequence[str], n_proc: int) -> None:
+    """Run `python -m jaguar_reid.train argv` under torchrun, `n_proc` processes here."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={n_proc}", "-m", TRAIN_MODULE, *argv]
+    print(f"launching {n_proc} data-parallel processes: {' '.join(cmd[1:])}", flush=True)
+    result = subprocess.run(cmd, check=False, env=_child_env())
+    if result.returncode:
+        raise RuntimeError(f"data-parallel training failed (exit code {result.returncode}); "
+                           "see the messages above")
+
+
+def launch_fold_parallel(argv: Sequence[str], folds: Sequence[int | str], n_slots: int,
+                         log_dir: Path, cuda: bool) -> None:
+    """One single-process `jaguar_reid.train` per fold, at most `n_slots` at a time; fold i runs on
+    GPU slot i mod n_slots. Each child's output goes to `log_dir/fold<k>.out`."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    queue = list(folds)
+    running: dict[int, tuple[subprocess.Popen, int | str, Path]] = {}
+    failed: list[str] = []
+    while queue or running:
+        free = [slot for slot in range(n_slots) if slot not in running]
+        while queue and free:
+            fold, slot = queue.pop(0), free.pop(0)
+            env = _child_env(**{CHILD_ENV: "1"})
+            if cuda:
+                env["CUDA_VISIBLE_DEVICES"] = str(slot)
+            out = log_dir / f"fold{fold}.out"
+            cmd = [sys.executable, "-m", TRAIN_MODULE, *argv, f"fold={fold}", "gpus=1"]
+            with open(out, "w") as handle:
+                proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
+            print(f"fold {fold}: started on slot {slot} (log {out})", flush=True)
+            running[slot] = (proc, fold, out)
+        for slot, (proc, fold, out) in list(running.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del running[slot]
+            if code:
+                failed.append(f"fold {fold} (exit code {code}, log {out})")
+                tail = out.read_text(errors="replace").splitlines()[-5:]
+                print(f"fold {fold}: FAILED\n  " + "\n  ".join(tail), flush=True)
+            else:
+                print(f"fold {fold}: finished", flush=True)
+        time.sleep(0.2)
+    if failed:
+        raise RuntimeError("fold-parallel training failed: " + "; ".join(failed))

@@ -1,0 +1,260 @@
+"""Re-ID network: timm backbone -> pooling -> (dropout) Linear+BatchNorm neck -> margin head.
+
+Pooling is GeM over a CNN's feature map, or over a ViT's patch tokens, optionally with the
+class token (`model.tokens`). The head (ArcFace, sub-centre ArcFace, per-identity dynamic
+margins) exists only for the training loss. Retrieval uses the neck's output, the pooled
+backbone features, or both (`model.retrieval`), chosen out of fold: a fresh neck can be worse
+than the pretrained features it sits on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from jaguar_reid.config import Config, declare_choices
+from jaguar_reid.io_utils import UserInputError
+
+
+class WeightsError(UserInputError):
+    """A weights file that cannot be used; the message names it."""
+
+TOKEN_MODES = declare_choices("model.tokens", ("patches", "cls", "both"))
+RETRIEVAL_MODES = declare_choices("model.retrieval", ("neck", "backbone", "both"))
+
+
+class GeM(nn.Module):
+    """Generalised mean pooling with a learnable exponent p (p=1: mean, p->inf: max).
+
+    Takes a CNN feature map (B, C, H, W) or ViT patch tokens (B, N, C) and returns (B, C).
+    Activations are clamped at `eps` because x**p is undefined for negatives.
+    """
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.clamp(min=1.0)
+        if x.ndim == 4:
+            pooled = x.float().clamp(min=self.eps).pow(p).mean(dim=(2, 3))
+        elif x.ndim == 3:
+            pooled = x.float().clamp(min=self.eps).pow(p).mean(dim=1)
+        else:
+            raise ValueError(f"GeM expects (B, C, H, W) or (B, N, C), got shape {tuple(x.shape)}")
+        return pooled.pow(1.0 / p)
+
+
+def dynamic_margins(counts: Sequence[int], m_max: float, m_min: float,
+                    power: float = 0.25) -> np.ndarray:
+    """Per-identity margins from image counts: n**-power rescaled so the rarest identity gets
+    `m_max` and the commonest `m_min` (dynamic margins of the Google Landmark 2020 winners:
+    a rare class has few samples to pull its centre, so it is asked for a wider gap)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if len(counts) == 0 or (counts < 1).any():
+        raise ValueError("dynamic margins need a count of at least 1 for every identity")
+    weight = counts ** -power
+    span = weight.max() - weight.min()
+    if span == 0:
+        return np.full(len(counts), m_max)
+    return m_min + (m_max - m_min) * (weight - weight.min()) / span
+
+
+class ArcFace(nn.Module):
+    """Additive angular margin head (Deng et al. 2019): logits s*cos(theta + m) for the true
+    class, s*cos(theta) for the others.
+
+    `subcenters` k > 1 gives sub-centre ArcFace (Deng et al. 2020): k centres per identity, the
+    class cosine is the closest centre's, so a few odd pictures do not drag the main centre.
+    `margins` (one per class) replaces the single m, for dynamic margins.
+    """
+
+    def __init__(self, in_features: int, n_classes: int, s: float = 30.0, m: float = 0.5,
+                 subcenters: int = 1, margins: Sequence[float] | None = None) -> None:
+        super().__init__()
+        if subcenters < 1:
+            raise ValueError(f"subcenters must be at least 1; got {subcenters}")
+        self.n_classes, self.subcenters, self.s = n_classes, subcenters, s
+        self.weight = nn.Parameter(torch.empty(n_classes * subcenters, in_features))
+        nn.init.xavier_uniform_(self.weight)
+        per_class = torch.full((n_classes,), float(m)) if margins is None else \
+            torch.as_tensor(margins, dtype=torch.float32)
+        if per_class.shape != (n_classes,):
+            raise ValueError(f"{len(per_class)} margins for {n_classes} classes")
+        # A buffer: saved with the weights, so a loaded model keeps its margins.
+        self.register_buffer("margins", per_class.float())
+
+    def cosine(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, n_classes) cosine to each class (its closest sub-centre)."""
+        cos = F.linear(F.normalize(emb.float()), F.normalize(self.weight.float()))
+        if self.subcenters > 1:
+            cos = cos.view(-1, self.n_classes, self.subcenters).amax(dim=2)
+        return cos
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        cosine = self.cosine(emb)
+        m = self.margins[labels].unsqueeze(1)  # (B, 1): each sample's own class margin
+        target = cosine.gather(1, labels.unsqueeze(1))
+        sine = torch.sqrt((1.0 - target.pow(2)).clamp(min=1e-7))
+        phi = target * torch.cos(m) - sine * torch.sin(m)
+        # Past theta = pi - m, cos(theta + m) stops decreasing; the usual linear extension keeps
+        # the target logit monotone in theta.
+        phi = torch.where(target > torch.cos(torch.pi - m), phi,
+                          target - torch.sin(torch.pi - m) * m)
+        return self.s * cosine.scatter(1, labels.unsqueeze(1), phi)
+
+
+def _check_weights_only(path: Path) -> None:
+    """Refuse a pickled file that holds anything but tensors and plain containers, before any
+    loader (whatever its version's defaults) unpickles it: a .pth can carry code."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"model.weights: {path} cannot be read as plain weights "
+                         f"(torch.load weights_only=True refused it: {type(exc).__name__}); "
+                         "convert it to .safetensors, or to a state dict of tensors") from None
+
+
+def create_backbone(cfg: Config) -> nn.Module:
+    """A timm backbone without classifier or pooling, from a local weights file, timm's hub, or
+    random initialisation, in that order of preference."""
+    kwargs: dict = {"num_classes": 0, "global_pool": ""}
+    weights = cfg.model.weights
+    if weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.weights: file not found: {weights}")
+        if path.suffix != ".safetensors":
+            _check_weights_only(path)
+        # timm's own loader: drops the classifier, adapts position embeddings to img_size.
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    else:
+        kwargs["pretrained"] = bool(cfg.model.pretrained)
+    try:
+        backbone = timm.create_model(cfg.model.backbone, img_size=cfg.data.img_size, **kwargs)
+    except TypeError:
+        # CNNs take any input size and have no img_size argument.
+        backbone = timm.create_model(cfg.model.backbone, **kwargs)
+    except RuntimeError as exc:
+        raise RuntimeError(f"model.backbone={cfg.model.backbone!r}: {exc}") from exc
+    return backbone
+
+
+class ReIDModel(nn.Module):
+    def __init__(self, backbone: nn.Module, embed_dim: int, head: nn.Module, gem_p: float = 3.0,
+                 tokens: str = "patches", neck_dropout: float = 0.0) -> None:
+        super().__init__()
+        if tokens not in TOKEN_MODES:
+            raise ValueError(f"tokens must be one of {', '.join(TOKEN_MODES)}; got {tokens!r}")
+        self.backbone = backbone
+        self.pool = GeM(gem_p)
+        # ViTs prepend class/register tokens; GeM pools the patch tokens only.
+        self.n_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0))
+        self.has_cls = bool(getattr(backbone, "cls_token", None) is not None)
+        self.tokens = tokens
+        self.n_features = backbone.num_features * (2 if tokens == "both" else 1)
+        self.neck = nn.Sequential(nn.Dropout(neck_dropout),
+                                  nn.Linear(self.n_features, embed_dim, bias=False),
+                                  nn.BatchNorm1d(embed_dim))
+        self.head = head
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> pooled backbone features (B, n_features), float32."""
+        features = self.backbone.forward_features(x)
+        if features.ndim == 4:  # CNN feature map: `tokens` does not apply
+            return self.pool(features)
+        if self.tokens != "patches" and not self.has_cls:
+            raise ValueError(f"model.tokens={self.tokens!r} needs a class token, which this "
+                             "backbone does not have")
+        parts = []
+        if self.tokens in ("patches", "both"):
+            parts.append(self.pool(features[:, self.n_prefix_tokens:]))
+        if self.tokens in ("cls", "both"):
+            parts.append(features[:, 0].float())
+        return torch.cat(parts, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> embeddings (B, embed_dim), not normalised."""
+        return self.neck(self.pooled(x))
+
+    def embed(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every retrieval embedding from one forward pass, each L2-normalised: `neck`,
+        `backbone` (the pooled features) and `both` (the two side by side, whose cosine is the
+        mean of the two cosines)."""
+        pooled = self.pooled(x)
+        out = {"neck": F.normalize(self.neck(pooled).float(), dim=1),
+               "backbone": F.normalize(pooled.float(), dim=1)}
+        out["both"] = F.normalize(torch.cat([out["neck"], out["backbone"]], dim=1), dim=1)
+        return out
+
+
+class TrainStep(nn.Module):
+    """Images and labels -> ArcFace logits in one forward, so DistributedDataParallel sees
+    every trained parameter (backbone, pooling, neck and head) in one call."""
+
+    def __init__(self, model: ReIDModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.model(images), labels)
+
+
+def build_head(cfg: Config, n_classes: int, counts: Sequence[int] | None = None) -> ArcFace:
+    margins = None
+    if cfg.model.dynamic_margin and counts is not None:
+        margins = dynamic_margins(counts, cfg.model.arcface_m, cfg.model.arcface_m_min)
+    return ArcFace(cfg.model.embed_dim, n_classes, cfg.model.arcface_s, cfg.model.arcface_m,
+                   cfg.model.subcenters, margins)
+
+
+def build_model(cfg: Config, n_classes: int, counts: Sequence[int] | None = None) -> ReIDModel:
+    """The model for training. `counts` (images per class) feeds the dynamic margins."""
+    if cfg.model.backbone and not cfg.model.weights and not cfg.model.pretrained:
+        print(f"note: {cfg.model.backbone} starts from random initialisation "
+              "(set model.weights=PATH to a local weights file)")
+    if cfg.model.dynamic_margin and counts is None:
+        raise ValueError("model.dynamic_margin needs the image count of every class")
+    backbone = create_backbone(cfg)
+    if cfg.model.grad_checkpointing and hasattr(backbone, "set_grad_checkpointing"):
+        backbone.set_grad_checkpointing(True)
+    return ReIDModel(backbone, cfg.model.embed_dim, build_head(cfg, n_classes, counts),
+                     cfg.model.gem_p, cfg.model.tokens, cfg.model.neck_dropout)
+
+
+def load_trained_model(cfg: Config, weights_path: str | Path) -> ReIDModel:
+    """A trained fold model from its safetensors file (never unpickles anything)."""
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"{weights_path}: unreadable weights file ({exc}); train the fold "
+                           "again") from None
+    if "head.weight" not in state or "head.margins" not in state:
+        raise WeightsError(f"{weights_path}: not a model saved by this pipeline (no head "
+                           "weights)")
+    n_classes = state["head.margins"].shape[0]
+    # The saved weights replace the backbone's, so no pretrained file is needed (or read) here.
+    arch_cfg = Config({**cfg, "model": Config({**cfg.model, "weights": "", "pretrained": False,
+                                               "grad_checkpointing": False})})
+    model = ReIDModel(create_backbone(arch_cfg), cfg.model.embed_dim,
+                      build_head(arch_cfg, n_classes), cfg.model.gem_p, cfg.model.tokens,
+                      cfg.model.neck_dropout)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # same names, other shapes
+        raise WeightsError(f"{weights_path}: does not fit model.backbone="
+                           f"{cfg.model.backbone!r}: {exc}") from None
+    if missing or unexpected:
+        raise WeightsError(f"{weights_path}: does not fit model.backbone="
+                           f"{cfg.model.backbone!r} (missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]})")
+    return model

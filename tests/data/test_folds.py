@@ -1,0 +1,144 @@
+"""Fold splitters: identity-disjoint or stratified, balanced, seeded and platform-independent."""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from jaguar_reid.config import load_config
+from jaguar_reid.data.folds import (
+    assign_closed_folds,
+    assign_grouped_folds,
+    load_or_create_folds,
+    stable_key,
+)
+from jaguar_reid.data.tables import DataError
+
+
+def long_tailed_labels(n_ids: int = 31, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    counts = np.clip((183 * rng.pareto(1.5, n_ids) / 3).astype(int) + 13, 13, 183)
+    return np.repeat([f"id{i:02d}" for i in range(n_ids)], counts)
+
+
+def test_grouped_folds_are_identity_disjoint_and_balanced():
+    labels = long_tailed_labels()
+    folds = assign_grouped_folds(labels, 5, seed=42)
+    for identity in np.unique(labels):
+        assert len(np.unique(folds[labels == identity])) == 1
+    sizes = np.bincount(folds, minlength=5)
+    assert (sizes > 0).all()
+    # Greedy placement keeps folds within one identity's image count of each other.
+    _, counts = np.unique(labels, return_counts=True)
+    assert sizes.max() - sizes.min() <= counts.max()
+
+
+def test_closed_folds_spread_every_identity():
+    labels = long_tailed_labels()
+    folds = assign_closed_folds(labels, 5, seed=42)
+    for identity in np.unique(labels):
+        per_fold = np.bincount(folds[labels == identity], minlength=5)
+        assert per_fold.max() - per_fold.min() <= 1  # stratified
+    sizes = np.bincount(folds, minlength=5)
+    assert sizes.max() - sizes.min() <= 5
+
+
+def test_closed_folds_keep_groups_together():
+    labels = np.repeat(["a", "b", "c"], [10, 8, 7])
+    groups = np.array([f"{label}{i // 2}" for i, label in enumerate(labels)])  # pairs
+    folds = assign_closed_folds(labels, 3, seed=1, groups=groups)
+    for group in np.unique(groups):
+        assert len(np.unique(folds[groups == group])) == 1
+    with pytest.raises(ValueError, match="mixes identities"):
+        assign_closed_folds(labels, 3, seed=1, groups=np.zeros(len(labels)))
+
+
+def test_small_identities_do_not_pile_into_fold_zero():
+    labels = np.array([f"id{i}" for i in range(10)])  # ten identities of one image
+    folds = assign_closed_folds(labels, 5, seed=0)
+    assert np.bincount(folds, minlength=5).tolist() == [2, 2, 2, 2, 2]
+
+
+def test_same_seed_same_split_other_seed_other_split():
+    labels = long_tailed_labels()
+    a = assign_grouped_folds(labels, 5, seed=7)
+    assert (a == assign_grouped_folds(labels, 5, seed=7)).all()
+    assert (a != assign_grouped_folds(labels, 5, seed=8)).any()
+    c = assign_closed_folds(labels, 5, seed=7)
+    assert (c == assign_closed_folds(labels, 5, seed=7)).all()
+    assert (c != assign_closed_folds(labels, 5, seed=8)).any()
+
+
+def test_split_does_not_depend_on_row_order():
+    labels = long_tailed_labels()
+    perm = np.random.default_rng(3).permutation(len(labels))
+    a = assign_grouped_folds(labels, 5, seed=7)
+    b = assign_grouped_folds(labels[perm], 5, seed=7)
+    assert (a[perm] == b).all()
+
+
+def test_split_is_pinned_across_machines():
+    # Frozen expectation: the split must not change with numpy/pandas/Python versions.
+    labels = np.repeat([f"id{i}" for i in range(8)], [9, 7, 6, 5, 4, 3, 3, 2])
+    grouped = assign_grouped_folds(labels, 3, seed=42)
+    closed = assign_closed_folds(labels, 3, seed=42)
+    digest = hashlib.sha256(grouped.tobytes() + closed.tobytes()).hexdigest()[:16]
+    assert stable_key(42, "id0") == int.from_bytes(
+        hashlib.sha256(b"42\x00id0").digest()[:8], "big")
+    assert digest == PINNED_DIGEST
+
+
+PINNED_DIGEST = "634322ab897394ee"
+
+
+def test_too_few_identities_or_images_is_a_clear_error():
+    with pytest.raises(ValueError, match="at least 5 identities"):
+        assign_grouped_folds(np.array(["a", "a", "b", "c", "d"]), 5, seed=0)
+    with pytest.raises(ValueError, match="at least 5 images"):
+        assign_closed_folds(np.array(["a", "a", "b"]), 5, seed=0)
+
+
+def _write_train(root: Path, labels: list[str]) -> pd.DataFrame:
+    df = pd.DataFrame({"filename": [f"train_{i:04d}.png" for i in range(len(labels))],
+                       "ground_truth": labels})
+    root.mkdir(parents=True, exist_ok=True)
+    df.to_csv(root / "train.csv", index=False)
+    return df
+
+
+def test_folds_file_written_once_and_checked(tmp_path: Path):
+    labels = [f"id{i % 7}" for i in range(40)]
+    _write_train(tmp_path / "data", labels)
+    folds_file = tmp_path / "folds.csv"
+    cfg = load_config([f"data.dir={tmp_path / 'data'}", f"folds.file={folds_file}",
+                       "folds.dup_threshold=-1"])
+    first = load_or_create_folds(cfg)
+    assert list(first.columns) == ["filename", "ground_truth", "fold", "group"]
+    assert folds_file.is_file()
+    stamp = folds_file.stat().st_mtime_ns
+    again = load_or_create_folds(cfg)
+    assert folds_file.stat().st_mtime_ns == stamp  # read, not rewritten
+    pd.testing.assert_frame_equal(first, again)
+
+    # train.csv changed under the saved split: refuse rather than score against a stale split
+    _write_train(tmp_path / "data", labels + ["id0"])
+    with pytest.raises(DataError, match="does not match train.csv"):
+        load_or_create_folds(cfg)
+    _write_train(tmp_path / "data", ["id9"] + labels[1:])
+    with pytest.raises(DataError, match="label of 'train_0000.png'"):
+        load_or_create_folds(cfg)
+    cfg5 = load_config([f"data.dir={tmp_path / 'data'}", f"folds.file={folds_file}",
+                        "folds.n_folds=4", "folds.dup_threshold=-1"])
+    _write_train(tmp_path / "data", labels)
+    with pytest.raises(DataError, match="folds.n_folds=4"):
+        load_or_create_folds(cfg5)
+
+
+def test_too_few_identities_names_train_csv(tmp_path: Path):
+    _write_train(tmp_path / "data", ["a", "a", "b", "b"])
+    cfg = load_config([f"data.dir={tmp_path / 'data'}", f"folds.file={tmp_path / 'f.csv'}",
+                       "folds.dup_threshold=-1"])
+    with pytest.raises(DataError, match=r"train\.csv.*at least 5 identities"):
+        load_or_create_folds(cfg)

@@ -1,0 +1,328 @@
+"""Experiment report: pure helpers, and the page built from a tiny fake experiment (files in
+the formats training, scoring, post-processing and submit.py write; no model is trained)."""
+
+import base64
+import io
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaguar_reid.config import load_config, save_config
+from jaguar_reid.io_utils import atomic_write_json, read_json
+from jaguar_reid.reporting.analysis import (
+    cosine_matrix,
+    identity_ap_rows,
+    pair_similarities,
+    roc_points,
+    top_k_gallery,
+    worst_query_order,
+)
+from jaguar_reid.reporting.leaderboard import code_version
+from jaguar_reid.reporting.plots import FIGURES, plot_roc, plot_similarity_histograms
+from jaguar_reid.reporting.report import build_report, main
+from jaguar_reid.retrieval.metrics import (
+    identity_balanced_map,
+    pair_roc_auc,
+    per_identity_ap,
+    per_query_ap,
+)
+from jaguar_reid.retrieval.scoring import score_experiment
+
+# jaguar_reid.training.loop.LOG_FIELDS, written out so this test does not import torch.
+LOG_FIELDS = ["epoch", "loss", "lr", "pair_auc", "map", "pair_auc_neck", "map_neck",
+              "pair_auc_backbone", "map_backbone", "pair_auc_both", "map_both",
+              "images_per_s", "seconds"]
+IDS_PER_FOLD, IMAGES_PER_ID = 3, 4
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+def test_roc_area_equals_pair_auc_with_ties():
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(5), 4)
+    emb = rng.normal(size=(20, 6))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    sim = np.round(cosine_matrix(emb), 1)  # coarse values: many tied pairs
+    pos, neg = pair_similarities(sim, labels)
+    assert pos.size == 5 * 6 and neg.size == 20 * 19 // 2 - 30
+    fpr, tpr = roc_points(pos, neg)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(pair_roc_auc(sim, labels), abs=1e-12)
+
+
+def test_worst_queries_and_top_k():
+    ap = np.array([0.5, np.nan, 0.2, 0.5, 1.0])
+    assert worst_query_order(ap, 3).tolist() == [2, 0, 3]
+    assert worst_query_order(ap, 0).tolist() == []
+    sim_row = np.array([9.0, 0.1, 0.7, 0.3])
+    assert top_k_gallery(sim_row, 0, 2).tolist() == [2, 3]  # the query itself is left out
+
+
+def test_identity_rows_match_per_identity_ap():
+    rng = np.random.default_rng(2)
+    labels = np.array(["a", "a", "a", "b", "b", "c"])
+    sim = cosine_matrix(rng.normal(size=(6, 4)))
+    rows = identity_ap_rows(per_query_ap(sim, labels), labels)
+    expected = per_identity_ap(sim, labels)
+    assert {r["identity"]: r["ap"] for r in rows[:2]} == pytest.approx(expected)
+    assert [r["ap"] for r in rows[:2]] == sorted(expected.values())
+    assert rows[-1]["identity"] == "c" and np.isnan(rows[-1]["ap"])  # one image: unscored last
+    assert {r["identity"]: r["images"] for r in rows} == {"a": 3, "b": 2, "c": 1}
+
+
+def test_figures_survive_degenerate_folds():
+    # A fold whose identities have one image each has no positive pair; one of tied values.
+    no_pos, tied = (np.array([]), np.array([0.2, 0.3])), (np.array([0.5]), np.array([0.5]))
+    png = plot_similarity_histograms([("0", *no_pos), ("1", *tied)])
+    fpr, tpr = roc_points(*no_pos)
+    png_roc = plot_roc([("0", fpr, tpr, float("nan"))])
+    for data in (png, png_roc):
+        with Image.open(io.BytesIO(data)) as img:
+            assert img.format == "PNG" and img.width > 0
+
+
+# --------------------------------------------------------------------------- fake experiment
+
+def _write_image(path: Path, colour: tuple[int, int, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (24, 16), colour).save(path)
+
+
+def make_experiment(root: Path, folds=(0, 1), log_folds=(0,), extras=True, images=True):
+    """output/fake/ with `folds` finished (3 identities x 4 images each), a data folder with
+    train.csv and the images, oof_scores.json from the real scorer and, with `extras`,
+    postprocess.json and submission.scores.json. Returns the config."""
+    rng = np.random.default_rng(0)
+    data_dir, out = root / "data", root / "output"
+    cfg = load_config([f"output_dir={out}", "exp=fake", f"data.dir={data_dir}",
+                       "report.top_k=3", "report.worst_queries=2"])
+    exp_dir = out / "fake"
+    exp_dir.mkdir(parents=True)
+    save_config(cfg, exp_dir / "config.yaml")
+    rows = []
+    for fold in folds:
+        labels = np.repeat([f"id{fold}{i}" for i in range(IDS_PER_FOLD)], IMAGES_PER_ID)
+        names = np.array([f"img_{fold}_{n}.jpg" for n in range(len(labels))])
+        centres = rng.normal(size=(IDS_PER_FOLD, 8))
+        emb = np.repeat(centres, IMAGES_PER_ID, axis=0) + rng.normal(size=(len(labels), 8))
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        fold_dir = exp_dir / f"fold{fold}"
+        fold_dir.mkdir()
+        np.savez(fold_dir / "val_embeddings.npz", embeddings=emb, neck=emb, backbone=emb,
+                 both=emb, filenames=names, labels=labels)
+        atomic_write_json(fold_dir / "metrics.json", {
+            "fold": fold, "weights": "last", "best_epoch": 2, "epochs_run": 3,
+            "processes": 1, "retrieval": "neck", "device": "cpu", "seconds": 1.5,
+            "training_digest": f"digest{fold}"})
+        save_config(cfg, fold_dir / "config.yaml")
+        if fold in log_folds:
+            lines = [",".join(LOG_FIELDS)]
+            for epoch in range(4):
+                values = [epoch, "nan" if epoch == 0 else 3.0 / epoch, 1e-3 * (epoch > 0),
+                          0.8 + 0.05 * epoch, 0.5 + 0.1 * epoch, *[0.7] * 6, 10.0, epoch]
+                lines.append(",".join(str(v) for v in values))
+            (fold_dir / "log.csv").write_text("\n".join(lines) + "\n")
+        if images:
+            for name, label in zip(names, labels, strict=True):
+                _write_image(data_dir / "train" / name, tuple(int(c) for c in rng.integers(
+                    0, 255, 3)))
+                rows.append(f"{name},{label}")
+    if images:
+        (data_dir / "train.csv").write_text("filename,ground_truth\n" + "\n".join(rows) + "\n")
+    score_experiment(exp_dir, quiet=True)
+    if extras:
+        atomic_write_json(exp_dir / "postprocess.json", {
+            "metric": "map", "settings": {"qe": {"k": 2}},
+            "steps": [
+                {"step": "raw", "settings": {}, "map": 0.41111, "pair_auc": 0.81111,
+                 "kept": True, "per_fold": [{"fold": 0, "map": 0.40001, "pair_auc": 0.8},
+                                            {"fold": 1, "map": 0.42221, "pair_auc": 0.82}]},
+                {"step": "qe", "settings": {"k": 2}, "map": 0.45561, "pair_auc": 0.83333,
+                 "kept": True, "per_fold": [], "description": "query expansion k=2"},
+                {"step": "closed", "skipped": True, "why": "grouped folds"},
+                {"step": "tuned", "settings": {"qe": {"k": 2}}, "map": 0.46789,
+                 "pair_auc": 0.84321, "kept": True,
+                 "per_fold": [{"fold": 0, "map": 0.45671, "pair_auc": 0.83456},
+                              {"fold": 1, "map": 0.47907, "pair_auc": 0.85186}]},
+            ]})
+        atomic_write_json(exp_dir / "submission.scores.json", {
+            "submission": str(exp_dir / "submission.csv"), "rows": 10, "folds": [0, 1],
+            "test": {"map": 0.37531, "pair_auc": 0.79135},
+            "oof": read_json(exp_dir / "oof_scores.json")["mean"]})
+    return cfg
+
+
+class _Page(HTMLParser):
+    """Every <img src>, every src/href value, the ids of the sections, the table cells."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images, self.links, self.ids, self.cells = [], [], [], []
+        self._in_cell = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.links += [v for k, v in attrs.items() if k in ("src", "href") and v]
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        if "id" in attrs:
+            self.ids.append(attrs["id"])
+        if tag == "td":
+            self._in_cell = True
+            self.cells.append("")
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self._in_cell = False
+
+    def handle_data(self, data):
+        if self._in_cell:
+            self.cells[-1] += data
+
+
+def parse_page(path: Path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text())
+    return page
+
+
+def decoded_images(page: _Page) -> list[Image.Image]:
+    images = []
+    prefix = "data:image/png;base64,"
+    for src in page.images:
+        assert src.startswith(prefix), f"image not embedded as base64 PNG: {src[:60]}"
+        with Image.open(io.BytesIO(base64.b64decode(src[len(prefix):]))) as img:
+            img.load()
+            assert img.format == "PNG" and img.width > 0 and img.height > 0
+            images.append(img)
+    return images
+
+
+def worst_query(exp_dir: Path, folds) -> tuple[str, float]:
+    """The lowest-AP query over the folds, computed here from the embeddings themselves."""
+    worst = ("", 2.0)
+    for fold in folds:
+        with np.load(exp_dir / f"fold{fold}" / "val_embeddings.npz") as data:
+            emb, labels, names = data["embeddings"], data["labels"], data["filenames"]
+        ap = per_query_ap(emb @ emb.T, labels)
+        q = int(np.nanargmin(ap))
+        if ap[q] < worst[1]:
+            worst = (str(names[q]), float(ap[q]))
+    return worst
+
+
+def test_report_holds_every_section_with_its_numbers(tmp_path):
+    cfg = make_experiment(tmp_path)
+    exp_dir = tmp_path / "output" / "fake"
+    worst_name, worst_ap = worst_query(exp_dir, (0, 1))
+    (tmp_path / "data" / "train" / worst_name).unlink()  # the strip shows a placeholder
+
+    index = build_report(cfg)
+
+    assert index == exp_dir / "report" / "index.html"
+    html = index.read_text()
+    summary = (index.parent / "summary.md").read_text()
+    page = parse_page(index)
+    for section in ("missing", "scores", "cv-test", "postprocess", "training", "roc",
+                    "identities", "worst-queries", "config"):
+        assert section in page.ids
+
+    oof = read_json(exp_dir / "oof_scores.json")
+    for fold in oof["folds"]:
+        for text in (f"{fold['map']:.4f}", f"{fold['pair_auc']:.4f}"):
+            assert text in page.cells and f" {text} " in summary
+    for text in (f"{oof['mean']['map']:.4f}", f"{oof['mean']['pair_auc']:.4f}"):
+        assert text in page.cells and f" {text} " in summary
+    post = read_json(exp_dir / "postprocess.json")
+    tuned = post["steps"][-1]
+    for fold in tuned["per_fold"]:
+        assert f"{fold['map']:.4f}" in page.cells and f"{fold['pair_auc']:.4f}" in page.cells
+    assert {"0.4679", "0.8432", "0.4556"} <= set(page.cells)  # tuned mean, qe step
+    steps = ["raw", "qe", "closed", "tuned"]
+    assert [c for c in page.cells if c in steps] == steps
+    assert {"query expansion k=2", "skipped: grouped folds"} <= set(page.cells)
+    test = read_json(exp_dir / "submission.scores.json")["test"]
+    assert f"{test['map']:.4f}" in page.cells and f" {test['map']:.4f} " in summary
+    assert f"{test['map'] - oof['mean']['map']:+.4f}" in page.cells  # CV next to the test
+
+    assert code_version()["commit"] in html and "exp: fake" in html
+    assert "fold 1: no log.csv" in html and "fold 1: no log.csv" in summary
+    assert "postprocess.json absent" not in html
+    assert f"strip image(s) not found or unreadable beneath {tmp_path / 'data'}: " \
+           f"{worst_name}" in html
+    assert worst_name in page.cells and f"{worst_ap:.3f}" in page.cells
+    assert "All 6 identities, worst first" in html and "digest1" in page.cells
+
+    images = decoded_images(page)
+    assert len(images) == len(FIGURES)
+    for name in FIGURES:
+        png = (index.parent / name).read_bytes()
+        assert f"data:image/png;base64,{base64.b64encode(png).decode()}" in page.images
+        assert f"]({name})" in summary
+    strip = images[list(FIGURES).index("worst_queries.png")]
+    assert strip.width > strip.height  # 2 queries x (1 + top_k 3) cells
+    assert not [link for link in page.links if link.startswith(("http://", "https://", "//"))]
+
+
+def test_report_builds_from_whatever_exists(tmp_path, capsys):
+    cfg = make_experiment(tmp_path, folds=(0,), log_folds=(), extras=False, images=False)
+    exp_dir = tmp_path / "output" / "fake"
+    (exp_dir / "oof_scores.json").unlink()
+    (exp_dir / "oof_scores.md").unlink()
+    stale = exp_dir / "report" / "training_curves.png"
+    stale.parent.mkdir()
+    stale.write_bytes(b"an old figure")
+
+    main([f"output_dir={cfg.output_dir}", "exp=fake", f"data.dir={cfg.data.dir}"])
+
+    assert "wrote" in capsys.readouterr().out
+    index = exp_dir / "report" / "index.html"
+    html = index.read_text()
+    for note in ("postprocess.json absent", "no submission scores", "oof_scores.json absent",
+                 "fold 0: no log.csv", "data folder not found"):
+        assert note in html
+    assert not stale.exists()  # no log this time: the old curves are not left beside the page
+    assert len(decoded_images(parse_page(index))) == len(FIGURES) - 1
+    with np.load(exp_dir / "fold0" / "val_embeddings.npz") as data:
+        emb, labels = data["embeddings"], data["labels"]
+    assert f"{identity_balanced_map(emb @ emb.T, labels):.4f}" in parse_page(index).cells
+
+
+def test_report_of_an_empty_experiment_states_it(tmp_path):
+    cfg = load_config([f"output_dir={tmp_path}", "exp=nothing", f"data.dir={tmp_path}/none"])
+    index = build_report(cfg)
+    html = index.read_text()
+    assert "no such experiment folder" in html and "no fold folders" in html
+    assert parse_page(index).images == []
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium installed")
+def test_page_renders_in_headless_chromium(tmp_path):
+    index = build_report(make_experiment(tmp_path))
+    shot = tmp_path / "shot.png"
+    # No network for the browser either: a page that needed one would render blank parts.
+    subprocess.run([shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu",
+                    "--proxy-server=127.0.0.1:9", f"--screenshot={shot}",
+                    "--window-size=1200,3000", index.as_uri()],
+                   check=True, timeout=120, capture_output=True)
+    with Image.open(shot) as img:
+        colours = img.convert("L").getextrema()
+    assert colours[0] < colours[1]  # not a blank page
+
+
+def test_half_written_files_are_named_not_raised(tmp_path):
+    cfg = make_experiment(tmp_path, folds=(0,), log_folds=(), extras=False, images=False)
+    exp_dir = Path(cfg.output_dir) / "fake"
+    raw = {"step": "raw", "settings": {}, "map": 0.5, "pair_auc": 0.9, "kept": True}
+    (exp_dir / "postprocess.json").write_text(json.dumps({"metric": "map", "settings": {},
+                                                          "steps": [raw]}))
+    (exp_dir / "submission.scores.json").write_text('{"test": ')
+    html = build_report(cfg).read_text()
+    assert "no &#x27;tuned&#x27; step" in html and "<td>raw</td>" in html
+    assert "submission.scores.json: unreadable" in html and "no submission scores" in html

@@ -1,0 +1,425 @@
+"""Tests for jaguar_reid.retrieval.rerank: the fast paths against the plain reference and
+against plain loops."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from jaguar_reid.retrieval import rerank as rr
+from jaguar_reid.retrieval.metrics import identity_balanced_map
+from jaguar_reid.retrieval.rerank import (
+    SparseRerank,
+    average_query_expansion,
+    blend,
+    database_augmentation,
+    distance_to_similarity,
+    estimate_rerank_memory,
+    rerank,
+    rerank_pairs,
+    rerank_reference,
+    rerank_sparse,
+)
+from tests.helpers import SHARED
+
+TOL = 1e-5  # the agreement the module promises between all paths
+
+# ---------------------------------------------------------------------------- data
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def random_unit(n: int, d: int, seed: int = 0) -> np.ndarray:
+    return unit(np.random.default_rng(seed).normal(size=(n, d)))
+
+
+def clustered(seed: int = 0, n_ids: int = 10, sizes: tuple[int, int] = (1, 8), d: int = 16,
+              noise: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Identities with a random number of images each (one-image identities included)."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(sizes[0], sizes[1] + 1, size=n_ids)
+    counts[0] = 1
+    labels = np.repeat(np.arange(n_ids), counts)
+    centres = rng.normal(size=(n_ids, d))
+    x = centres[labels] + noise * rng.normal(size=(len(labels), d))
+    order = rng.permutation(len(labels))
+    return unit(x[order]), labels[order]
+
+
+def with_duplicates(seed: int = 3) -> np.ndarray:
+    """Exact copies (ties in every distance), a run of 14 of them longer than the screening
+    margin, so both exact fallbacks of the neighbour search run."""
+    rng = np.random.default_rng(seed)
+    base = random_unit(8, 16, seed)
+    x = np.concatenate([np.repeat(base[:1], 14, axis=0), np.repeat(base[1:3], 5, axis=0),
+                        random_unit(30, 16, seed + 1), base[3:]])
+    return x[rng.permutation(len(x))]
+
+
+def sparse_as_dense(emb: np.ndarray, result: SparseRerank) -> np.ndarray:
+    n = len(emb)
+    rows, cols = np.divmod(np.arange(n * n), n)
+    return rerank_pairs(emb, rows, cols, result).reshape(n, n)
+
+
+def original_distance(emb: np.ndarray) -> np.ndarray:
+    """2 - 2 cos from float64 dot products summed the module's fixed way (exact products,
+    numpy's pairwise sum along each row), so exact duplicates tie exactly here too."""
+    x = emb.astype(np.float64)
+    d = np.clip(2.0 - 2.0 * (x[:, None, :] * x[None, :, :]).sum(axis=-1), 0.0, 4.0)
+    np.fill_diagonal(d, 0.0)
+    return d
+
+
+def assert_all_paths_agree(emb: np.ndarray, k1: int, k2: int, lam: float,
+                           chunk_size: int = rr.DEFAULT_CHUNK) -> np.ndarray:
+    ref = rerank_reference(emb, k1, k2, lam)
+    dense = rerank(emb, k1, k2, lam, chunk_size=chunk_size)
+    assert dense.shape == ref.shape and dense.dtype == np.float32
+    np.testing.assert_allclose(dense, ref, rtol=0, atol=TOL)
+    np.testing.assert_allclose(rerank(emb, k1, k2, lam, dtype="float64", chunk_size=chunk_size),
+                               ref, rtol=0, atol=1e-12)
+    sparse = sparse_as_dense(emb, rerank_sparse(emb, k1, k2, lam, chunk_size=chunk_size))
+    np.testing.assert_allclose(sparse, ref, rtol=0, atol=TOL)
+    return ref
+
+
+# ---------------------------------------------------------------------------- re-ranking
+
+
+@pytest.mark.parametrize(("k1", "k2", "lam"), [
+    (20, 6, 0.3),   # the defaults
+    (5, 3, 0.3),    # round(5 / 2) = 2: half to even, as numpy.around
+    (20, 1, 0.3),   # no local query expansion
+    (4, 12, 0.2),   # k2 longer than the k1 list
+    (3, 2, 0.0),    # Jaccard distance alone
+    (1, 1, 0.5),
+])
+def test_fast_paths_match_reference_random(k1, k2, lam):
+    assert_all_paths_agree(random_unit(60, 16), k1, k2, lam)
+
+
+@pytest.mark.parametrize(("seed", "k1", "k2"), [(0, 20, 6), (1, 5, 3), (2, 8, 1), (3, 3, 4)])
+def test_fast_paths_match_reference_clustered(seed, k1, k2):
+    emb, _ = clustered(seed)
+    assert_all_paths_agree(emb, k1, k2, 0.3)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_tiny_galleries(n):
+    emb = random_unit(n, 8, seed=n)
+    ref = assert_all_paths_agree(emb, 20, 6, 0.3)  # k1, k2 > N: clamped to N
+    np.testing.assert_allclose(np.diag(ref), 0.0, atol=1e-12)
+    if n == 1:
+        assert rerank(emb).tolist() == [[0.0]]
+
+
+def test_ties_and_duplicates_match_reference(monkeypatch):
+    calls = {"windows": 0, "full rows": 0}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(rr, "_order_windows", spy("windows", rr._order_windows))
+    monkeypatch.setattr(rr, "_full_rows64", spy("full rows", rr._full_rows64))
+    emb = with_duplicates()
+    for k1, k2, lam in [(5, 3, 0.3), (20, 6, 0.3), (2, 1, 0.0), (9, 4, 0.5)]:
+        assert_all_paths_agree(emb, k1, k2, lam, chunk_size=16)
+    assert calls["windows"] > 0 and calls["full rows"] > 0  # both exact fallbacks ran
+
+
+def test_coarse_embeddings_with_many_exact_ties():
+    for seed in (0, 1):
+        rng = np.random.default_rng(seed)
+        x = np.round(rng.normal(size=(120, 8)) * 2) / 2  # few distinct values: many equal cosines
+        x[np.linalg.norm(x, axis=1) == 0, 0] = 1.0
+        assert_all_paths_agree(unit(x), 12, 4, 0.3, chunk_size=32)
+
+
+def test_torch_branches_used_off_the_cpu(monkeypatch):
+    # The helpers take numpy's routines on the CPU and torch's elsewhere (CUDA); run the torch
+    # ones here so they are tested without a GPU.
+    monkeypatch.setattr(rr, "_NUMPY_ON_CPU", False)
+    assert_all_paths_agree(random_unit(60, 16), 20, 6, 0.3, chunk_size=16)
+    emb, _ = clustered(2)
+    assert_all_paths_agree(emb, 8, 3, 0.3)
+    np.testing.assert_allclose(average_query_expansion(emb, 3, 1.0), qe_loop(emb, 3, 1.0),
+                               rtol=0, atol=1e-6)
+
+
+def test_small_blocks_do_not_change_the_result():
+    emb, _ = clustered(4, n_ids=12)
+    assert_all_paths_agree(emb, 6, 3, 0.3, chunk_size=7)
+
+
+def test_lambda_one_gives_the_original_distance():
+    emb, _ = clustered(5)
+    d = original_distance(emb)
+    np.testing.assert_array_equal(rerank_reference(emb, 20, 6, 1.0), d)
+    np.testing.assert_allclose(rerank(emb, 20, 6, 1.0), d, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(rerank(emb, 20, 6, 1.0, dtype="float64"), d, rtol=0, atol=1e-14)
+
+
+def test_result_is_symmetric_with_zero_diagonal_and_in_range():
+    emb, _ = clustered(6)
+    for lam in (0.0, 0.3, 1.0):
+        out = rerank(emb, 10, 4, lam)
+        np.testing.assert_allclose(out, out.T, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(np.diag(out), 0.0, atol=1e-6)
+        assert out.min() >= -1e-6 and out.max() <= 1 + 3 * lam + 1e-6
+
+
+def test_torch_input_and_jaccard_is_one_off_support():
+    emb = random_unit(50, 16, seed=7)
+    out = rerank(torch.from_numpy(emb), 3, 1, 0.0)
+    np.testing.assert_allclose(out, rerank_reference(emb, 3, 1, 0.0), rtol=0, atol=TOL)
+    # With small k1 most pairs share no support: d_J is exactly 1 there.
+    assert (out == 1.0).mean() > 0.5
+
+
+def test_reranking_improves_retrieval_on_clustered_embeddings():
+    gains = []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        labels = np.repeat(np.arange(30), 6)
+        x = unit(rng.normal(size=(30, 32))[labels] + rng.normal(size=(180, 32)))
+        raw = identity_balanced_map(x.astype(np.float64) @ x.T, labels)
+        reranked = identity_balanced_map(-rerank(x, 20, 6, 0.3), labels)
+        gains.append(reranked - raw)
+    assert min(gains) > 0.03, gains  # measured +0.07 to +0.10
+
+
+@pytest.mark.slow
+def test_fast_matches_reference_larger():
+    emb, _ = clustered(8, n_ids=120, sizes=(1, 10), d=64, noise=0.8)
+    assert_all_paths_agree(emb, 20, 6, 0.3, chunk_size=256)
+
+
+# ---------------------------------------------------------------------------- sparse result
+
+
+def test_sparse_result_layout():
+    emb, _ = clustered(9)
+    res = rerank_sparse(emb, 8, 3, 0.3)
+    n = len(emb)
+    assert res.n == n and res.indptr.shape == (n + 1,) and res.indptr[-1] == len(res.indices)
+    assert res.indices.dtype == np.int32 and res.distance.dtype == np.float32
+    dense = rerank(emb, 8, 3, 0.3)
+    ref_jaccard = rerank_reference(emb, 8, 3, 0.0)
+    for i in range(n):
+        cols = res.indices[res.indptr[i]:res.indptr[i + 1]]
+        assert cols[0] == i and np.all(np.diff(cols) > 0)  # upper triangle, ascending
+        # Stored exactly where the Jaccard distance is below 1.
+        expected = np.flatnonzero(ref_jaccard[i, i:] < 1.0) + i
+        np.testing.assert_array_equal(cols, expected)
+        np.testing.assert_allclose(res.distance[res.indptr[i]:res.indptr[i + 1]],
+                                   dense[i, cols], rtol=0, atol=TOL)
+
+
+def test_rerank_pairs_on_random_pairs():
+    emb, _ = clustered(10, n_ids=15)
+    n = len(emb)
+    res = rerank_sparse(emb, 20, 6, 0.3)
+    dense = rerank(emb, 20, 6, 0.3)
+    rng = np.random.default_rng(0)
+    rows, cols = rng.integers(0, n, 500), rng.integers(0, n, 500)
+    np.testing.assert_allclose(rerank_pairs(emb, rows, cols, res), dense[rows, cols],
+                               rtol=0, atol=TOL)
+    np.testing.assert_allclose(rerank_pairs(emb, cols, rows, res), dense[rows, cols],
+                               rtol=0, atol=TOL)
+    assert rerank_pairs(emb, np.array([], dtype=int), np.array([], dtype=int), res).shape == (0,)
+
+
+def test_rerank_pairs_validation():
+    emb = random_unit(20, 8)
+    res = rerank_sparse(emb, 5, 2, 0.3)
+    with pytest.raises(ValueError, match="20 images but emb has 19"):
+        rerank_pairs(emb[:19], [0], [1], res)
+    with pytest.raises(ValueError, match="cols must index 0..19"):
+        rerank_pairs(emb, [0], [20], res)
+    with pytest.raises(ValueError, match="same length"):
+        rerank_pairs(emb, [0, 1], [1], res)
+    with pytest.raises(ValueError, match="rows must be a 1-D integer array"):
+        rerank_pairs(emb, [0.5], [1], res)
+    with pytest.raises(ValueError, match="SparseRerank"):
+        rerank_pairs(emb, [0], [1], rerank(emb))
+
+
+# ---------------------------------------------------------------------------- memory, errors
+
+
+def test_memory_guard_names_the_setting():
+    emb = random_unit(30, 8)
+    with pytest.raises(ValueError, match="max_dense_bytes") as err:
+        rerank(emb, max_dense_bytes=1000)
+    assert "rerank_sparse" in str(err.value)
+
+
+def test_memory_estimate():
+    dense = [estimate_rerank_memory(n, 20, True) for n in (1000, 20_000, 100_000)]
+    assert dense == sorted(dense)
+    assert dense[2] > 100_000 ** 2 * 4  # the N x N float32 result alone is 40 GB
+    assert estimate_rerank_memory(20_000, 20, True) < rr.DEFAULT_MAX_DENSE_BYTES  # dense fits
+    assert estimate_rerank_memory(100_000, 20, False) < 24 << 30
+    assert estimate_rerank_memory(20_000, 20, True, itemsize=8) > \
+        estimate_rerank_memory(20_000, 20, True)
+    with pytest.raises(ValueError, match="k1 must be an integer >= 1"):
+        estimate_rerank_memory(100, 0, True)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"k1": 0}, "k1 must be an integer >= 1"),
+    ({"k2": True}, "k2 must be an integer >= 1"),
+    ({"lambda_value": 1.5}, r"lambda_value must be a number in \[0, 1\]"),
+    ({"dtype": "float16"}, "dtype must be"),
+    ({"chunk_size": 0}, "chunk_size must be an integer >= 1"),
+])
+def test_argument_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        rerank(random_unit(10, 4), **kwargs)
+
+
+@pytest.mark.parametrize(("emb", "message"), [
+    (np.ones((3, 4)), "must be L2-normalised: row 0 has norm 2"),
+    (np.ones(4), r"2-D \(N, D\) array"),
+    (np.zeros((0, 4)), r"2-D \(N, D\) array"),
+    (np.array([[np.nan, 0.0]]), "NaN or infinite"),
+    (np.array([["a", "b"]]), "real numbers"),
+])
+def test_embedding_errors(emb, message):
+    for fn in (rerank, rerank_sparse, rerank_reference):
+        with pytest.raises(ValueError, match=message):
+            fn(emb)
+    with pytest.raises(ValueError, match=message):
+        average_query_expansion(emb, 1)
+
+
+# ---------------------------------------------------------------------------- query expansion
+
+
+def qe_loop(emb: np.ndarray, k: int, alpha: float) -> np.ndarray:
+    """Plain loop: self first, then the k nearest others by (distance, index)."""
+    x = emb.astype(np.float64)
+    n = len(x)
+    d = original_distance(emb)
+    out = np.empty_like(x)
+    for i in range(n):
+        others = [j for j in np.argsort(d[i], kind="stable") if j != i][:min(k, n - 1)]
+        members = [i, *others]
+        weights = np.array([max(1.0 - d[i, j] / 2.0, 0.0) ** alpha for j in members])
+        weights[0] = 1.0
+        mean = (weights[:, None] * x[members]).sum(axis=0)
+        out[i] = mean / np.linalg.norm(mean)
+    return out
+
+
+@pytest.mark.parametrize(("k", "alpha"), [(1, 0.0), (3, 0.0), (3, 3.0), (10, 1.0), (100, 0.5)])
+def test_query_expansion_matches_loop(k, alpha):
+    emb, _ = clustered(11)
+    out = average_query_expansion(emb, k, alpha)
+    assert out.dtype == np.float32 and out.shape == emb.shape
+    np.testing.assert_allclose(out, qe_loop(emb, k, alpha), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-6)
+
+
+def test_query_expansion_alpha_zero_is_plain_average():
+    emb = random_unit(40, 8, seed=12)
+    d = original_distance(emb)
+    out = average_query_expansion(emb, 4)
+    for i in range(len(emb)):
+        members = [i] + [j for j in np.argsort(d[i], kind="stable") if j != i][:4]
+        mean = emb[members].astype(np.float64).mean(axis=0)
+        np.testing.assert_allclose(out[i], mean / np.linalg.norm(mean), atol=1e-6)
+
+
+def test_query_expansion_k_zero_is_identity_and_chunks_agree():
+    emb, _ = clustered(13)
+    np.testing.assert_allclose(average_query_expansion(emb, 0), emb, atol=1e-7)
+    with_ties = with_duplicates()
+    for x in (emb, with_ties):
+        np.testing.assert_allclose(average_query_expansion(x, 5, 2.0, chunk_size=3),
+                                   average_query_expansion(x, 5, 2.0), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(average_query_expansion(with_ties, 5, 2.0),
+                               qe_loop(with_ties, 5, 2.0), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(database_augmentation(emb, 3, 1.0),
+                                  average_query_expansion(emb, 3, 1.0))
+    with pytest.raises(ValueError, match="alpha must be a finite number >= 0"):
+        average_query_expansion(emb, 2, -1.0)
+    with pytest.raises(ValueError, match="k must be an integer >= 0"):
+        average_query_expansion(emb, -1)
+
+
+# ---------------------------------------------------------------------------- scores in [0, 1]
+
+
+def test_distance_to_similarity():
+    for lam in (0.0, 0.3, 1.0):
+        top = 1.0 + 3.0 * lam
+        d = np.linspace(0.0, top, 11)
+        sim = distance_to_similarity(d, lam)
+        assert sim[0] == 1.0 and sim[-1] == 0.0 and np.all(np.diff(sim) < 0)
+    emb, _ = clustered(14)
+    cos = emb.astype(np.float64) @ emb.T
+    np.testing.assert_allclose(distance_to_similarity(rerank(emb, lambda_value=1.0), 1.0),
+                               (1.0 + cos) / 2.0, atol=1e-6)
+    with pytest.raises(ValueError, match="lambda_value"):
+        distance_to_similarity(d, 2.0)
+
+
+def test_blend():
+    raw, rer = np.array([0.2, 0.9]), np.array([0.6, 0.1])
+    np.testing.assert_allclose(blend(raw, rer, 0.0), raw)
+    np.testing.assert_allclose(blend(raw, rer, 1.0), rer)
+    np.testing.assert_allclose(blend(raw, rer, 0.25), [0.3, 0.7])
+    with pytest.raises(ValueError, match=r"w must be a number in \[0, 1\]"):
+        blend(raw, rer, 1.5)
+    with pytest.raises(ValueError, match="same shape"):
+        blend(raw, rer[:1], 0.5)
+    with pytest.raises(ValueError, match=r"reranked_sim01 must hold finite values in \[0, 1\]"):
+        blend(raw, np.array([0.5, 1.2]), 0.5)
+
+
+DOGS = SHARED / "datasets" / "dogfacenet-reid"
+LITE0 = SHARED / "weights" / "tf_efficientnet_lite0.safetensors"
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(not (DOGS.is_dir() and LITE0.is_file()), reason="../shared absent")
+def test_fast_paths_match_reference_on_real_embeddings():
+    """Pretrained ImageNet features of real dog photos (clustered the way real embeddings are,
+    many near ties): 12 dogs x 1-6 images, one dog with a single image, k1 = 20 above every
+    identity's count."""
+    import pandas as pd
+
+    from jaguar_reid.config import load_config
+    from jaguar_reid.retrieval.embed import embed_views
+    from jaguar_reid.training.model import build_model
+
+    train = pd.read_csv(DOGS / "train.csv")
+    dogs = sorted(train["ground_truth"].unique())[:12]
+    take = [train[train["ground_truth"] == d].head(1 if i == 0 else 6)
+            for i, d in enumerate(dogs)]
+    rows = pd.concat(take)
+    cfg = load_config(["config=configs/dogface_lite0.yaml", f"model.weights={LITE0}",
+                       "data.dir=" + str(DOGS), "device=cpu", "embed.batch_size=32"])
+    torch.manual_seed(0)
+    model = build_model(cfg, n_classes=2)
+    paths = [DOGS / "train" / f for f in rows["filename"]]
+    emb = embed_views(model, paths, cfg, "cpu")["orig"]["backbone"]
+    assert len(emb) == len(rows) and rows["ground_truth"].value_counts().min() == 1
+    ref = rerank_reference(emb, 20, 6, 0.3)
+    assert np.abs(rerank(emb, 20, 6, 0.3) - ref).max() < TOL
+    sparse = rerank_sparse(emb, 20, 6, 0.3)
+    n = len(emb)
+    r, c = np.divmod(np.arange(n * n), n)
+    assert np.abs(rerank_pairs(emb, r, c, sparse).reshape(n, n) - ref).max() < TOL
+    # and the re-ranking does what it is for on these features
+    labels = rows["ground_truth"].to_numpy()
+    assert identity_balanced_map(-ref, labels) > identity_balanced_map(emb @ emb.T, labels) - 0.02
