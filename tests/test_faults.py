@@ -269,7 +269,7 @@ def test_sigkill_mid_checkpoint_write_keeps_the_previous_one(reference, demo_dir
     killed(run_child(tmp_path, f"checkpoint-write:{save}", args, before), "writing checkpoint")
     fold = fold_path(args)
     (stray,) = temps(fold)
-    assert stray.name.startswith(".checkpoint.pt.") and stray.stat().st_size > 0
+    assert stray.name.startswith(f".{layout.CHECKPOINT}.") and stray.stat().st_size > 0
     if save == 1:
         assert not (fold / layout.CHECKPOINT).exists() and not before.exists()
     else:
@@ -391,7 +391,7 @@ def test_full_disk_at_submission_keeps_the_previous_file(tmp_path, monkeypatch, 
     err = cli_error(submission.main, [*args, "submit.retrieval=backbone"], capsys)
     reason = "no space left on the device" if code == errno.ENOSPC else "disk quota exceeded"
     assert err.startswith(f"error: {exp / layout.SUBMISSION}: the disk is full ({reason})")
-    assert "the earlier submission.csv is intact and the partial copy was removed" in err
+    assert f"the earlier {layout.SUBMISSION} is intact and the partial copy was removed" in err
     assert (exp / layout.SUBMISSION).read_bytes() == first
     assert not temps(exp)
 
@@ -480,7 +480,7 @@ def test_training_on_a_full_real_disk_stops_clearly_and_resumes(small_disk, demo
     fold = fold_path(args)
     err = cli_error(train.main, args, capsys)
     assert err.startswith(f"error: {fold / layout.CHECKPOINT}: the disk is full")
-    assert "the earlier checkpoint.pt is intact and the partial copy was removed" in err
+    assert f"the earlier {layout.CHECKPOINT} is intact and the partial copy was removed" in err
     assert load_checkpoint(fold / layout.CHECKPOINT)["epoch"] == 1
     assert not temps(fold) and not (fold / LOCK_NAME).exists()
 

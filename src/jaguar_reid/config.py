@@ -23,6 +23,7 @@ import yaml
 from jaguar_reid.io_utils import UserInputError, atomic_write_text
 from jaguar_reid.layout import CONFIG_DIR, DEFAULT_CONFIG, FULL, REPO_ROOT
 
+AUTO = "auto"  # a value resolved later from the backbone (data.mean, data.std, ...)
 # Keys that steer loading rather than being part of the resolved config.
 _META_KEYS = ("config", "base")
 
@@ -129,6 +130,8 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
             if not math.isfinite(value):  # lr=nan would train until the first NaN loss
                 raise ConfigError(f"{source}: key '{key}' expects a finite number, got {value!r}")
             return float(value)
+    elif default == AUTO and isinstance(value, list):
+        return value  # `auto` or an explicit value (data.mean: [0.5, 0.5, 0.5])
     elif isinstance(default, str):
         # A YAML `fold: 0` or `exp: 001` is meant as text.
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -147,6 +150,8 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
 def _parse_cli_value(key: str, raw: str, default: Any) -> Any:
     """Parse a command-line string guided by the default's type."""
     source = "command line"
+    if default == AUTO and raw.strip().startswith("["):
+        return _coerce(key, yaml.safe_load(raw), default, source)
     if isinstance(default, str):
         return raw
     if isinstance(default, bool):
@@ -287,7 +292,10 @@ def validate(cfg: Config) -> None:
         value = cfg.get_path(dotted)
         if value not in choices:
             raise ConfigError(f"key '{dotted}' must be one of {', '.join(choices)}; got {value!r}")
-    positive = ("data.img_size", "train.epochs", "train.batch_size", "train.grad_accum",
+    if cfg.train.epochs < 0:
+        raise ConfigError(f"key 'train.epochs' must be 0 (no training: the untouched backbone) "
+                          f"or more; got {cfg.train.epochs}")
+    positive = ("data.img_size", "train.batch_size", "train.grad_accum",
                 "folds.n_folds", "model.embed_dim", "embed.batch_size", "gpus",
                 "model.subcenters", "train.pk_k")
     for dotted in positive:
@@ -315,8 +323,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"key 'data.fill' must be 3 integers in 0..255; got {fill!r}")
     for dotted in ("data.mean", "data.std"):
         value = cfg.get_path(dotted)
-        if len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
-            raise ConfigError(f"key '{dotted}' must be a list of 3 numbers; got {value!r}")
+        if value == AUTO:
+            continue
+        if not isinstance(value, list) or len(value) != 3 or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"key '{dotted}' must be auto or a list of 3 numbers; got "
+                              f"{value!r}")
+        if dotted == "data.std" and min(value) <= 0:
+            raise ConfigError(f"key 'data.std' must be positive numbers; got {value!r}")
     if not cfg.exp or "/" in cfg.exp or cfg.exp in (".", ".."):
         raise ConfigError(f"key 'exp' must be a plain folder name; got {cfg.exp!r}")
     _validate_post(cfg)

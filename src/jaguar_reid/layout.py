@@ -69,6 +69,7 @@ FOLD_LOGS_DIR = "logs"                # fold-parallel children's output
 LEADERBOARD = "leaderboard.csv"
 CACHE_DIR = "cache"
 DATACHECK_DIR = "datacheck"
+FLOOR_DIR = "floor"                  # plain frozen floor embeddings, by backbone and weights
 WEIGHT_DIGESTS = "weight_digests.json"  # in the cache folder: content digests of weight files
 
 # The competition's files inside data.dir.

@@ -43,11 +43,14 @@ from jaguar_reid.retrieval.embed import (
     ensemble_embeddings,
     fold_config,
 )
+from jaguar_reid.retrieval.floor import FLOOR_NAME, Floor, below_floor
 from jaguar_reid.retrieval.metrics import identity_balanced_map, pair_roc_auc, pairs_to_matrix
 from jaguar_reid.retrieval.postprocess import (
     PostSettings,
+    cosine_to_unit,
     identity_posteriors,
     mean_prototypes,
+    pair_cosine,
     postprocess_pairs,
 )
 from jaguar_reid.retrieval.rerank import dense_limit_bytes
@@ -303,7 +306,10 @@ def local_scores(req: Request, result: dict, similarity: np.ndarray, tuned: Path
     labels_df = read_train_csv(req.files["test_labels"])
     result["test"] = score_submission(req.test_df, similarity, labels_df)
     oof = layout.read_path(req.cfg, layout.OOF_SCORES, req.name)
-    result["oof"] = read_json(oof)["mean"] if oof.is_file() else None
+    oof_doc = read_json(oof) if oof.is_file() else {}
+    result["oof"] = oof_doc.get("mean")
+    result["oof_floor"] = oof_doc.get("floor_mean")
+    result["floor"] = test_floor(req, labels_df)
     row = tuned_scores(tuned_doc) if tuned_doc else None
     applied = result["post"].get(req.name, {}).get("source") == str(tuned)
     if row and applied:  # the experiment's (or ensemble's) tuned choice was applied
@@ -314,6 +320,21 @@ def local_scores(req: Request, result: dict, similarity: np.ndarray, tuned: Path
     print(_cv_vs_test(result))
     if "steps" in result:
         print(_steps_table(result["steps"]))
+
+
+def test_floor(req: Request, labels_df: pd.DataFrame) -> dict | None:
+    """The plain frozen floor on the local test: the first experiment's backbone and starting
+    weights, untouched (`floor.enabled`); None when off or when those weights are not here."""
+    if not req.cfg.floor.enabled:
+        return None
+    model_cfg, _ = fold_config(req.cfg, req.exps[0], req.folds[0])
+    cfg = Config({**req.cfg, "model": model_cfg.model, "seed": model_cfg.seed})
+    if cfg.model.weights and not Path(cfg.model.weights).is_file():
+        print(f"plain floor skipped: its weights {cfg.model.weights} are not on this machine")
+        return None
+    emb = Floor(cfg, req.device).embed(req.names, req.files["test"])
+    similarity = cosine_to_unit(pair_cosine(emb, req.query, req.gallery))
+    return score_submission(req.test_df, similarity, labels_df)
 
 
 def run(cfg: Config) -> dict:
@@ -334,11 +355,16 @@ def run(cfg: Config) -> dict:
     if req.files["test_labels"].is_file():
         local_scores(req, result, similarity, tuned, tuned_doc, steps, embedded)
     # An ensemble's row is named a+b; its report would have no folds of its own to show.
-    after_run(Config({**cfg, "exp": req.name}), "submit", test_scores=result.get("test"),
+    test = {**result["test"], "floor": result.get("floor")} if "test" in result else None
+    after_run(Config({**cfg, "exp": req.name}), "submit", test_scores=test,
               wall_s=time.perf_counter() - start, device=req.device,
               report=len(req.exps) == 1, folds=req.folds, post="; ".join(
                   f"{name}: {PostSettings.from_mapping(u['settings']).describe()}"
                   for name, u in used.items()))
+    line = below_floor(f"submission {req.name!r} on the local test:", result.get("test"),
+                       result.get("floor"))
+    if line:  # the last line a user sees
+        print(line)
     return result
 
 
@@ -387,7 +413,15 @@ def _cv_vs_test(result: dict) -> str:
         post = result["oof_post"]
         rows.append(["out-of-fold, tuned post-processing", f"{post['map']:.4f}",
                      f"{post['pair_auc']:.4f}"])
+    if result.get("oof_floor"):
+        floor = result["oof_floor"]
+        rows.append([f"{FLOOR_NAME}, out of fold", f"{floor['map']:.4f}",
+                     f"{floor['pair_auc']:.4f}"])
     rows.append(["local test (test_labels.csv)", f"{test['map']:.4f}", f"{test['pair_auc']:.4f}"])
+    if result.get("floor"):
+        floor = result["floor"]
+        rows.append([f"{FLOOR_NAME}, local test", f"{floor['map']:.4f}",
+                     f"{floor['pair_auc']:.4f}"])
     return markdown_table(["", "identity-balanced mAP", "pair AUC"], rows)
 
 

@@ -23,10 +23,16 @@ from jaguar_reid.config import Config, load_config, parse_fold_spec, save_config
 from jaguar_reid.data.cache import prepare_images
 from jaguar_reid.data.folds import keep_with_experiment, load_or_create_folds
 from jaguar_reid.data.images import image_loader
+from jaguar_reid.data.preprocess import resolve_input
 from jaguar_reid.data.tables import read_train_csv
 from jaguar_reid.io_utils import resolve_device, run_main
 from jaguar_reid.reporting.report import after_run
-from jaguar_reid.retrieval.scoring import score_experiment, validation_scores
+from jaguar_reid.retrieval.scoring import (
+    floor_for,
+    report_floor,
+    score_experiment,
+    validation_scores,
+)
 from jaguar_reid.training import distributed
 from jaguar_reid.training.loop import FoldHooks, train_fold
 
@@ -47,6 +53,7 @@ def run(cfg: Config, after_epoch: Callable[[int | str, int], None] | None = None
     """Train the folds `cfg.fold` asks for, then rewrite the experiment's out-of-fold report.
     Under torchrun every rank runs this; rank 0 alone writes. `after_epoch(fold, epoch)` is
     called after each epoch's checkpoint (raising there stops the run; it resumes later)."""
+    cfg = recipe(cfg)
     start = time.perf_counter()
     folds_to_run = parse_fold_spec(cfg.fold, cfg.folds.n_folds)
     device = resolve_device(cfg.device)
@@ -72,13 +79,30 @@ def run(cfg: Config, after_epoch: Callable[[int | str, int], None] | None = None
 
 
 def _after_training(cfg: Config, folds: list, wall_s: float, device: str) -> None:
+    summary = None
     if any(f != layout.FULL for f in folds):
-        score_experiment(layout.model_dir(cfg))
+        floor = floor_for(cfg, resolve_device(cfg.device))
+        summary = score_experiment(layout.model_dir(cfg), floor=floor)
     after_run(cfg, "train", wall_s=wall_s, device=device)
+    if summary is not None:  # the last line a user sees
+        report_floor(f"experiment {cfg.exp!r} out of fold:", summary)
+
+
+def recipe(cfg: Config) -> Config:
+    """The config a run trains and saves: the backbone's own input settings where `auto`
+    asks for them, and with `train.epochs=0` (no training: the untouched backbone with the
+    recipe's pooling is each fold's model) retrieval by the pooled backbone features, since
+    an untrained neck would only add noise."""
+    cfg = resolve_input(cfg)
+    if cfg.train.epochs == 0 and cfg.model.retrieval != "backbone":
+        print("train.epochs=0: each fold's model is the untouched backbone; retrieval by its "
+              "pooled features (model.retrieval=backbone)")
+        cfg = Config({**cfg, "model": Config({**cfg.model, "retrieval": "backbone"})})
+    return cfg
 
 
 def main(argv: list[str]) -> None:
-    cfg = load_config(argv)
+    cfg = recipe(load_config(argv))
     if cfg.gpus <= 1 or distributed.launched_by_torchrun():
         run(cfg)
         return

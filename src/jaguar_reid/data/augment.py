@@ -1,5 +1,5 @@
-"""Image transforms (albumentations): light, seeded training augmentation and a plain resize
-for evaluation. Both return normalised (3, S, S) float tensors.
+"""Image transforms (albumentations): light, seeded training augmentation and the plain
+geometry of `data.resize` for evaluation. Both return normalised (3, S, S) float tensors.
 
 Every training draw comes from the seed the sampler hands out with each image, not from a
 global or per-worker random state, so an epoch's augmentations are the same whatever the
@@ -20,6 +20,7 @@ import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 
 from jaguar_reid.config import Config  # noqa: E402
+from jaguar_reid.data.preprocess import mean_colour, normalisation  # noqa: E402
 
 # Loader workers are the parallelism; OpenCV's own thread pool inside each one only competes.
 cv2.setNumThreads(0)
@@ -39,15 +40,37 @@ class Transform:
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
 
 
+def geometry_steps(cfg: Config, size: int) -> list:
+    """Any image -> a `size` x `size` square the way `data.resize` says (see
+    jaguar_reid.data.preprocess): the evaluation transform, and the training one before its
+    random crop. `mask` squares are cut by the loader, so here they are only resized."""
+    _, _, interpolation = normalisation(cfg)
+    resize = {"interpolation": interpolation, "area_for_downscale": "image"}
+    mode = cfg.data.resize
+    if mode in ("squash", "mask"):
+        return [A.Resize(size, size, **resize)]
+    if mode == "letterbox":
+        return [A.LongestMaxSize(max_size=size, **resize),
+                A.PadIfNeeded(size, size, position="center", border_mode=cv2.BORDER_CONSTANT,
+                              fill=tuple(float(v) for v in mean_colour(cfg)))]
+    return [A.SmallestMaxSize(max_size=size, **resize), A.CenterCrop(size, size)]
+
+
 def train_steps(cfg: Config) -> list:
-    """The training augmentations, in order. No flip unless `aug.hflip` asks: a mirrored left
-    flank is not the right flank of the same animal."""
+    """The training augmentations, in order. The random resized crop works on the image as
+    `data.resize` shapes it (squash: the source itself; letterbox and crop: their square;
+    mask: the loader's square). No flip unless `aug.hflip` asks: a mirrored left flank is not
+    the right flank of the same animal."""
     aug, size = cfg.aug, cfg.data.img_size
     fill = tuple(float(v) for v in cfg.data.fill)
     jitter = aug.color_jitter
+    _, _, interpolation = normalisation(cfg)
+    shape = [] if cfg.data.resize in ("squash", "mask") else geometry_steps(cfg, size)
     return [
+        *shape,
         A.RandomResizedCrop(size=(size, size), scale=(aug.crop_scale_min, 1.0),
-                            ratio=(0.75, 4 / 3), area_for_downscale="image"),
+                            ratio=(0.75, 4 / 3), interpolation=interpolation,
+                            area_for_downscale="image"),
         A.Affine(scale=(1 - aug.scale, 1 + aug.scale),
                  translate_percent=(-aug.translate, aug.translate),
                  rotate=(-aug.rotate, aug.rotate), shear=(-aug.shear, aug.shear),
@@ -62,9 +85,9 @@ def train_steps(cfg: Config) -> list:
 
 
 def build_transform(cfg: Config, train: bool) -> Transform:
-    """Training: `train_steps`; evaluation: a square resize (area interpolation, so large
-    sources do not alias). The model always sees `img_size` x `img_size`."""
-    size = cfg.data.img_size
-    steps = train_steps(cfg) if train else [
-        A.Resize(size, size, interpolation=cv2.INTER_AREA)]
-    return Transform(steps, tuple(cfg.data.mean), tuple(cfg.data.std))
+    """Training: `train_steps`; evaluation: `geometry_steps`. Normalised with the backbone's
+    own statistics unless the config names others; the model always sees `img_size` x
+    `img_size`."""
+    mean, std, _ = normalisation(cfg)
+    steps = train_steps(cfg) if train else geometry_steps(cfg, cfg.data.img_size)
+    return Transform(steps, mean, std)

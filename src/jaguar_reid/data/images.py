@@ -12,6 +12,7 @@ from PIL import Image, ImageFilter, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from jaguar_reid.config import Config, ConfigError, declare_choices
+from jaguar_reid.data.preprocess import mean_colour, square_window
 from jaguar_reid.data.tables import DataError
 
 ALPHA_MODES = declare_choices("data.alpha", ("rgb", "crop", "crop_fill", "crop_blur"))
@@ -102,42 +103,74 @@ def apply_alpha(rgba: np.ndarray, mode: str, margin: float = 0.05,
     return fill_background(rgba[top:bottom, left:right], mode, fill)
 
 
+def _squared(rgba: np.ndarray, square: tuple[int, int, int] | None,
+             margin: float | None) -> np.ndarray:
+    """With `square` (the pad colour of `data.resize=mask`): the square window around the
+    mask's box grown by `margin` (the whole image where it has no mask), or, with margin
+    None, around the whole image (a crop the alpha mode already cut to the box)."""
+    if square is None:
+        return rgba
+    box = None if margin is None else mask_box(rgba[..., 3], margin)
+    return square_window(rgba, box, square)
+
+
+def _cut_box(rgba: np.ndarray, alpha: str, margin: float) -> np.ndarray:
+    """The crop modes' cut to the mask's box (what the cache stores for them)."""
+    box = None if alpha == "rgb" else mask_box(rgba[..., 3], margin)
+    if box is None:
+        return rgba
+    top, bottom, left, right = box
+    return rgba[top:bottom, left:right]
+
+
 def load_image(path: str | Path, alpha: str = "rgb", margin: float = 0.05,
                fill: tuple[int, int, int] = (128, 128, 128),
-               seed: int | None = None, max_pixels: int | None = None) -> Image.Image:
-    """An image as RGB, prepared by the alpha mode (see `apply_alpha`). `seed` is accepted so
-    every loader takes the same arguments; nothing here is random. `max_pixels`: see
-    `read_rgba`."""
-    return Image.fromarray(apply_alpha(read_rgba(path, max_pixels), alpha, margin, tuple(fill)))
+               seed: int | None = None, max_pixels: int | None = None,
+               square: tuple[int, int, int] | None = None) -> Image.Image:
+    """An image as RGB, prepared by the alpha mode (see `apply_alpha`), or with `square` the
+    square window around its mask (see `_squared`), background filled by the alpha mode.
+    `seed` is accepted so every loader takes the same arguments; nothing here is random.
+    `max_pixels`: see `read_rgba`."""
+    rgba = read_rgba(path, max_pixels)
+    if square is None:
+        return Image.fromarray(apply_alpha(rgba, alpha, margin, tuple(fill)))
+    window = _squared(_cut_box(rgba, alpha, margin), square, margin if alpha == "rgb" else None)
+    return Image.fromarray(fill_background(window, alpha, tuple(fill)))
 
 
 def load_cached(path: str | Path, alpha: str = "rgb",
                 fill: tuple[int, int, int] = (128, 128, 128),
-                blank_prob: float = 0.0, seed: int | None = None) -> Image.Image:
+                blank_prob: float = 0.0, seed: int | None = None,
+                square: tuple[int, int, int] | None = None,
+                margin: float | None = None) -> Image.Image:
     """A cached image (already cropped by the cache when the mode crops) as RGB: only the
-    background fill of the alpha mode is left to apply. With probability `blank_prob` the
-    background is painted black instead, as the competition's second round does to its test
-    images (a training augmentation; the draw comes from `seed`, the sampler's per-image seed,
-    so runs and resumed runs repeat it)."""
-    rgba = read_rgba(path)
+    background fill of the alpha mode is left to apply (and, with `square`, the square window
+    around the mask). With probability `blank_prob` the background is painted black instead,
+    as the competition's second round does to its test images (a training augmentation; the
+    draw comes from `seed`, the sampler's per-image seed, so runs and resumed runs repeat
+    it)."""
+    rgba = _squared(read_rgba(path), square, margin)
     if blank_prob > 0 and np.random.default_rng([int(seed or 0), 1]).random() < blank_prob:
         return Image.fromarray(fill_background(rgba, "crop_fill", (0, 0, 0)))
     return Image.fromarray(fill_background(rgba, alpha, fill))
 
 
 def image_loader(cfg: Config, cached: bool = False, train: bool = False):
-    """The image-loading callable for this config's alpha settings (picklable for workers):
-    from the preprocessing cache, or straight from the source files. `train` adds the
-    background-blanking augmentation (cache only: it needs the kept alpha)."""
+    """The image-loading callable for this config's alpha and resize settings (picklable for
+    workers): from the preprocessing cache, or straight from the source files. `train` adds
+    the background-blanking augmentation (cache only: it needs the kept alpha)."""
+    square = mean_colour(cfg) if cfg.data.resize == "mask" else None
     if cached:
         blank = cfg.train.bg_blank_prob if train else 0.0
+        # The cache already cut the crop modes' box with its margin.
+        margin = cfg.data.crop_margin if cfg.data.alpha == "rgb" else None
         return partial(load_cached, alpha=cfg.data.alpha, fill=tuple(cfg.data.fill),
-                       blank_prob=blank)
+                       blank_prob=blank, square=square, margin=margin)
     if train and cfg.train.bg_blank_prob > 0:
         raise ConfigError("train.bg_blank_prob needs cache.enabled=true (the cache keeps the "
                           "mask the augmentation paints with)")
     return partial(load_image, alpha=cfg.data.alpha, margin=cfg.data.crop_margin,
-                   fill=tuple(cfg.data.fill), max_pixels=cfg.data.max_pixels)
+                   fill=tuple(cfg.data.fill), max_pixels=cfg.data.max_pixels, square=square)
 
 
 class ImageDataset(Dataset):

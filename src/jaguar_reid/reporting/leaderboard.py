@@ -24,8 +24,9 @@ from jaguar_reid.config import Config, config_digest, load_config, load_saved_co
 from jaguar_reid.io_utils import UserInputError, atomic_path, file_lock, read_json, run_main
 
 COLUMNS = ("time", "event", "experiment", "config_digest", "commit", "backbone", "img_size",
-           "folds", "oof_map", "oof_pair_auc", "oof_map_post", "oof_pair_auc_post", "test_map",
-           "test_pair_auc", "wall_s", "device", "post")
+           "folds", "oof_map", "oof_pair_auc", "oof_map_post", "oof_pair_auc_post",
+           "oof_floor_map", "test_map", "test_pair_auc", "test_floor_map", "wall_s", "device",
+           "post")
 EVENTS = ("train", "submit")
 TUNED_STEP = "tuned"  # the step of a tuned choice (postprocess.json) with the chosen scores
 # Metric columns keep more digits than any table shows: rows are compared long after the run.
@@ -81,7 +82,8 @@ def run_row(cfg: Config, event: str, test_scores: dict | None = None,
         raise ValueError(f"event must be one of {', '.join(EVENTS)}; got {event!r}")
     oof_path = layout.read_path(cfg, layout.OOF_SCORES)
     post_path = layout.read_path(cfg, layout.POST_CHOICE)
-    oof = read_json(oof_path).get("mean", {}) if oof_path.is_file() else {}
+    oof_doc = read_json(oof_path) if oof_path.is_file() else {}
+    oof, oof_floor = oof_doc.get("mean", {}), oof_doc.get("floor_mean") or {}
     tuned = tuned_scores(read_json(post_path)) if post_path.is_file() else None
     tuned = tuned or {}
     test = test_scores or {}
@@ -105,8 +107,10 @@ def run_row(cfg: Config, event: str, test_scores: dict | None = None,
         "oof_pair_auc": _metric(oof.get("pair_auc")),
         "oof_map_post": _metric(tuned.get("map")),
         "oof_pair_auc_post": _metric(tuned.get("pair_auc")),
+        "oof_floor_map": _metric(oof_floor.get("map")),
         "test_map": _metric(test.get("map")),
         "test_pair_auc": _metric(test.get("pair_auc")),
+        "test_floor_map": _metric((test.get("floor") or {}).get("map")),
         "wall_s": "" if wall_s is None else f"{float(wall_s):.1f}",
         "device": device or "",
         # what a submission applied: the tuned columns above are the experiment's choice,

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from jaguar_reid.reporting.leaderboard import tuned_scores
 from jaguar_reid.reporting.reading import ExperimentData, FoldData
+from jaguar_reid.retrieval.floor import FLOOR_NAME
 
 # Table rows for identities: beyond this the table is unreadable; the worst are kept.
 MAX_IDENTITY_TABLE_ROWS = 20
@@ -45,10 +46,12 @@ def score_table(data: ExperimentData) -> Table:
         mean = data.oof.get("mean", {})
         rows.append(["mean", "", "", fmt(mean.get("pair_auc")), fmt(mean.get("map")),
                      fmt((tuned or {}).get("pair_auc")), fmt((tuned or {}).get("map"))])
-        base = data.oof.get("untrained_mean")
-        if base:
-            rows.append(["untrained (epoch 0)", "", "", fmt(base.get("pair_auc")),
-                         fmt(base.get("map")), "", ""])
+        for label, key in (("untrained (epoch 0)", "untrained_mean"),
+                           (FLOOR_NAME, "floor_mean")):
+            base = data.oof.get(key)
+            if base:
+                rows.append([label, "", "", fmt(base.get("pair_auc")), fmt(base.get("map")),
+                             "", ""])
     return header, rows
 
 
@@ -75,6 +78,10 @@ def cv_test_table(data: ExperimentData) -> Table:
     if tuned:
         rows.append(["out of fold, post-processed (tuned)", fmt(tuned.get("map")),
                      fmt(tuned.get("pair_auc")), ""])
+    floor = (data.oof or {}).get("floor_mean")
+    if floor:
+        rows.append([f"out of fold, {FLOOR_NAME}", fmt(floor.get("map")),
+                     fmt(floor.get("pair_auc")), ""])
     for name, scores in data.submissions:
         test = scores.get("test") or {}
         folds = ",".join(str(f) for f in scores.get("folds", []))
@@ -83,6 +90,10 @@ def cv_test_table(data: ExperimentData) -> Table:
             gap = f"{float(test['map']) - float(oof['map']):+.4f}"
         rows.append([f"local test: {name} (folds {folds})", fmt(test.get("map")),
                      fmt(test.get("pair_auc")), gap])
+        floor = scores.get("floor")
+        if floor:
+            rows.append([f"local test: {FLOOR_NAME}", fmt(floor.get("map")),
+                         fmt(floor.get("pair_auc")), ""])
     return header, rows
 
 

@@ -7,20 +7,35 @@ folds. Writes `oof_scores.json` and `oof_scores.md` beside the folds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from jaguar_reid import layout
-from jaguar_reid.config import METRICS, Config, declare_choices, load_config
+from jaguar_reid.config import (
+    METRICS,
+    Config,
+    declare_choices,
+    load_config,
+    load_saved_config,
+)
 from jaguar_reid.data.tables import DataError
-from jaguar_reid.io_utils import atomic_write_json, atomic_write_text, read_json, run_main
+from jaguar_reid.io_utils import (
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    resolve_device,
+    run_main,
+)
 from jaguar_reid.retrieval.embed import embed_all
+from jaguar_reid.retrieval.floor import FLOOR_NAME, Floor, below_floor
 from jaguar_reid.retrieval.metrics import identity_balanced_map, pair_roc_auc
 from jaguar_reid.text import markdown_table
 from jaguar_reid.training.model import RETRIEVAL_MODES
 
+FloorFn = Callable[[list[str]], np.ndarray]  # file names -> plain floor embeddings
 TUNE_METRICS = declare_choices("tune.metric", METRICS)
 MONITORS = declare_choices("train.monitor", METRICS)  # scored each epoch
 METRIC_NAMES = {"pair_auc": "pair ROC-AUC", "map": "identity-balanced mAP"}
@@ -45,8 +60,9 @@ def validation_scores(model: torch.nn.Module, paths: list[Path], labels: np.ndar
     return embs, scores
 
 
-def collect_fold_scores(exp_dir: Path) -> list[dict]:
-    """One row per finished validation fold: fold, images, identities, metrics (and untrained)."""
+def collect_fold_scores(exp_dir: Path, floor: FloorFn | None = None) -> list[dict]:
+    """One row per finished validation fold: fold, images, identities, metrics, untrained
+    (epoch 0) and, given `floor` (file names -> plain floor embeddings), the plain floor's."""
     rows = []
     for fold in layout.finished_folds(exp_dir):
         fold_path = layout.fold_dir(exp_dir, fold)
@@ -71,6 +87,8 @@ def collect_fold_scores(exp_dir: Path) -> list[dict]:
         untrained = read_json(fold_path / layout.FOLD_METRICS).get("untrained")
         if untrained:
             row["untrained"] = untrained
+        if floor is not None and names is not None:
+            row["floor"] = score_embeddings(floor(names.astype(str).tolist()), labels)
         rows.append(row)
     return rows
 
@@ -78,10 +96,11 @@ def collect_fold_scores(exp_dir: Path) -> list[dict]:
 def summarise(rows: list[dict]) -> dict:
     mean = {m: float(np.nanmean([r[m] for r in rows])) for m in METRICS}
     summary = {"folds": rows, "mean": mean}
+    for key, mean_key in (("untrained", "untrained_mean"), ("floor", "floor_mean")):
+        if all(key in r for r in rows):
+            summary[mean_key] = {m: float(np.nanmean([r[key][m] for r in rows]))
+                                 for m in METRICS}
     untrained = [r["untrained"] for r in rows if "untrained" in r]
-    if len(untrained) == len(rows):
-        summary["untrained_mean"] = {m: float(np.nanmean([u[m] for u in untrained]))
-                                     for m in METRICS}
     # Every retrieval embedding, trained and before training: which one to use is decided here.
     by_kind = {}
     for kind in RETRIEVAL_MODES:
@@ -107,6 +126,9 @@ def format_table(summary: dict) -> str:
         base = summary["untrained_mean"]
         rows.append(["untrained (epoch 0)", "", "", f"{base['pair_auc']:.4f}",
                      f"{base['map']:.4f}"])
+    if "floor_mean" in summary:
+        base = summary["floor_mean"]
+        rows.append([FLOOR_NAME, "", "", f"{base['pair_auc']:.4f}", f"{base['map']:.4f}"])
     text = markdown_table(["fold", "images", "identities", "pair AUC", "mAP"], rows)
     if summary.get("by_kind"):
         kinds = []
@@ -120,12 +142,13 @@ def format_table(summary: dict) -> str:
 
 
 def score_experiment(exp_dir: str | Path, quiet: bool = False,
-                     out_dir: str | Path | None = None) -> dict:
+                     out_dir: str | Path | None = None, floor: FloorFn | None = None) -> dict:
     """Score the finished folds of the experiment in `exp_dir` (its model folder) and write
-    the tables into `out_dir` (default: the same folder)."""
+    the tables into `out_dir` (default: the same folder); with `floor`, the plain floor's
+    scores of the same pairs beside them."""
     exp_dir = Path(exp_dir)
     out_dir = Path(out_dir or exp_dir)
-    rows = collect_fold_scores(exp_dir)
+    rows = collect_fold_scores(exp_dir, floor)
     if not rows:
         raise FileNotFoundError(f"{exp_dir}: no finished validation folds "
                                 "(fold<k>/metrics.json and val_embeddings.npz)")
@@ -140,9 +163,30 @@ def score_experiment(exp_dir: str | Path, quiet: bool = False,
     return summary
 
 
+def floor_for(cfg: Config, device: str) -> FloorFn | None:
+    """File names of train.csv -> their plain floor embeddings (`floor.enabled`), else None."""
+    if not cfg.floor.enabled:
+        return None
+    floor = Floor(cfg, device)
+    return lambda names: floor.embed(names, layout.data_files(cfg)["train"])
+
+
+def report_floor(what: str, summary: dict) -> None:
+    """Print the one line that says an experiment ends below the plain floor, if it does."""
+    line = below_floor(what, summary.get("mean"), summary.get("floor_mean"))
+    if line:
+        print(line)
+
+
 def main(argv: list[str]) -> None:
     cfg = load_config(argv)
-    score_experiment(layout.model_dir(cfg), out_dir=layout.work_dir(cfg))
+    saved = layout.model_dir(cfg) / layout.RUN_CONFIG
+    if saved.is_file():  # the floor of the experiment's own backbone and starting weights
+        trained = load_saved_config(saved)
+        cfg = Config({**cfg, "model": trained.model, "seed": trained.seed})
+    summary = score_experiment(layout.model_dir(cfg), out_dir=layout.work_dir(cfg),
+                               floor=floor_for(cfg, resolve_device(cfg.device)))
+    report_floor(f"experiment {cfg.exp!r} out of fold:", summary)
 
 
 if __name__ == "__main__":

@@ -124,10 +124,11 @@ def _check_weights_only(path: Path) -> None:
                          "convert it to .safetensors, or to a state dict of tensors") from None
 
 
-def create_backbone(cfg: Config) -> nn.Module:
-    """A timm backbone without classifier or pooling, from a local weights file, timm's hub, or
-    random initialisation, in that order of preference."""
-    kwargs: dict = {"num_classes": 0, "global_pool": ""}
+def create_backbone(cfg: Config, global_pool: str = "", own_size: bool = False) -> nn.Module:
+    """A timm backbone without classifier (and without pooling unless `global_pool` names
+    timm's), from a local weights file, timm's hub, or random initialisation, in that order of
+    preference; at `data.img_size`, or at the backbone's own input size with `own_size`."""
+    kwargs: dict = {"num_classes": 0, "global_pool": global_pool}
     weights = cfg.model.weights
     if weights:
         path = Path(weights)
@@ -140,7 +141,8 @@ def create_backbone(cfg: Config) -> nn.Module:
     else:
         kwargs["pretrained"] = bool(cfg.model.pretrained)
     try:
-        backbone = timm.create_model(cfg.model.backbone, img_size=cfg.data.img_size, **kwargs)
+        size = {} if own_size else {"img_size": cfg.data.img_size}
+        backbone = timm.create_model(cfg.model.backbone, **size, **kwargs)
     except TypeError:
         # CNNs take any input size and have no img_size argument.
         backbone = timm.create_model(cfg.model.backbone, **kwargs)
