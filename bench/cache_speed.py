@@ -26,8 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from jaguar_reid.config import load_config  # noqa: E402
 from jaguar_reid.data.augment import build_transform  # noqa: E402
 from jaguar_reid.data.cache import build_cache  # noqa: E402
-from jaguar_reid.data.images import ImageDataset
-from jaguar_reid.data.images import image_loader  # noqa: E402
+from jaguar_reid.data.images import (
+    ImageDataset,
+    image_loader,  # noqa: E402
+)
 
 
 def write_photos(folder: Path, n: int, width: int, height: int) -> list[Path]:

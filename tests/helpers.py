@@ -32,6 +32,9 @@ TINY_ARGS = [
     "embed.batch_size=32",
     "device=cpu",
     "report.enabled=false",  # the report has its own tests; the end-to-end tests turn it on
+    # The plain floor embeds every image at the backbone's native size after each training;
+    # the tests of the floor pass floor.enabled=true after these.
+    "floor.enabled=false",
 ]
 
 # --------------------------------------------------------------------------- a tiny data set

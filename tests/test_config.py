@@ -159,3 +159,11 @@ def test_a_run_saved_with_a_retired_key_still_loads(tmp_path):
     assert load_saved_config(saved).embed.tta == ["orig", "flip"]
     with pytest.raises(ConfigError, match="replaced by 'embed.tta'"):
         load_config([f"config={saved}"])
+
+
+def test_negative_epochs_are_refused_and_zero_is_a_run():
+    from jaguar_reid.config import ConfigError, load_config
+
+    assert load_config(["train.epochs=0"]).train.epochs == 0
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(["train.epochs=-1"])

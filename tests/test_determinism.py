@@ -12,12 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jaguar_reid import submission, train
+from jaguar_reid import layout, submission, train
 from jaguar_reid.config import load_config
 from jaguar_reid.data import folds as folds_cli
 from jaguar_reid.data.folds import make_folds
 from jaguar_reid.data.tables import read_train_csv
-from jaguar_reid.layout import data_files
 
 
 def folds_args(demo_dir, tmp_path, name: str, *extra: str) -> list[str]:
@@ -41,7 +40,7 @@ def test_same_seed_same_folds_file(demo_dir, tmp_path, strategy):
 def test_other_seed_other_split_same_seed_same_split(demo_dir):
     cfg = load_config([f"data.dir={demo_dir}", "folds.strategy=closed", "folds.n_folds=4",
                        "folds.dup_threshold=-1"])
-    train_df = read_train_csv(data_files(cfg)["train"])
+    train_df = read_train_csv(layout.data_files(cfg)["train"])
     split = make_folds(train_df, cfg)
     again = make_folds(train_df, load_config([f"data.dir={demo_dir}", "folds.strategy=closed",
                                               "folds.n_folds=4", "folds.dup_threshold=-1"]))
@@ -63,36 +62,41 @@ def test_two_trainings_give_the_same_weights_and_submission(demo_dir, tmp_path, 
                 "exp=same", "fold=0", "submit.folds=0", "train.epochs=1"]
         train.main(args)
         submission.main(args)
-        runs[name] = tmp_path / name / "same"
-    a, b = runs["a"], runs["b"]
+        runs[name] = load_config(args)
+    cfg_a, cfg_b = runs["a"], runs["b"]
+    a, b = layout.model_dir(cfg_a), layout.model_dir(cfg_b)
+    fold_a, fold_b = layout.fold_dir(a, 0), layout.fold_dir(b, 0)
 
-    assert (tmp_path / "a" / "folds.csv").read_bytes() == \
-        (tmp_path / "b" / "folds.csv").read_bytes()
-    for weights in ("model.safetensors", "best.safetensors"):
-        wa, wb = load_file(str(a / "fold0" / weights)), load_file(str(b / "fold0" / weights))
+    assert layout.folds_path(cfg_a).read_bytes() == layout.folds_path(cfg_b).read_bytes()
+    for weights in (layout.MODEL_WEIGHTS, layout.BEST_WEIGHTS):
+        wa, wb = load_file(str(fold_a / weights)), load_file(str(fold_b / weights))
         assert wa.keys() == wb.keys()
         for key in wa:
             assert torch.equal(wa[key], wb[key]), (weights, key)
-        assert (a / "fold0" / weights).read_bytes() == (b / "fold0" / weights).read_bytes()
+        assert (fold_a / weights).read_bytes() == (fold_b / weights).read_bytes()
     # The comparison can fail: another seed, on the same folds, trains other weights.
-    train.main([*tiny_cfg_args, *folds_args(demo_dir, tmp_path, "a", "folds.n_folds=4"),
-                "exp=other_seed", "fold=0", "train.epochs=1", "seed=43"])
-    other = load_file(str(tmp_path / "a" / "other_seed" / "fold0" / "model.safetensors"))
+    other_args = [*tiny_cfg_args, *folds_args(demo_dir, tmp_path, "a", "folds.n_folds=4"),
+                  "exp=other_seed", "fold=0", "train.epochs=1", "seed=43"]
+    train.main(other_args)
+    other = load_file(str(layout.fold_dir(layout.model_dir(load_config(other_args)), 0)
+                          / layout.MODEL_WEIGHTS))
     assert any(not torch.equal(other[k], wa[k]) for k in wa)
-    log = pd.read_csv(a / "fold0" / "log.csv")
+    log = pd.read_csv(fold_a / layout.TRAIN_LOG)
     assert log["epoch"].tolist() == [0, 1] and log["loss"].iloc[1:].notna().all()
     columns = ["epoch", "loss", "lr", "pair_auc", "map"]
-    pd.testing.assert_frame_equal(log[columns], pd.read_csv(b / "fold0" / "log.csv")[columns])
-    with np.load(a / "fold0" / "val_embeddings.npz") as ea, \
-            np.load(b / "fold0" / "val_embeddings.npz") as eb:
+    pd.testing.assert_frame_equal(log[columns], pd.read_csv(fold_b / layout.TRAIN_LOG)[columns])
+    with np.load(fold_a / layout.VAL_EMBEDDINGS) as ea, \
+            np.load(fold_b / layout.VAL_EMBEDDINGS) as eb:
         assert sorted(ea.files) == sorted(eb.files)
         for key in ea.files:
             assert np.array_equal(ea[key], eb[key]), key
 
-    assert (a / "submission.csv").read_bytes() == (b / "submission.csv").read_bytes()
-    with np.load(a / "submission.embeddings.npz") as ea, \
-            np.load(b / "submission.embeddings.npz") as eb:
+    sub_a, sub_b = layout.submission_path(cfg_a, "same"), layout.submission_path(cfg_b, "same")
+    assert sub_a.read_bytes() == sub_b.read_bytes()
+    with np.load(layout.submission_extra(sub_a, layout.EMBEDDINGS_EXTRA)) as ea, \
+            np.load(layout.submission_extra(sub_b, layout.EMBEDDINGS_EXTRA)) as eb:
         assert np.array_equal(ea["embeddings"], eb["embeddings"])
-    sub = pd.read_csv(a / "submission.csv")
-    assert sub["row_id"].tolist() == pd.read_csv(demo_dir / "test.csv")["row_id"].tolist()
+    sub = pd.read_csv(sub_a)
+    test_rows = pd.read_csv(layout.data_files(cfg_a)["test"])["row_id"]
+    assert sub["row_id"].tolist() == test_rows.tolist()
     assert sub["similarity"].nunique() > 1  # a real submission, not a constant

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaguar_reid.config import load_config, save_config
+from jaguar_reid import layout
+from jaguar_reid.config import load_config
 from jaguar_reid.io_utils import atomic_write_json, read_json
 from jaguar_reid.reporting.analysis import (
     cosine_matrix,
@@ -33,11 +34,9 @@ from jaguar_reid.retrieval.metrics import (
     per_query_ap,
 )
 from jaguar_reid.retrieval.scoring import score_experiment
+from jaguar_reid.training.checkpoint import LOG_FIELDS  # torch: the report imports it already
+from tests.helpers import fake_experiment
 
-# jaguar_reid.training.loop.LOG_FIELDS, written out so this test does not import torch.
-LOG_FIELDS = ["epoch", "loss", "lr", "pair_auc", "map", "pair_auc_neck", "map_neck",
-              "pair_auc_backbone", "map_backbone", "pair_auc_both", "map_both",
-              "images_per_s", "seconds"]
 IDS_PER_FOLD, IMAGES_PER_ID = 3, 4
 
 
@@ -94,50 +93,55 @@ def _write_image(path: Path, colour: tuple[int, int, int]) -> None:
     Image.new("RGB", (24, 16), colour).save(path)
 
 
+def _log_text() -> str:
+    """A log.csv as training writes it: 4 epochs, the first without a loss."""
+    lines = [",".join(LOG_FIELDS)]
+    for epoch in range(4):
+        row = {"epoch": epoch, "loss": "nan" if epoch == 0 else 3.0 / epoch,
+               "lr": 1e-3 * (epoch > 0), "pair_auc": 0.8 + 0.05 * epoch,
+               "map": 0.5 + 0.1 * epoch, "images_per_s": 10.0, "seconds": epoch}
+        lines.append(",".join(str(row.get(field, 0.7)) for field in LOG_FIELDS))
+    return "\n".join(lines) + "\n"
+
+
+def submission_scores_path(cfg) -> Path:
+    return layout.submission_extra(layout.submission_path(cfg, cfg.exp), layout.SCORES_EXTRA)
+
+
 def make_experiment(root: Path, folds=(0, 1), log_folds=(0,), extras=True, images=True):
     """output/fake/ with `folds` finished (3 identities x 4 images each), a data folder with
     train.csv and the images, oof_scores.json from the real scorer and, with `extras`,
     postprocess.json and submission.scores.json. Returns the config."""
     rng = np.random.default_rng(0)
-    data_dir, out = root / "data", root / "output"
-    cfg = load_config([f"output_dir={out}", "exp=fake", f"data.dir={data_dir}",
+    data_dir = root / "data"
+    cfg = load_config([f"output_dir={root / 'output'}", "exp=fake", f"data.dir={data_dir}",
                        "report.top_k=3", "report.worst_queries=2"])
-    exp_dir = out / "fake"
-    exp_dir.mkdir(parents=True)
-    save_config(cfg, exp_dir / "config.yaml")
-    rows = []
+    val, rows = {}, []
     for fold in folds:
         labels = np.repeat([f"id{fold}{i}" for i in range(IDS_PER_FOLD)], IMAGES_PER_ID)
         names = np.array([f"img_{fold}_{n}.jpg" for n in range(len(labels))])
         centres = rng.normal(size=(IDS_PER_FOLD, 8))
         emb = np.repeat(centres, IMAGES_PER_ID, axis=0) + rng.normal(size=(len(labels), 8))
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-        fold_dir = exp_dir / f"fold{fold}"
-        fold_dir.mkdir()
-        np.savez(fold_dir / "val_embeddings.npz", embeddings=emb, neck=emb, backbone=emb,
-                 both=emb, filenames=names, labels=labels)
-        atomic_write_json(fold_dir / "metrics.json", {
-            "fold": fold, "weights": "last", "best_epoch": 2, "epochs_run": 3,
-            "processes": 1, "retrieval": "neck", "device": "cpu", "seconds": 1.5,
-            "training_digest": f"digest{fold}"})
-        save_config(cfg, fold_dir / "config.yaml")
-        if fold in log_folds:
-            lines = [",".join(LOG_FIELDS)]
-            for epoch in range(4):
-                values = [epoch, "nan" if epoch == 0 else 3.0 / epoch, 1e-3 * (epoch > 0),
-                          0.8 + 0.05 * epoch, 0.5 + 0.1 * epoch, *[0.7] * 6, 10.0, epoch]
-                lines.append(",".join(str(v) for v in values))
-            (fold_dir / "log.csv").write_text("\n".join(lines) + "\n")
+        val[fold] = {"embeddings": emb, "neck": emb, "backbone": emb, "both": emb,
+                     "filenames": names, "labels": labels}
         if images:
             for name, label in zip(names, labels, strict=True):
                 _write_image(data_dir / "train" / name, tuple(int(c) for c in rng.integers(
                     0, 255, 3)))
                 rows.append(f"{name},{label}")
     if images:
-        (data_dir / "train.csv").write_text("filename,ground_truth\n" + "\n".join(rows) + "\n")
+        layout.data_files(cfg)["train"].write_text(
+            "filename,ground_truth\n" + "\n".join(rows) + "\n")
+    exp_dir = fake_experiment(
+        cfg, folds, weights=None, val=val.__getitem__, exp_config=True,
+        metrics=lambda fold: {"weights": "last", "best_epoch": 2, "epochs_run": 3,
+                              "processes": 1, "retrieval": "neck", "device": "cpu",
+                              "seconds": 1.5, "training_digest": f"digest{fold}"},
+        log=lambda fold: _log_text() if fold in log_folds else None)
     score_experiment(exp_dir, quiet=True)
     if extras:
-        atomic_write_json(exp_dir / "postprocess.json", {
+        atomic_write_json(layout.work_dir(cfg) / layout.POST_CHOICE, {
             "metric": "map", "settings": {"qe": {"k": 2}},
             "steps": [
                 {"step": "raw", "settings": {}, "map": 0.41111, "pair_auc": 0.81111,
@@ -151,10 +155,10 @@ def make_experiment(root: Path, folds=(0, 1), log_folds=(0,), extras=True, image
                  "per_fold": [{"fold": 0, "map": 0.45671, "pair_auc": 0.83456},
                               {"fold": 1, "map": 0.47907, "pair_auc": 0.85186}]},
             ]})
-        atomic_write_json(exp_dir / "submission.scores.json", {
-            "submission": str(exp_dir / "submission.csv"), "rows": 10, "folds": [0, 1],
-            "test": {"map": 0.37531, "pair_auc": 0.79135},
-            "oof": read_json(exp_dir / "oof_scores.json")["mean"]})
+        atomic_write_json(submission_scores_path(cfg), {
+            "submission": str(layout.submission_path(cfg, cfg.exp)), "rows": 10,
+            "folds": [0, 1], "test": {"map": 0.37531, "pair_auc": 0.79135},
+            "oof": read_json(layout.read_path(cfg, layout.OOF_SCORES))["mean"]})
     return cfg
 
 
@@ -208,7 +212,7 @@ def worst_query(exp_dir: Path, folds) -> tuple[str, float]:
     """The lowest-AP query over the folds, computed here from the embeddings themselves."""
     worst = ("", 2.0)
     for fold in folds:
-        with np.load(exp_dir / f"fold{fold}" / "val_embeddings.npz") as data:
+        with np.load(layout.fold_dir(exp_dir, fold) / layout.VAL_EMBEDDINGS) as data:
             emb, labels, names = data["embeddings"], data["labels"], data["filenames"]
         ap = per_query_ap(emb @ emb.T, labels)
         q = int(np.nanargmin(ap))
@@ -219,27 +223,27 @@ def worst_query(exp_dir: Path, folds) -> tuple[str, float]:
 
 def test_report_holds_every_section_with_its_numbers(tmp_path):
     cfg = make_experiment(tmp_path)
-    exp_dir = tmp_path / "output" / "fake"
+    exp_dir = layout.model_dir(cfg)
     worst_name, worst_ap = worst_query(exp_dir, (0, 1))
     (tmp_path / "data" / "train" / worst_name).unlink()  # the strip shows a placeholder
 
     index = build_report(cfg)
 
-    assert index == exp_dir / "report" / "index.html"
+    assert index == layout.report_dir(cfg) / layout.REPORT_INDEX
     html = index.read_text()
-    summary = (index.parent / "summary.md").read_text()
+    summary = (index.parent / layout.REPORT_SUMMARY).read_text()
     page = parse_page(index)
     for section in ("missing", "scores", "cv-test", "postprocess", "training", "roc",
                     "identities", "worst-queries", "config"):
         assert section in page.ids
 
-    oof = read_json(exp_dir / "oof_scores.json")
+    oof = read_json(layout.read_path(cfg, layout.OOF_SCORES))
     for fold in oof["folds"]:
         for text in (f"{fold['map']:.4f}", f"{fold['pair_auc']:.4f}"):
             assert text in page.cells and f" {text} " in summary
     for text in (f"{oof['mean']['map']:.4f}", f"{oof['mean']['pair_auc']:.4f}"):
         assert text in page.cells and f" {text} " in summary
-    post = read_json(exp_dir / "postprocess.json")
+    post = read_json(layout.read_path(cfg, layout.POST_CHOICE))
     tuned = post["steps"][-1]
     for fold in tuned["per_fold"]:
         assert f"{fold['map']:.4f}" in page.cells and f"{fold['pair_auc']:.4f}" in page.cells
@@ -247,7 +251,7 @@ def test_report_holds_every_section_with_its_numbers(tmp_path):
     steps = ["raw", "qe", "closed", "tuned"]
     assert [c for c in page.cells if c in steps] == steps
     assert {"query expansion k=2", "skipped: grouped folds"} <= set(page.cells)
-    test = read_json(exp_dir / "submission.scores.json")["test"]
+    test = read_json(submission_scores_path(cfg))["test"]
     assert f"{test['map']:.4f}" in page.cells and f" {test['map']:.4f} " in summary
     assert f"{test['map'] - oof['mean']['map']:+.4f}" in page.cells  # CV next to the test
 
@@ -272,24 +276,24 @@ def test_report_holds_every_section_with_its_numbers(tmp_path):
 
 def test_report_builds_from_whatever_exists(tmp_path, capsys):
     cfg = make_experiment(tmp_path, folds=(0,), log_folds=(), extras=False, images=False)
-    exp_dir = tmp_path / "output" / "fake"
-    (exp_dir / "oof_scores.json").unlink()
-    (exp_dir / "oof_scores.md").unlink()
-    stale = exp_dir / "report" / "training_curves.png"
+    exp_dir = layout.model_dir(cfg)
+    (layout.work_dir(cfg) / layout.OOF_SCORES).unlink()
+    (layout.work_dir(cfg) / layout.OOF_SCORES_MD).unlink()
+    stale = layout.report_dir(cfg) / "training_curves.png"
     stale.parent.mkdir()
     stale.write_bytes(b"an old figure")
 
     main([f"output_dir={cfg.output_dir}", "exp=fake", f"data.dir={cfg.data.dir}"])
 
     assert "wrote" in capsys.readouterr().out
-    index = exp_dir / "report" / "index.html"
+    index = layout.report_dir(cfg) / layout.REPORT_INDEX
     html = index.read_text()
     for note in ("postprocess.json absent", "no submission scores", "oof_scores.json absent",
                  "fold 0: no log.csv", "data folder not found"):
         assert note in html
     assert not stale.exists()  # no log this time: the old curves are not left beside the page
     assert len(decoded_images(parse_page(index))) == len(FIGURES) - 1
-    with np.load(exp_dir / "fold0" / "val_embeddings.npz") as data:
+    with np.load(layout.fold_dir(exp_dir, 0) / layout.VAL_EMBEDDINGS) as data:
         emb, labels = data["embeddings"], data["labels"]
     assert f"{identity_balanced_map(emb @ emb.T, labels):.4f}" in parse_page(index).cells
 
@@ -318,11 +322,10 @@ def test_page_renders_in_headless_chromium(tmp_path):
 
 def test_half_written_files_are_named_not_raised(tmp_path):
     cfg = make_experiment(tmp_path, folds=(0,), log_folds=(), extras=False, images=False)
-    exp_dir = Path(cfg.output_dir) / "fake"
     raw = {"step": "raw", "settings": {}, "map": 0.5, "pair_auc": 0.9, "kept": True}
-    (exp_dir / "postprocess.json").write_text(json.dumps({"metric": "map", "settings": {},
-                                                          "steps": [raw]}))
-    (exp_dir / "submission.scores.json").write_text('{"test": ')
+    (layout.work_dir(cfg) / layout.POST_CHOICE).write_text(
+        json.dumps({"metric": "map", "settings": {}, "steps": [raw]}))
+    submission_scores_path(cfg).write_text('{"test": ')
     html = build_report(cfg).read_text()
     assert "no &#x27;tuned&#x27; step" in html and "<td>raw</td>" in html
     assert "submission.scores.json: unreadable" in html and "no submission scores" in html
