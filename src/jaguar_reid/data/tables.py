@@ -135,14 +135,20 @@ def read_train_csv(path: str | Path) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def read_test_csv(path: str | Path) -> pd.DataFrame:
-    """`test.csv` -> DataFrame[row_id (int), query_image, gallery_image]."""
-    path = Path(path)
-    df = _read_csv(path, TEST_COLUMNS)
+def _read_rows(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+    """A CSV keyed by row_id: not empty, row_ids whole numbers, each once."""
+    df = _read_csv(path, columns)
     if df.empty:
         raise DataError(f"{path}: no rows")
     df["row_id"] = _to_int_column(path, df, "row_id")
     _check_unique_ids(path, df)
+    return df
+
+
+def read_test_csv(path: str | Path) -> pd.DataFrame:
+    """`test.csv` -> DataFrame[row_id (int), query_image, gallery_image]."""
+    path = Path(path)
+    df = _read_rows(path, TEST_COLUMNS)
     _check_filenames(path, df, "query_image")
     _check_filenames(path, df, "gallery_image")
     return df
@@ -157,13 +163,7 @@ def _check_unique_ids(path: Path, df: pd.DataFrame) -> None:
 
 def read_sample_submission(path: str | Path) -> pd.DataFrame:
     """`sample_submission.csv` -> DataFrame[row_id (int), similarity (str)]; only row_ids matter."""
-    path = Path(path)
-    df = _read_csv(path, SUBMISSION_COLUMNS)
-    if df.empty:
-        raise DataError(f"{path}: no rows")
-    df["row_id"] = _to_int_column(path, df, "row_id")
-    _check_unique_ids(path, df)
-    return df
+    return _read_rows(Path(path), SUBMISSION_COLUMNS)
 
 
 def pair_image_names(test_df: pd.DataFrame) -> list[str]:
