@@ -36,7 +36,8 @@ def _plain_map(demo_dir, names, labels, seed: int) -> float:
 def test_zero_epochs_and_the_plain_floor(demo_dir, tmp_path, tiny_cfg_args, capsys):
     args = [*tiny_cfg_args, f"data.dir={demo_dir}", f"output_dir={tmp_path / 'out'}",
             f"folds.file={tmp_path / 'folds.csv'}", "folds.n_folds=4", "exp=zero",
-            "train.epochs=0", "floor.enabled=true", "seed=5"]
+            "train.epochs=0", "floor.enabled=true", "seed=5", "data.mean=auto",
+            "data.std=auto"]
     train.main([*args, "fold=0..1"])
     cfg = load_config(args)
     exp = layout.model_dir(cfg)
@@ -45,6 +46,9 @@ def test_zero_epochs_and_the_plain_floor(demo_dir, tmp_path, tiny_cfg_args, caps
         directory = layout.fold_dir(exp, fold)
         saved = load_config([f"config={directory / layout.RUN_CONFIG}"])
         assert saved.model.retrieval == "backbone"  # an untrained neck only adds noise
+        # The run saved the values `auto` resolved to: resnet18's own (ImageNet's).
+        assert saved.data.mean == pytest.approx([0.485, 0.456, 0.406])
+        assert saved.data.interpolation == "bicubic"
         metrics = json.loads((directory / layout.FOLD_METRICS).read_text())
         log = pd.read_csv(directory / layout.TRAIN_LOG)
         assert log["epoch"].tolist() == [0] and metrics["epochs_run"] == 0
