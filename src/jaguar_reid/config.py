@@ -420,6 +420,12 @@ def schema() -> Config:
     return copy.deepcopy(_schema())
 
 
+def schema_value(dotted: str) -> Any:
+    """One default of the schema (a fresh copy of lists): a field default read per object,
+    without copying the whole schema each time."""
+    return copy.deepcopy(_schema().get_path(dotted))
+
+
 def config_digest(cfg: Config) -> str:
     """Short hash of the resolved config, stable across key order."""
     text = yaml.safe_dump(to_plain(cfg), sort_keys=True)

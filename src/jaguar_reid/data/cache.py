@@ -83,6 +83,58 @@ def unusable_record(record: dict, problem: str) -> dict:
     return record
 
 
+def _decode(src: str, record: dict, max_pixels: int) -> tuple[np.ndarray, bool] | None:
+    """(RGBA array, whether the file has alpha), with size and mode in `record`; None when
+    the image cannot be used (the record then says why)."""
+    try:
+        with Image.open(src) as img:
+            width, height = img.size
+            record.update(width=width, height=height, mode=img.mode)
+            if width * height > max_pixels or min(width, height) < _MIN_SIDE:
+                unusable_record(record, f"absurd dimensions: {width}x{height}")
+                return None
+            img.load()
+            has_alpha = "A" in img.mode or (img.mode == "P" and "transparency" in img.info)
+            return to_rgba(img), has_alpha
+    except Image.DecompressionBombError as exc:
+        # Pillow's own guard fires on open for images far above its pixel limit.
+        unusable_record(record, f"absurd dimensions: {exc}")
+    except FileNotFoundError:
+        unusable_record(record, "missing")
+    except OSError as exc:
+        # Pillow's message quotes the path: a folder named `truncated/` must not decide.
+        message = str(exc).replace(str(src), "")
+        kind = "truncated" if "truncated" in message.lower() else "unreadable"
+        unusable_record(record, f"{kind}: {exc}")
+    except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        unusable_record(record, f"unreadable: {exc}")
+    return None
+
+
+def _cut_to_mask(rgba: np.ndarray, has_alpha: bool, margin: float,
+                 problems: list[str], actions: list[str]) -> np.ndarray:
+    """The mask's box (plus margin); the whole image, said so, without a usable mask."""
+    box = mask_box(rgba[..., 3], margin) if has_alpha else None
+    if box is None:
+        problems.append("empty mask" if has_alpha else "no alpha")
+        actions.append("whole image used")
+        return rgba
+    top, bottom, left, right = box
+    return rgba[top:bottom, left:right]
+
+
+def _write_resized(rgba: np.ndarray, dst: str, size: int) -> None:
+    """PNG of `rgba` with its long side at most `size` (Lanczos), written atomically."""
+    image = Image.fromarray(np.ascontiguousarray(rgba), mode="RGBA")
+    scale = size / max(image.size)
+    if scale < 1:
+        new_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    with atomic_path(dst, suffix=".png") as tmp:
+        # Low compression: the cache is read often and written once; decode speed matters.
+        image.save(tmp, format="PNG", compress_level=1)
+
+
 def process_image(src: str, dst: str, crop: bool, margin: float, size: int,
                   max_pixels: int) -> dict:
     """Decode `src`, write its cached form to `dst`, and return its record.
@@ -91,29 +143,12 @@ def process_image(src: str, dst: str, crop: bool, margin: float, size: int,
     recorded with action "error" and nothing is written; the caller decides what to do.
     """
     record = empty_record(Path(src))
+    decoded = _decode(src, record, max_pixels)
+    if decoded is None:
+        return record
+    rgba, has_alpha = decoded
     problems: list[str] = record["problems"]
     actions: list[str] = []
-    try:
-        with Image.open(src) as img:
-            width, height = img.size
-            record.update(width=width, height=height, mode=img.mode)
-            if width * height > max_pixels or min(width, height) < _MIN_SIDE:
-                return unusable_record(record, f"absurd dimensions: {width}x{height}")
-            img.load()
-            rgba = to_rgba(img)
-    except Image.DecompressionBombError as exc:
-        # Pillow's own guard fires on open for images far above its pixel limit.
-        return unusable_record(record, f"absurd dimensions: {exc}")
-    except FileNotFoundError:
-        return unusable_record(record, "missing")
-    except OSError as exc:
-        # Pillow's message quotes the path: a folder named `truncated/` must not decide.
-        message = str(exc).replace(str(src), "")
-        kind = "truncated" if "truncated" in message.lower() else "unreadable"
-        return unusable_record(record, f"{kind}: {exc}")
-    except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        return unusable_record(record, f"unreadable: {exc}")
-
     mode = record["mode"]
     if mode in ("L", "LA", "1"):
         problems.append("grayscale")
@@ -121,30 +156,10 @@ def process_image(src: str, dst: str, crop: bool, margin: float, size: int,
     if mode in SIXTEEN_BIT_MODES:
         problems.append("16-bit")
         actions.append("rescaled to 8-bit RGB")
-    has_alpha = "A" in mode or (mode == "P" and "transparency" in img.info)
-    mask = rgba[..., 3] > 127
-    record["mask_fraction"] = float(mask.mean()) if has_alpha else None
+    record["mask_fraction"] = float((rgba[..., 3] > 127).mean()) if has_alpha else None
     record["phash"] = hash_to_hex(phash(rgba[..., :3]))
-    out = rgba
-    if crop:
-        box = mask_box(rgba[..., 3], margin) if has_alpha else None
-        if not has_alpha:
-            problems.append("no alpha")
-            actions.append("whole image used")
-        elif box is None:
-            problems.append("empty mask")
-            actions.append("whole image used")
-        else:
-            top, bottom, left, right = box
-            out = rgba[top:bottom, left:right]
-    image = Image.fromarray(np.ascontiguousarray(out), mode="RGBA")
-    scale = size / max(image.size)
-    if scale < 1:
-        new_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        image = image.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    with atomic_path(dst, suffix=".png") as tmp:
-        # Low compression: the cache is read often and written once; decode speed matters.
-        image.save(tmp, format="PNG", compress_level=1)
+    out = _cut_to_mask(rgba, has_alpha, margin, problems, actions) if crop else rgba
+    _write_resized(out, dst, size)
     record["action"] = "; ".join(actions)
     return record
 

@@ -78,8 +78,9 @@ class Floor:
         self.cfg, self.device = cfg, device
         self.path = layout.work_root(cfg) / layout.FLOOR_DIR / f"{floor_key(cfg)}.npz"
         self._model = None
+        self._known: dict[str, np.ndarray] | None = None  # the file's rows, read once
 
-    def _saved(self) -> dict[str, np.ndarray]:
+    def _read(self) -> dict[str, np.ndarray]:
         if not self.path.is_file():
             return {}
         with np.load(self.path, allow_pickle=False) as data:
@@ -88,25 +89,28 @@ class Floor:
     def embed(self, names: Sequence[str], csv_path: Path) -> np.ndarray:
         """(N, D) floor embeddings of `names` (file names as `csv_path` gives them)."""
         names = [str(n) for n in names]
-        saved = self._saved()
-        missing = list(dict.fromkeys(n for n in names if n not in saved))
+        if self._known is None:
+            self._known = self._read()
+        missing = list(dict.fromkeys(n for n in names if n not in self._known))
         if missing:
             if self._model is None:
                 self._model = floor_model(self.cfg)
             paths = resolve_image_paths(layout.data_files(self.cfg)["root"], missing, csv_path)
             new = embed_plain(*self._model, paths, self.device, self.cfg.embed.batch_size,
                               self.cfg.data.max_pixels)
-            self._save(dict(zip(missing, new, strict=True)))
-            saved = self._saved()
-        return np.stack([saved[n] for n in names]).astype(np.float32)
+            self._known = self._save(dict(zip(missing, new, strict=True)))
+        return np.stack([self._known[n] for n in names]).astype(np.float32)
 
-    def _save(self, new: dict[str, np.ndarray]) -> None:
+    def _save(self, new: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Add `new` to the file under its lock (another run may have added rows); returns
+        every row the file now holds."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(self.path.with_name(self.path.name + ".lock")):
-            merged = {**self._saved(), **new}
+            merged = {**self._read(), **new}
             with atomic_path(self.path, suffix=".npz") as tmp:
                 np.savez(tmp, names=np.array(list(merged)),
                          embeddings=np.stack(list(merged.values())))
+        return merged
 
 
 def below_floor(what: str, score: dict | None, floor: dict | None) -> str | None:

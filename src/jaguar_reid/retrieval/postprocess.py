@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from jaguar_reid.config import declare_choices, schema
+from jaguar_reid.config import declare_choices, schema_value
 from jaguar_reid.io_utils import UserInputError
 from jaguar_reid.retrieval.rerank import (
     DEFAULT_MAX_DENSE_BYTES,
@@ -39,13 +39,13 @@ from jaguar_reid.retrieval.rerank import (
 
 PROTO_SOURCES = declare_choices("post.proto_source", ("mean", "arcface"))
 ON_LARGE = declare_choices("post.on_large", ("sparse", "stop"))  # past post.max_dense_gb
-DEFAULT_ON_LARGE = schema().post.on_large
+DEFAULT_ON_LARGE = schema_value("post.on_large")
 _PAIR_CHUNK = 1 << 12  # pairs per block when dotting rows: bounds the temporaries
 
 
 def _default(key: str) -> Any:
     """A field whose default is the schema's `post.<key>` (configs/default.yaml)."""
-    return field(default_factory=lambda: schema().post[key])
+    return field(default_factory=lambda: schema_value(f"post.{key}"))
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class PostSettings:
     """One post-processing choice; field names are the config's `post.*` keys (`lambda` is
     `lambda_value` here, a Python keyword)."""
 
-    views: tuple[str, ...] = field(default_factory=lambda: tuple(schema().embed.tta))
+    views: tuple[str, ...] = field(default_factory=lambda: tuple(schema_value("embed.tta")))
     qe_k: int = _default("qe_k")
     qe_alpha: float = _default("qe_alpha")
     dba_k: int = _default("dba_k")
