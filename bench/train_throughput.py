@@ -45,7 +45,7 @@ def peak_tflops(device: str) -> float | None:
 
 
 def step_fn(model, optimizer, cfg, device, n_classes):
-    dtype = amp_dtype(device, cfg.train.amp)
+    dtype = amp_dtype(device, cfg.train.amp, cfg.train.amp_dtype)
     # The training module exactly as jaguar_reid.training.loop runs it, compiled when
     # train.compile asks.
     forward = TrainStep(model)

@@ -27,6 +27,7 @@ TINY_ARGS = [
     "model.embed_dim=32",
     "data.img_size=32",
     "data.num_workers=0",
+    "model.allow_random_init=true",  # tiny backbones from random weights, on purpose
     "train.epochs=1",
     "train.batch_size=16",
     "embed.batch_size=32",

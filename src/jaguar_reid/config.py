@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from jaguar_reid.io_utils import UserInputError, atomic_write_text
+from jaguar_reid.io_utils import AMP_DTYPES, UserInputError, atomic_write_text
 from jaguar_reid.layout import CONFIG_DIR, DEFAULT_CONFIG, FULL, REPO_ROOT
 
 AUTO = "auto"  # a value resolved later from the backbone (data.mean, data.std, ...)
@@ -130,8 +130,8 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
             if not math.isfinite(value):  # lr=nan would train until the first NaN loss
                 raise ConfigError(f"{source}: key '{key}' expects a finite number, got {value!r}")
             return float(value)
-    elif default == AUTO and isinstance(value, list):
-        return value  # `auto` or an explicit value (data.mean: [0.5, 0.5, 0.5])
+    elif default == AUTO and isinstance(value, list | int) and not isinstance(value, bool):
+        return value  # `auto` or an explicit value (data.mean: [0.5, 0.5, 0.5], num_workers: 2)
     elif isinstance(default, str):
         # A YAML `fold: 0` or `exp: 001` is meant as text.
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -150,7 +150,7 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
 def _parse_cli_value(key: str, raw: str, default: Any) -> Any:
     """Parse a command-line string guided by the default's type."""
     source = "command line"
-    if default == AUTO and raw.strip().startswith("["):
+    if default == AUTO and (raw.strip().startswith("[") or raw.strip().isdigit()):
         return _coerce(key, yaml.safe_load(raw), default, source)
     if isinstance(default, str):
         return raw
@@ -286,6 +286,9 @@ def declare_choices(key: str, choices: Iterable[Any]) -> tuple:
     return CHOICES[key]
 
 
+declare_choices("train.amp_dtype", AMP_DTYPES)  # io_utils.amp_dtype implements them
+
+
 def validate(cfg: Config) -> None:
     """Checks that types alone cannot express."""
     for dotted, choices in CHOICES.items():
@@ -331,6 +334,10 @@ def validate(cfg: Config) -> None:
                               f"{value!r}")
         if dotted == "data.std" and min(value) <= 0:
             raise ConfigError(f"key 'data.std' must be positive numbers; got {value!r}")
+    workers = cfg.data.num_workers
+    if workers != AUTO and not (isinstance(workers, int) and workers >= 0):
+        raise ConfigError(f"key 'data.num_workers' must be auto or a whole number >= 0; got "
+                          f"{workers!r}")
     if not cfg.exp or "/" in cfg.exp or cfg.exp in (".", ".."):
         raise ConfigError(f"key 'exp' must be a plain folder name; got {cfg.exp!r}")
     _validate_post(cfg)

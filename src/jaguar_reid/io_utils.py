@@ -198,13 +198,38 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def amp_dtype(device: str, enabled: bool):
-    """Autocast dtype: bf16 on GPUs that have it, else fp16; None (full fp32) on the CPU."""
+AMP_DTYPES = ("auto", "bf16", "fp16")  # train.amp_dtype
+# bf16 tensor cores start with Ampere (compute capability 8.0). Below it (Kaggle's T4 7.5, P100
+# 6.0) torch.cuda.is_bf16_supported() still says yes by default, through slow emulation.
+NATIVE_BF16_CAPABILITY = (8, 0)
+
+
+def amp_dtype(device: str, enabled: bool, choice: str = "auto"):
+    """Autocast dtype on a GPU: `choice` bf16 or fp16, or `auto`: bf16 where the GPU computes
+    it natively (compute capability 8.0+), else fp16 (trained with a loss scaler); None (full
+    fp32) on the CPU or with amp off."""
     import torch
 
+    if choice not in AMP_DTYPES:
+        raise ValueError(f"train.amp_dtype must be one of {', '.join(AMP_DTYPES)}; got {choice!r}")
     if not (enabled and device.startswith("cuda")):
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if choice != "auto":
+        return torch.bfloat16 if choice == "bf16" else torch.float16
+    native = torch.cuda.get_device_capability(device) >= NATIVE_BF16_CAPABILITY
+    return torch.bfloat16 if native else torch.float16
+
+
+def loader_workers(value: int | str) -> int:
+    """`data.num_workers`: a number as given, or `auto`: the CPUs this process may use, at most
+    4 (more than the CPUs makes PyTorch warn, and slows every step)."""
+    if value != "auto":
+        return int(value)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    return min(4, cpus)
 
 
 def seed_everything(seed: int) -> None:

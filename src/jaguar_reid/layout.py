@@ -64,6 +64,8 @@ REPORT_DIR = "report"
 REPORT_INDEX = "index.html"           # in the report folder: the page to open
 REPORT_SUMMARY = "summary.md"          # in the report folder: the same in Markdown
 FOLD_LOGS_DIR = "logs"                # fold-parallel children's output
+MANIFEST = "manifest.json"            # an exported experiment: each file's size and sha256
+ONNX_MODEL = "model.onnx"             # in an exported fold folder, with export.onnx=true
 
 # The output folder's own files.
 LEADERBOARD = "leaderboard.csv"

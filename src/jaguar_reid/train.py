@@ -35,6 +35,7 @@ from jaguar_reid.retrieval.scoring import (
 )
 from jaguar_reid.training import distributed
 from jaguar_reid.training.loop import FoldHooks, train_fold
+from jaguar_reid.training.model import check_start_weights
 
 
 def prepare(cfg: Config) -> tuple[pd.DataFrame, list[Path], object, object]:
@@ -92,7 +93,9 @@ def recipe(cfg: Config) -> Config:
     """The config a run trains and saves: the backbone's own input settings where `auto`
     asks for them, and with `train.epochs=0` (no training: the untouched backbone with the
     recipe's pooling is each fold's model) retrieval by the pooled backbone features, since
-    an untrained neck would only add noise."""
+    an untrained neck would only add noise. A backbone without starting weights stops here
+    unless `model.allow_random_init`."""
+    check_start_weights(cfg)
     cfg = resolve_input(cfg)
     if cfg.train.epochs == 0 and cfg.model.retrieval != "backbone":
         print("train.epochs=0: each fold's model is the untouched backbone; retrieval by its "

@@ -25,7 +25,13 @@ from jaguar_reid.data.cache import prepare_images
 from jaguar_reid.data.folds import experiment_folds
 from jaguar_reid.data.images import ImageDataset, image_loader
 from jaguar_reid.data.tables import read_train_csv
-from jaguar_reid.io_utils import amp_dtype, atomic_path, read_json, resolve_device
+from jaguar_reid.io_utils import (
+    amp_dtype,
+    atomic_path,
+    loader_workers,
+    read_json,
+    resolve_device,
+)
 from jaguar_reid.training.digest import weights_digest
 from jaguar_reid.training.model import RETRIEVAL_MODES, load_trained_model
 
@@ -77,8 +83,9 @@ def embed_views(model: torch.nn.Module, paths: Sequence[Path], cfg: Config, devi
     dataset = ImageDataset(paths, None, build_transform(cfg, train=False),
                            load or image_loader(cfg))
     loader = DataLoader(dataset, batch_size=cfg.embed.batch_size, shuffle=False,
-                        num_workers=cfg.data.num_workers, pin_memory=device.startswith("cuda"))
-    dtype = amp_dtype(device, cfg.train.amp)
+                        num_workers=loader_workers(cfg.data.num_workers),
+                        pin_memory=device.startswith("cuda"))
+    dtype = amp_dtype(device, cfg.train.amp, cfg.train.amp_dtype)
     chunks: dict[str, dict[str, list[np.ndarray]]] = {v: {} for v in views}
     for images, _, _ in loader:
         images = images.to(device, non_blocking=True)
@@ -192,7 +199,10 @@ def fold_config(cfg: Config, exp: str, fold: int | str) -> tuple[Config, Path]:
     model = saved_cfg.model
     if cfg.submit.retrieval:  # the retrieval embedding is a choice made after training
         model = Config({**model, "retrieval": cfg.submit.retrieval})
+    # Precision is the machine's choice (a T4 at submission, an H100 in training).
+    train = Config({**saved_cfg.train, "amp": cfg.train.amp, "amp_dtype": cfg.train.amp_dtype})
     merged = Config({**saved_cfg, "model": model, "embed": cfg.embed, "device": cfg.device,
+                     "train": train,
                      "cache": cfg.cache, "output_dir": cfg.output_dir, "models": cfg.models,
                      "data": Config({**saved_cfg.data, "dir": cfg.data.dir,
                                      "num_workers": cfg.data.num_workers})})

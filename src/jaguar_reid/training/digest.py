@@ -18,7 +18,8 @@ from jaguar_reid.layout import WEIGHT_DIGESTS, cache_root
 NOT_DECIDING = ("exp", "exps", "models", "output_dir", "fold", "device", "parallel", "embed",
                 "post", "tune", "submit", "report", "data.dir", "data.num_workers",
                 "cache.workers", "folds.file", "model.weights", "train.overwrite",
-                "train.compile", "model.grad_checkpointing")
+                "train.compile", "model.grad_checkpointing", "model.allow_random_init",
+                "train.amp_dtype", "export")
 _CHUNK = 1 << 24
 
 

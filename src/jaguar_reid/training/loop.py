@@ -45,6 +45,7 @@ from jaguar_reid.io_utils import (
     amp_dtype,
     atomic_path,
     atomic_write_json,
+    loader_workers,
     read_json,
     remove_stray_temps,
     seed_everything,
@@ -184,14 +185,15 @@ def build_parts(run: Run, train_load) -> Parts:
         raise ConfigError(f"fold {run.fold}: {exc}") from None
     dataset = ImageDataset(split.train_paths, split.train_labels,
                            build_transform(cfg, train=True), train_load)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+    workers = loader_workers(cfg.data.num_workers)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                         pin_memory=device.startswith("cuda"),
-                        persistent_workers=cfg.data.num_workers > 0)
+                        persistent_workers=workers > 0)
     steps = sampler.steps_per_epoch()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(
         optimizer, steps * cfg.train.epochs, int(round(cfg.train.warmup_epochs * steps)),
         min(cfg.train.freeze_epochs, cfg.train.epochs) * steps))
-    dtype = amp_dtype(device, cfg.train.amp)
+    dtype = amp_dtype(device, cfg.train.amp, cfg.train.amp_dtype)
     # fp16 needs loss scaling against underflow; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema else None

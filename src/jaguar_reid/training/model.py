@@ -151,6 +151,10 @@ def create_backbone(cfg: Config, global_pool: str = "", own_size: bool = False) 
     return backbone
 
 
+class RandomInitError(UserInputError):
+    """Training would start a backbone from random weights without being asked to."""
+
+
 class ReIDModel(nn.Module):
     def __init__(self, backbone: nn.Module, embed_dim: int, head: nn.Module, gem_p: float = 3.0,
                  tokens: str = "patches", neck_dropout: float = 0.0) -> None:
@@ -219,11 +223,19 @@ def build_head(cfg: Config, n_classes: int, counts: Sequence[int] | None = None)
                    cfg.model.subcenters, margins)
 
 
+def check_start_weights(cfg: Config) -> None:
+    """Training starts from weights, or from noise only when asked to: a forgotten
+    `model.weights` would otherwise train a 300M-parameter EVA-02 from random numbers."""
+    if not cfg.model.weights and not cfg.model.pretrained and not cfg.model.allow_random_init:
+        raise RandomInitError(
+            f"model.backbone={cfg.model.backbone!r} has no starting weights: set "
+            "model.weights=PATH to a local weights file (.safetensors), model.pretrained=true "
+            "to fetch timm's (needs the internet), or model.allow_random_init=true to train it "
+            "from random initialisation on purpose")
+
+
 def build_model(cfg: Config, n_classes: int, counts: Sequence[int] | None = None) -> ReIDModel:
     """The model for training. `counts` (images per class) feeds the dynamic margins."""
-    if cfg.model.backbone and not cfg.model.weights and not cfg.model.pretrained:
-        print(f"note: {cfg.model.backbone} starts from random initialisation "
-              "(set model.weights=PATH to a local weights file)")
     if cfg.model.dynamic_margin and counts is None:
         raise ValueError("model.dynamic_margin needs the image count of every class")
     backbone = create_backbone(cfg)
