@@ -112,13 +112,19 @@ def run_child(args: argparse.Namespace) -> None:
     print(json.dumps(info))
 
 
-def measure(kind: str, n: int, args: argparse.Namespace, out: str | None) -> dict:
+def measure(kind: str, n: int, args: argparse.Namespace, out: str | None,
+            timeout: float | None = None) -> dict:
+    """One measurement in a fresh process; {"error": ...} when it fails or outlives
+    `timeout` seconds."""
     cmd = [sys.executable, __file__, "--child", kind, "--n", str(n), "--dim", str(args.dim),
            "--seed", str(args.seed), "--k1", str(args.k1), "--k2", str(args.k2),
            "--lam", str(args.lam), "--threads", str(args.threads), "--device", args.device]
     if out:
         cmd += ["--out", out]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"time box exceeded ({timeout:.0f} s)"}
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -194,6 +200,17 @@ def bench_csv(rows: int) -> None:
 
 
 # --------------------------------------------------------------------------- main
+
+
+def measure_args(**values) -> argparse.Namespace:
+    """The options `measure` and `fast_paths` read, at this script's defaults unless given
+    (bench/gpu_check.py measures through them)."""
+    defaults = {"dim": 1024, "seed": 0, "k1": 20, "k2": 6, "lam": 0.3, "threads": 0,
+                "device": "cpu", "path": "auto"}
+    unknown = set(values) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown options: {sorted(unknown)}")
+    return argparse.Namespace(**{**defaults, **values})
 
 
 def fast_paths(n: int, args: argparse.Namespace) -> list[str]:

@@ -674,3 +674,16 @@ def test_atomic_write_gives_the_mode_of_a_plain_write(tmp_path):
     os.chmod(tmp_path / "a.txt", 0o640)
     atomic_write_text(tmp_path / "a.txt", "y")
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
+
+
+def test_saved_weights_get_the_mode_of_a_plain_write(tmp_path):
+    """Found: safetensors replaces the temporary file with a private one of its own, so every
+    model.safetensors was 0600, unreadable to a teammate or a container's other user."""
+    import torch
+
+    from jaguar_reid.training.checkpoint import save_weights
+
+    save_weights({"w": torch.zeros(3)}, tmp_path / "model.safetensors")
+    (tmp_path / "plain.bin").write_bytes(b"x")
+    assert (tmp_path / "model.safetensors").stat().st_mode == \
+        (tmp_path / "plain.bin").stat().st_mode

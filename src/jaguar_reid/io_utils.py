@@ -136,11 +136,12 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         # A full disk is judged inside, before the partial file is removed (its size is what
         # filled the disk); the finally below removes it.
         with explain_disk_full(path, kept + " and the partial copy was removed"):
-            # mkstemp makes the file private (0600); the output gets the mode a plain write
-            # would give it, or keeps the one of the file it replaces (some have no modes).
+            yield tmp
+            # mkstemp makes the file private (0600), and some writers (safetensors) replace it
+            # with a private file of their own: the output gets the mode a plain write would
+            # give it, or keeps the one of the file it replaces (some file systems have none).
             with suppress(OSError):
                 os.chmod(tmp, path.stat().st_mode & 0o7777 if existed else 0o666 & ~_UMASK)
-            yield tmp
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, path)

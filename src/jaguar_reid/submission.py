@@ -34,6 +34,7 @@ from jaguar_reid.data.tables import (
     read_train_csv,
 )
 from jaguar_reid.io_utils import atomic_path, atomic_write_json, read_json, resolve_device, run_main
+from jaguar_reid.manifest import verify_manifest
 from jaguar_reid.reporting.leaderboard import tuned_scores
 from jaguar_reid.reporting.report import after_run
 from jaguar_reid.retrieval.embed import (
@@ -230,11 +231,14 @@ class Request:
 
 
 def prepare_request(cfg: Config) -> Request:
-    """Every model and input checked before anything is embedded: each fold model is there,
-    and the rows to score are the sample submission's, in its order."""
+    """Every model and input checked before anything is embedded: an exported experiment's
+    files are the ones its manifest lists, each fold model is there, and the rows to score
+    are the sample submission's, in its order."""
     files = layout.data_files(cfg)
     exps = experiment_names(cfg)
     folds = parse_fold_spec(cfg.submit.folds, cfg.folds.n_folds, key="submit.folds")
+    for exp in exps:  # an exported experiment is checked against its manifest first
+        verify_manifest(layout.model_dir(cfg, exp))
     for exp in exps:
         for fold in folds:
             fold_config(cfg, exp, fold)

@@ -4,8 +4,10 @@ the formats training, scoring, post-processing and submit.py write; no model is 
 import base64
 import io
 import json
+import re
 import shutil
 import subprocess
+from html import unescape as html_unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -306,18 +308,112 @@ def test_report_of_an_empty_experiment_states_it(tmp_path):
     assert parse_page(index).images == []
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium installed")
+# --------------------------------------------------------------------------- in a browser
+
+CHROMIUM = shutil.which("chromium")  # Debian's package; .ci/run installs it where it can
+WINDOW_WIDTH = 1400  # wider than the page's 1200 px body: figures are shown at their own size
+# Put at the top of a copy of the page: a content security policy that lets it load nothing
+# but data: images and its own inline style, a record of every load that policy refused,
+# and, once the page has loaded, a <pre id="probe"> holding what the browser made of it: the
+# page's height, each <img>'s decoded size and place on the screen, every resource fetched.
+PROBE = """<meta http-equiv="Content-Security-Policy" content="default-src 'none'; \
+img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"><script>
+var refused = [];
+document.addEventListener("securitypolicyviolation", function (e) {
+  refused.push(e.blockedURI || e.violatedDirective); });
+window.addEventListener("load", function () {
+  var probe = document.createElement("pre");
+  probe.id = "probe";
+  probe.textContent = JSON.stringify({
+    height: document.documentElement.scrollHeight,
+    images: Array.from(document.images, function (img) {
+      var box = img.getBoundingClientRect();
+      return {complete: img.complete, width: img.naturalWidth, height: img.naturalHeight,
+              left: box.left + img.clientLeft, top: box.top + img.clientTop,
+              shown_width: img.clientWidth, shown_height: img.clientHeight}; }),
+    fetched: performance.getEntriesByType("resource").map(function (r) { return r.name; }),
+    refused: refused});
+  document.body.appendChild(probe);
+});
+</script>"""
+# A reference out of the page in its source: a URL attribute, a CSS url() or @import that
+# names a scheme other than data:, or a network path (//host/...).
+EXTERNAL_REF = re.compile(r"""(?:\b(?:src|href|srcset|poster|action|data)\s*=\s*["']?|"""
+                          r"""url\(\s*["']?|@import\s+["']?)\s*(?!data:)(?:[a-z][a-z0-9+.-]*:|//)""",
+                          re.IGNORECASE)
+
+
+def open_in_chromium(page: Path, profile: Path, shot: Path, height: int) -> dict:
+    """`page` in headless Chromium with no way out to any network (every host name resolves
+    to nothing, every connection goes to a closed local port): its probe's record, and a
+    screenshot of the top `height` pixels at `shot`."""
+    done = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-quic", f"--user-data-dir={profile}",
+         "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9",
+         "--force-device-scale-factor=1", "--hide-scrollbars",
+         f"--window-size={WINDOW_WIDTH},{height}", f"--screenshot={shot}", "--dump-dom",
+         page.as_uri()],
+        check=True, timeout=90, capture_output=True, text=True)
+    found = re.search(r'<pre id="probe">(.*?)</pre>', done.stdout, re.DOTALL)
+    assert found, f"the probe did not run; chromium said:\n{done.stderr[-2000:]}"
+    return json.loads(html_unescape(found.group(1)))
+
+
+def shown_like(shot: Image.Image, image: dict, figure: Image.Image) -> tuple[float, float]:
+    """How close the screenshot's pixels where an <img> is shown are to the figure itself:
+    (correlation, mean absolute difference out of 255), the best within a pixel of the
+    reported place (the browser snaps fractional positions)."""
+    size = (image["shown_width"], image["shown_height"])
+    reference = np.asarray(figure.convert("RGB").resize(size) if figure.size != size
+                           else figure.convert("RGB"), float)
+    best = (-1.0, 255.0)
+    for dx in (-1, 0, 1):
+        for dy in (-1, 0, 1):
+            left, top = round(image["left"]) + dx, round(image["top"]) + dy
+            crop = np.asarray(shot.crop((left, top, left + size[0], top + size[1])), float)
+            if crop.std() == 0:
+                continue  # one flat colour: nothing drawn there
+            corr = float(np.corrcoef(crop.mean(axis=2).ravel(),
+                                     reference.mean(axis=2).ravel())[0, 1])
+            best = max(best, (corr, float(np.abs(crop - reference).mean())))
+    return best
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (.ci/run installs it)")
 def test_page_renders_in_headless_chromium(tmp_path):
+    """The report as a person sees it in a real browser, offline: every figure decodes at its
+    own size and is painted where the page puts it, nothing is fetched, nothing is blank."""
     index = build_report(make_experiment(tmp_path))
-    shot = tmp_path / "shot.png"
-    # No network for the browser either: a page that needed one would render blank parts.
-    subprocess.run([shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu",
-                    "--proxy-server=127.0.0.1:9", f"--screenshot={shot}",
-                    "--window-size=1200,3000", index.as_uri()],
-                   check=True, timeout=120, capture_output=True)
+    source = index.read_text()
+    figures = decoded_images(parse_page(index))
+    assert len(figures) == len(FIGURES)
+    outside = [m.group(0) for m in EXTERNAL_REF.finditer(source)]
+    assert not outside, f"the page refers outside itself: {outside}"
+    assert source.count("<head>") == 1
+    page = index.with_name("probed.html")  # beside the original: the same relative paths
+    page.write_text(source.replace("<head>", "<head>" + PROBE, 1))
+    shot = tmp_path / "screenshot.png"
+
+    height = 6000  # the figures lie well within it; the page is opened again if not
+    probe = open_in_chromium(page, tmp_path / "profile", shot, height)
+    if max(image["top"] + image["shown_height"] for image in probe["images"]) > height:
+        height = min(int(probe["height"]), 16000)
+        probe = open_in_chromium(page, tmp_path / "profile", shot, height)
+
+    assert probe["fetched"] == [] and probe["refused"] == []  # offline and self-contained
+    assert len(probe["images"]) == len(figures)
     with Image.open(shot) as img:
-        colours = img.convert("L").getextrema()
-    assert colours[0] < colours[1]  # not a blank page
+        screen = img.convert("RGB")
+    assert screen.size == (WINDOW_WIDTH, height)
+    pixels = np.asarray(screen.convert("L"), float)
+    assert pixels.std() > 10 and len(screen.getcolors(1 << 24)) > 100, f"blank page? {shot}"
+    for n, (image, figure) in enumerate(zip(probe["images"], figures, strict=True)):
+        assert image["complete"] and (image["width"], image["height"]) == figure.size, n
+        assert image["top"] + image["shown_height"] <= height, n
+        corr, diff = shown_like(screen, image, figure)
+        assert corr > 0.95 and diff < 6, f"figure {n} is not painted as decoded: {shot}"
 
 
 def test_half_written_files_are_named_not_raised(tmp_path):

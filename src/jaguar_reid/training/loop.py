@@ -335,7 +335,7 @@ def train_epoch(run: Run, parts: Parts, step_module: torch.nn.Module, epoch: int
         # Between optimiser steps the gradients stay local; one all-reduce per step.
         sync = nullcontext() if stepping or run.world_size == 1 else step_module.no_sync()
         with sync:
-            loss = _backward(run, parts, step_module, images, labels, epoch)
+            loss = backward_step(run, parts, step_module, images, labels, epoch)
         if stepping:
             optimizer_step(parts.model, parts.optimizer, parts.scaler, cfg.train.clip_grad)
             parts.scheduler.step()
@@ -352,7 +352,7 @@ def train_epoch(run: Run, parts: Parts, step_module: torch.nn.Module, epoch: int
             "seconds": round(time.time() - run.started, 1)}
 
 
-def _backward(run: Run, parts: Parts, step_module: torch.nn.Module, images: torch.Tensor,
+def backward_step(run: Run, parts: Parts, step_module: torch.nn.Module, images: torch.Tensor,
               labels: torch.Tensor, epoch: int) -> float:
     with torch.autocast(run.device.split(":")[0], dtype=parts.dtype,
                         enabled=parts.dtype is not None):
