@@ -81,7 +81,7 @@ def base_args(data: Path, tmp_path: Path, *extra: str) -> list[str]:
     one worker, the CPU."""
     return [f"data.dir={data}", f"output_dir={tmp_path / 'out'}",
             f"folds.file={tmp_path / 'folds.csv'}", "folds.n_folds=2", "cache.workers=1",
-            "device=cpu", "data.num_workers=0", *extra]
+            "device=cpu", "data.num_workers=0", "model.allow_random_init=true", *extra]
 
 
 # --------------------------------------------------------------------------- where runs write
