@@ -51,6 +51,9 @@ def test_num_workers_auto_is_the_cpu_count_at_most_4(monkeypatch):
 def test_num_workers_key_takes_auto_or_a_count():
     assert load_config([]).data.num_workers == "auto"
     assert load_config(["data.num_workers=3"]).data.num_workers == 3
+    # Only num_workers takes a number for its `auto`: a `device=0` stays text (found by the
+    # fuzz test when `auto` keys took numbers across the board).
+    assert load_config(["device=0"]).device == "0"
     for bad in ("many", "-1", "2.5"):
         with pytest.raises(ConfigError, match="data.num_workers"):
             load_config([f"data.num_workers={bad}"])

@@ -24,6 +24,8 @@ from jaguar_reid.io_utils import AMP_DTYPES, UserInputError, atomic_write_text
 from jaguar_reid.layout import CONFIG_DIR, DEFAULT_CONFIG, FULL, REPO_ROOT
 
 AUTO = "auto"  # a value resolved later from the backbone (data.mean, data.std, ...)
+# Keys whose default `auto` may be replaced by a value of another type than text.
+AUTO_OR_VALUE: dict[str, type] = {"data.mean": list, "data.std": list, "data.num_workers": int}
 # Keys that steer loading rather than being part of the resolved config.
 _META_KEYS = ("config", "base")
 
@@ -130,7 +132,8 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
             if not math.isfinite(value):  # lr=nan would train until the first NaN loss
                 raise ConfigError(f"{source}: key '{key}' expects a finite number, got {value!r}")
             return float(value)
-    elif default == AUTO and isinstance(value, list | int) and not isinstance(value, bool):
+    elif default == AUTO and key in AUTO_OR_VALUE and isinstance(value, AUTO_OR_VALUE[key]) \
+            and not isinstance(value, bool):
         return value  # `auto` or an explicit value (data.mean: [0.5, 0.5, 0.5], num_workers: 2)
     elif isinstance(default, str):
         # A YAML `fold: 0` or `exp: 001` is meant as text.
@@ -141,8 +144,10 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
             return value
     else:
         return value
+    expected = (f"auto or {AUTO_OR_VALUE[key].__name__}" if key in AUTO_OR_VALUE
+                else _type_name(default))
     raise ConfigError(
-        f"{source}: key '{key}' expects {_type_name(default)} (default {default!r}), "
+        f"{source}: key '{key}' expects {expected} (default {default!r}), "
         f"got {value!r} ({_type_name(value)})"
     )
 
@@ -150,7 +155,7 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
 def _parse_cli_value(key: str, raw: str, default: Any) -> Any:
     """Parse a command-line string guided by the default's type."""
     source = "command line"
-    if default == AUTO and (raw.strip().startswith("[") or raw.strip().isdigit()):
+    if key in AUTO_OR_VALUE and raw.strip() != AUTO:
         return _coerce(key, yaml.safe_load(raw), default, source)
     if isinstance(default, str):
         return raw

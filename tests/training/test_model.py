@@ -196,3 +196,32 @@ def test_pth_and_bin_weights_load_and_pickled_code_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"evil\.pth cannot be read as plain weights"):
         create_backbone(cfg)
     assert not marker.exists()
+
+
+def test_register_tokens_are_left_out_of_the_patch_pooling(tiny_cfg_args):
+    """DINOv2 with registers (configs/dinov2l_448.yaml): the class token and the 4 registers
+    lead the sequence; GeM must pool the patch tokens alone, and `cls` take the class token."""
+    cfg = load_config([*tiny_cfg_args, "model.backbone=vit_small_patch14_reg4_dinov2",
+                       "data.img_size=28", "model.tokens=both"])
+    model = build_model(cfg, n_classes=3).eval()
+    assert model.n_prefix_tokens == 5  # 1 class token + 4 registers
+    x = torch.rand(2, 3, 28, 28)
+    with torch.no_grad():
+        tokens = model.backbone.forward_features(x)
+        assert tokens.shape[1] == 5 + (28 // 14) ** 2
+        patches = tokens[:, 5:].float().clamp(min=model.pool.eps)
+        p = model.pool.p.clamp(min=1.0)
+        expected = torch.cat([patches.pow(p).mean(dim=1).pow(1.0 / p), tokens[:, 0].float()],
+                             dim=1)
+        assert torch.allclose(model.pooled(x), expected, atol=1e-5)
+
+
+def test_dinov2_config_is_the_recipe_with_its_own_normalisation():
+    from jaguar_reid.data.preprocess import resolve_input
+
+    cfg = resolve_input(load_config(["config=configs/dinov2l_448.yaml"]))
+    assert cfg.model.backbone == "vit_large_patch14_reg4_dinov2.lvd142m"
+    assert cfg.data.img_size == 448 and cfg.data.img_size % 14 == 0
+    # ImageNet's statistics (timm's pretrained config), not EVA-02's CLIP ones.
+    assert cfg.data.mean == pytest.approx([0.485, 0.456, 0.406])
+    assert cfg.data.std == pytest.approx([0.229, 0.224, 0.225])
