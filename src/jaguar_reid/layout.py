@@ -15,6 +15,7 @@ A fold is **finished** when its `metrics.json` exists: training writes it last.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -197,8 +198,23 @@ def data_files(cfg: Any) -> dict[str, Path]:
 
 
 def folds_path(cfg: Any) -> Path:
-    """`folds.file`, else `folds/<data folder>_<strategy>_<n>f_s<seed>.csv`."""
+    """`folds.file`, else `folds/<data folder>_<strategy>_<n>f_s<seed>.csv`; where `folds/`
+    cannot be written (the code as a read-only Kaggle dataset) and holds no such file, the same
+    name under `<output_dir>/folds/`, so a new split is made there instead of failing."""
     if cfg.folds.file:
         return Path(cfg.folds.file)
     name = Path(cfg.data.dir).resolve().name
-    return FOLDS_DIR / f"{name}_{cfg.folds.strategy}_{cfg.folds.n_folds}f_s{cfg.folds.seed}.csv"
+    file = f"{name}_{cfg.folds.strategy}_{cfg.folds.n_folds}f_s{cfg.folds.seed}.csv"
+    shipped = FOLDS_DIR / file
+    if shipped.is_file() or _writable(FOLDS_DIR):
+        return shipped
+    return work_root(cfg) / FOLDS_DIR.name / file
+
+
+def _writable(folder: Path) -> bool:
+    """Whether files can be made in `folder` (or in the nearest existing folder above it,
+    which would hold it); a read-only mount says no, also to root."""
+    folder = Path(folder).resolve()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return os.access(folder, os.W_OK)

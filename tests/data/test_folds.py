@@ -142,3 +142,30 @@ def test_too_few_identities_names_train_csv(tmp_path: Path):
                        "folds.dup_threshold=-1"])
     with pytest.raises(DataError, match=r"train\.csv.*at least 5 identities"):
         load_or_create_folds(cfg)
+
+
+def test_a_read_only_folds_folder_sends_a_new_split_to_the_output(tmp_path, monkeypatch):
+    """The code as a read-only Kaggle dataset: a split it ships is read from `folds/`, a new
+    one is made under `<output_dir>/folds/` instead of failing to write beside the code."""
+    import os
+
+    from jaguar_reid import layout
+    from tests.helpers import base_args, make_data
+
+    data = make_data(tmp_path / "data")
+    args = [a for a in base_args(data, tmp_path) if not a.startswith("folds.file=")]
+    cfg = load_config(args)
+    shipped = layout.FOLDS_DIR / layout.folds_path(cfg).name
+    assert layout.folds_path(cfg) == shipped and not shipped.exists()
+
+    real_access = os.access
+    monkeypatch.setattr(layout.os, "access", lambda path, mode: False if Path(path).resolve()
+                        == layout.FOLDS_DIR.resolve() else real_access(path, mode))
+    moved = tmp_path / "out" / "folds" / shipped.name
+    assert layout.folds_path(cfg) == moved
+    folds_df = load_or_create_folds(cfg)
+    assert moved.is_file() and not shipped.exists()
+    assert sorted(folds_df["fold"].unique()) == [0, 1]
+    # A split the code ships is still read from there.
+    demo = load_config(["config=configs/demo.yaml", f"output_dir={tmp_path / 'out'}"])
+    assert layout.folds_path(demo) == layout.FOLDS_DIR / "demo_grouped_5f_s42.csv"
