@@ -166,6 +166,6 @@ def test_a_read_only_folds_folder_sends_a_new_split_to_the_output(tmp_path, monk
     folds_df = load_or_create_folds(cfg)
     assert moved.is_file() and not shipped.exists()
     assert sorted(folds_df["fold"].unique()) == [0, 1]
-    # A split the code ships is still read from there.
-    demo = load_config(["config=configs/demo.yaml", f"output_dir={tmp_path / 'out'}"])
-    assert layout.folds_path(demo) == layout.FOLDS_DIR / "demo_grouped_5f_s42.csv"
+    # A split the repository ships (committed, unlike the demo's) is still read from there.
+    dogs = load_config(["config=configs/dogface_lite0.yaml", f"output_dir={tmp_path / 'out'}"])
+    assert layout.folds_path(dogs) == layout.FOLDS_DIR / "dogfacenet-reid_grouped_5f_s42.csv"
