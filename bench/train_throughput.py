@@ -161,19 +161,20 @@ def time_step(step: Callable[[], None], device: str, batch: int, micro_batches: 
               warmup: int) -> Timing:
     """`warmup` untimed micro-batches, then `micro_batches` timed ones; peak memory over the
     timed ones (on a GPU)."""
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    sync(device)
-    warmup_s = time.perf_counter() - start
+    warmup_s = _run(step, warmup, device)
     reset_peak_memory(device)
+    seconds = _run(step, micro_batches, device)
+    return Timing(micro_batches * batch / seconds, seconds, peak_memory_bytes(device), warmup_s)
+
+
+def _run(step: Callable[[], None], times: int, device: str) -> float:
+    """Seconds for `times` calls of `step`, the device's queued work included."""
+    sync(device)
     start = time.perf_counter()
-    for _ in range(micro_batches):
+    for _ in range(times):
         step()
     sync(device)
-    seconds = time.perf_counter() - start
-    return Timing(micro_batches * batch / seconds, seconds, peak_memory_bytes(device), warmup_s)
+    return time.perf_counter() - start
 
 
 def flops_per_image(model: ReIDModel, cfg: Config, device: str,

@@ -175,3 +175,31 @@ def _fake_weights(cfg: Any, path: Path, weights: str | bytes, n_classes: int) ->
         state = {k: torch.full_like(v, float("nan")) if v.is_floating_point()
                  and k != "head.margins" else v for k, v in state.items()}
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
+# --------------------------------------------------------------------------- read-only folders
+
+def snapshot(root: Path, folders: bool = False) -> dict[str, tuple[int, int, str]]:
+    """Every file beneath `root` (and every folder, with `folders`): size, modification time
+    and content digest. Tests run as root write through chmod, so "left untouched" is proved
+    by comparing two snapshots."""
+    import hashlib
+
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() or folders:
+            info = path.stat()
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+            out[str(path.relative_to(root))] = (info.st_size, info.st_mtime_ns, digest)
+    return out
+
+
+def set_writable(root: Path, writable: bool) -> None:
+    """`root` and everything beneath it read-only (as a Kaggle dataset is), or writable again
+    by its owner."""
+    import stat
+
+    bits = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+    for path in [root, *root.rglob("*")]:
+        mode = path.stat().st_mode
+        path.chmod(mode | stat.S_IWUSR if writable else mode & ~bits)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import stat
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,14 @@ from jaguar_reid.config import load_config
 from jaguar_reid.io_utils import read_json
 from jaguar_reid.manifest import ManifestError, verify_manifest
 from jaguar_reid.retrieval import tune
-from tests.helpers import TINY_ARGS, base_args, fake_experiment, make_data
+from tests.helpers import (
+    TINY_ARGS,
+    base_args,
+    fake_experiment,
+    make_data,
+    set_writable,
+    snapshot,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -74,19 +80,6 @@ def _submit(trained, work: Path, models: Path, *extra: str) -> Path:
     return layout.work_dir(load_config(args)) / layout.SUBMISSION
 
 
-def _snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns,
-                                       hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _set_writable(root: Path, writable: bool) -> None:
-    for path in [root, *root.rglob("*")]:
-        mode = path.stat().st_mode
-        path.chmod(mode | stat.S_IWUSR if writable
-                   else mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-
-
 def _weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob(layout.MODEL_WEIGHTS))
 
@@ -103,17 +96,17 @@ def test_export_holds_the_experiment_and_submits_the_same_bytes(trained, exporte
                      *(f"{layout.fold_name(f)}/{n}" for f in (0, 1) for n in per_fold)}
     assert not any(folder.parent.glob(".*"))  # no staging folder left behind
 
-    _set_writable(exported, False)  # as a Kaggle dataset is
-    before = _snapshot(exported)
+    set_writable(exported, False)  # as a Kaggle dataset is
+    before = snapshot(exported)
     try:
         capsys.readouterr()
         sub = _submit(trained, tmp_path / "work", exported)
         assert sub.read_bytes() == trained["submission"]
         # The tuned choice came with the export (the new work folder has none).
         assert str(folder / layout.POST_CHOICE) in capsys.readouterr().out
-        assert _snapshot(exported) == before  # nothing changed, nothing added
+        assert snapshot(exported) == before  # nothing changed, nothing added
     finally:
-        _set_writable(exported, True)
+        set_writable(exported, True)
     # The experiment folder itself is read the same way as the folder holding it.
     for models in (exported, folder):
         assert layout.model_dir(load_config([*trained["args"], f"models={models}"])) == folder
@@ -172,10 +165,10 @@ def test_damaged_export_stops_submission_naming_the_files(trained, exported, tmp
 
 def test_export_refuses_an_existing_target_and_needs_a_finished_fold(trained, exported,
                                                                      tmp_path, capsys):
-    stamp = _snapshot(exported)
+    stamp = snapshot(exported)
     with pytest.raises(export.ExportError, match=rf"{exported / EXP}.*out="):
         export.main([*trained["args"], f"out={exported}"])
-    assert _snapshot(exported) == stamp
+    assert snapshot(exported) == stamp
 
     other = tmp_path / "other"
     (other / EXP).mkdir(parents=True)

@@ -7,14 +7,12 @@ output, then tunes and exports."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import re
 import shutil
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -26,7 +24,7 @@ import pytest
 
 from jaguar_reid import layout, submission, train
 from jaguar_reid.config import load_config
-from tests.helpers import REPO, TINY_ARGS, make_data
+from tests.helpers import REPO, TINY_ARGS, make_data, set_writable, snapshot
 
 KAGGLE = REPO / "kaggle"
 NOTEBOOKS = ("submit.ipynb", "train.ipynb")
@@ -178,25 +176,6 @@ def _notebook_script(name: str, settings: dict[str, object]) -> str:
     return "\n\n".join([PROOF, *cells]) + "\n"
 
 
-def _snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
-    """Every file and folder beneath `root`: size, modification time, content digest."""
-    out = {}
-    for path in sorted(root.rglob("*")):
-        info = path.stat()
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
-        out[str(path.relative_to(root))] = (info.st_size, info.st_mtime_ns, digest)
-    return out
-
-
-def _set_writable(root: Path, writable: bool) -> None:
-    """Read-only as a Kaggle dataset is (only a check where the tests do not run as root:
-    root writes anyway, which is why the snapshots are compared)."""
-    bits = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
-    for path in [root, *root.rglob("*")]:
-        mode = path.stat().st_mode
-        path.chmod(mode | stat.S_IWUSR if writable else mode & ~bits)
-
-
 def _code_dataset(dest: Path) -> Path:
     """The code dataset: this checkout's files the notebooks use, no caches."""
     for name in CODE_FILES:
@@ -222,8 +201,8 @@ def _run_notebook(name: str, settings: dict[str, object], inputs: Path,
     Path(settings["WORK"]).mkdir(parents=True, exist_ok=True)
     # The notebook itself must keep bytecode out of the code dataset.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    _set_writable(inputs, False)
-    before = _snapshot(inputs)
+    set_writable(inputs, False)
+    before = snapshot(inputs, folders=True)
     try:
         with socket.create_server(("127.0.0.1", 0)) as server:  # a port that would answer
             env.update(PYTHONPATH=str(guard), KAGGLE_TEST_LOG=str(log),
@@ -231,11 +210,11 @@ def _run_notebook(name: str, settings: dict[str, object], inputs: Path,
             result = subprocess.run([sys.executable, str(script)], cwd=settings["WORK"],
                                     env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        after = _snapshot(inputs)
+        after = snapshot(inputs, folders=True)
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
         assert not changed, f"written into a read-only dataset: {changed[:10]}"
     finally:
-        _set_writable(inputs, True)
+        set_writable(inputs, True)
     runs = [tuple(line.split(" ", 1)) for line in log.read_text().splitlines()]
     code = Path(settings["CODE"]) / "src"
     assert all(Path(f).is_relative_to(code) for _, f in runs if f != "None")

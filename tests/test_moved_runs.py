@@ -4,10 +4,8 @@ submits byte-identically; the starting weights are known by their content, not t
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import stat
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from jaguar_reid import layout, submission, train
 from jaguar_reid.config import ConfigError, load_config
+from tests.helpers import set_writable, snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -28,27 +27,6 @@ class Interrupted(Exception):
 def _args(tiny_cfg_args, demo_dir, out: Path, folds: Path, *extra: str) -> list[str]:
     return [*tiny_cfg_args, f"data.dir={demo_dir}", f"output_dir={out}", f"folds.file={folds}",
             "folds.n_folds=4", "exp=moved", *extra]
-
-
-def _snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
-    """Every file beneath `root`: size, modification time and content digest."""
-    out = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        info = path.stat()
-        out[str(path.relative_to(root))] = (info.st_size, info.st_mtime_ns,
-                                            hashlib.sha256(path.read_bytes()).hexdigest())
-    return out
-
-
-def _read_only(root: Path) -> None:
-    for path in [root, *root.rglob("*")]:
-        mode = path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
-        path.chmod(mode)
-
-
-def _writable(root: Path) -> None:
-    for path in [root, *root.rglob("*")]:
-        path.chmod(path.stat().st_mode | stat.S_IWUSR)
 
 
 def _same_weights(a: Path, b: Path) -> None:
@@ -71,16 +49,16 @@ def test_copied_and_read_only_experiment_submits_the_same_bytes(demo_dir, tmp_pa
     models = tmp_path / "dataset" / "moved"
     shutil.copytree(layout.model_dir(load_config(args)), models)
     folds.unlink()
-    _read_only(models.parent)
-    before = _snapshot(models.parent)
+    set_writable(models.parent, False)
+    before = snapshot(models.parent)
     work = tmp_path / "work"
     try:
         moved = [*_args(tiny_cfg_args, demo_dir, work, tmp_path / "nowhere.csv"),
                  f"models={models}", "submit.folds=0..1", "report.enabled=true"]
         submission.main(moved)
-        assert _snapshot(models.parent) == before  # nothing changed, nothing added
+        assert snapshot(models.parent) == before  # nothing changed, nothing added
     finally:
-        _writable(models.parent)
+        set_writable(models.parent, True)
     assert (layout.work_dir(load_config(moved)) / layout.SUBMISSION).read_bytes() == original
     assert (layout.report_dir(load_config(moved)) / "index.html").is_file()
     # A folder holding <exp>/ works the same as the experiment folder itself.

@@ -12,6 +12,7 @@ import pandas as pd
 from jaguar_reid.config import Config, config_digest, to_plain
 from jaguar_reid.io_utils import atomic_write_json, file_lock, read_json
 from jaguar_reid.layout import WEIGHT_DIGESTS, cache_root
+from jaguar_reid.manifest import file_sha256
 
 # Keys that never change the trained weights: where things are, how fast, what happens after
 # training. Every other key decides the weights.
@@ -20,7 +21,6 @@ NOT_DECIDING = ("exp", "exps", "models", "output_dir", "fold", "device", "parall
                 "cache.workers", "folds.file", "model.weights", "train.overwrite",
                 "train.compile", "model.grad_checkpointing", "model.allow_random_init",
                 "train.amp_dtype", "export")
-_CHUNK = 1 << 24
 
 
 def _drop(plain: dict, dotted: str) -> None:
@@ -49,14 +49,6 @@ def training_digest(cfg: Config, folds_df: pd.DataFrame) -> str:
     return config_digest(Config(plain))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def weights_digest(cfg: Config, path: str | Path) -> str:
     """sha256 of a file's bytes, remembered in `<output_dir>/cache/weight_digests.json` by
     (path, size, modification time): 1.2 GB of EVA-02 L weights is read once, not per run."""
@@ -67,7 +59,7 @@ def weights_digest(cfg: Config, path: str | Path) -> str:
     known = read_json(index) if index.is_file() else {}
     if key in known:
         return known[key]
-    value = _sha256(path)
+    value = file_sha256(path)
     index.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(index.with_name(index.name + ".lock")):
         merged = read_json(index) if index.is_file() else {}
