@@ -669,60 +669,85 @@ def find(rows: Iterable[dict], table: str, **match: Any) -> dict | None:
 def estimate_rows(rows: list[dict]) -> tuple[list[dict], list[str]]:
     """5 folds x 20 epochs of the competition on this device and on a T4, and whether the
     recipe fits a T4's memory, from the measured rows; and the assumptions behind them."""
-    import torch
-    import train_throughput as tt
-
     info = find(rows, "info") or {}
     batch = info.get("batch")
-    train_per_fold = JAGUAR_TRAIN_IMAGES * (FOLDS - 1) / FOLDS
-    val_per_fold = JAGUAR_TRAIN_IMAGES / FOLDS
     # The recipe as train.sh runs it here: amp_dtype auto, checkpointing, batch 4, eager.
     recipe = find(rows, "train", compile="no", batch=batch, checkpointing=True,
                   requested=info.get("auto_dtype", "bf16"))
     t4_path = find(rows, "train", compile="no", batch=batch, checkpointing=True,
                    requested="fp16")
     embed = find(rows, "infer", label="embedding, flip TTA (2 views)")
-    out = []
     here = "this GPU" if info.get("device", "").startswith("cuda") else "this CPU"
+    out = [_time_here(recipe, embed, here)]
+    memory = _t4_memory(t4_path, batch, here)
+    if memory:
+        out.append(memory)
+    t4_time = _t4_time(t4_path, info)
+    if t4_time:
+        out.append(t4_time)
+    return out, _assumptions()
+
+
+def _per_fold() -> tuple[float, float]:
+    """Training and validation images of one fold of the competition."""
+    return JAGUAR_TRAIN_IMAGES * (FOLDS - 1) / FOLDS, JAGUAR_TRAIN_IMAGES / FOLDS
+
+
+def _time_here(recipe: dict | None, embed: dict | None, here: str) -> dict:
+    train_per_fold, val_per_fold = _per_fold()
+    label = f"5 folds x 20 epochs on {here}"
     train_rate = (recipe or {}).get("images_per_s")
     # The embedding row's rate is of test images with two views; validation uses one.
     val_rate = 2 * embed["images_per_s"] if embed and embed.get("images_per_s") else None
-    if train_rate and val_rate:
-        train_s = FOLDS * EPOCHS * train_per_fold / train_rate
-        val_s = FOLDS * VAL_PASSES * val_per_fold / val_rate
-        out.append({"table": "estimate", "label": f"5 folds x 20 epochs on {here}",
-                    "value": duration(train_s + val_s),
-                    "note": f"training {duration(train_s)} at {train_rate:.3g} images/s "
-                            f"(recipe row), validation {duration(val_s)} at {val_rate:.3g} "
-                            "images/s (embedding row x 2: one view)"})
-    else:
-        out.append({"table": "estimate", "label": f"5 folds x 20 epochs on {here}",
-                    "note": "not estimated: the recipe or embedding row is missing"})
+    if not (train_rate and val_rate):
+        return {"table": "estimate", "label": label,
+                "note": "not estimated: the recipe or embedding row is missing"}
+    train_s = FOLDS * EPOCHS * train_per_fold / train_rate
+    val_s = FOLDS * VAL_PASSES * val_per_fold / val_rate
+    return {"table": "estimate", "label": label, "value": duration(train_s + val_s),
+            "note": f"training {duration(train_s)} at {train_rate:.3g} images/s "
+                    f"(recipe row), validation {duration(val_s)} at {val_rate:.3g} "
+                    "images/s (embedding row x 2: one view)"}
+
+
+def _t4_memory(t4_path: dict | None, batch: int | None, here: str) -> dict | None:
     peak = (t4_path or {}).get("peak_gib")
-    if peak is not None:
-        need = peak * ALLOCATOR_SLACK + CUDA_CONTEXT_GIB
-        verdict = "fits" if need <= T4_VISIBLE_GIB else "does NOT fit"
-        measured = "GPU allocated" if here == "this GPU" else "CPU RSS, not comparable"
-        out.append({"table": "estimate",
-                    "label": f"recipe (batch {batch}, fp16, checkpointing) on a 16 GB T4",
-                    "value": verdict,
-                    "note": f"{peak:.2f} GiB peak ({measured}) x {ALLOCATOR_SLACK} + "
-                            f"{CUDA_CONTEXT_GIB} GiB = {need:.1f} of {T4_VISIBLE_GIB} GiB"})
+    if peak is None:
+        return None
+    need = peak * ALLOCATOR_SLACK + CUDA_CONTEXT_GIB
+    verdict = "fits" if need <= T4_VISIBLE_GIB else "does NOT fit"
+    measured = "GPU allocated" if here == "this GPU" else "CPU RSS, not comparable"
+    return {"table": "estimate",
+            "label": f"recipe (batch {batch}, fp16, checkpointing) on a 16 GB T4",
+            "value": verdict,
+            "note": f"{peak:.2f} GiB peak ({measured}) x {ALLOCATOR_SLACK} + "
+                    f"{CUDA_CONTEXT_GIB} GiB = {need:.1f} of {T4_VISIBLE_GIB} GiB"}
+
+
+def _t4_time(t4_path: dict | None, info: dict) -> dict | None:
+    import torch
+    import train_throughput as tt
+
     flops_train, flops_fwd = info.get("flops_train"), info.get("flops_forward")
     t4_peak = tt.peak_for_name(T4_NAME, torch.float16)
-    if flops_train and flops_fwd and t4_peak:
-        measured_mfu = (t4_path or {}).get("mfu")
-        mfu = min(measured_mfu, T4_MFU_CAP) if measured_mfu else T4_MFU_CAP
-        work = FOLDS * (EPOCHS * train_per_fold * flops_train
-                        + VAL_PASSES * val_per_fold * flops_fwd)
-        seconds = work / (mfu * t4_peak * 1e12)
-        source = (f"measured fp16 MFU here {measured_mfu:.1%}, capped at {T4_MFU_CAP:.0%}"
-                  if measured_mfu else f"no MFU measured here: the cap {T4_MFU_CAP:.0%}")
-        out.append({"table": "estimate", "label": "5 folds x 20 epochs on a T4",
-                    "value": duration(seconds),
-                    "note": f"{work / 1e15:.3g} PFLOP at {mfu:.1%} MFU of {t4_peak:.0f} "
-                            f"TFLOP/s fp16 ({source})"})
-    assumptions = [
+    if not (flops_train and flops_fwd and t4_peak):
+        return None
+    train_per_fold, val_per_fold = _per_fold()
+    measured_mfu = (t4_path or {}).get("mfu")
+    mfu = min(measured_mfu, T4_MFU_CAP) if measured_mfu else T4_MFU_CAP
+    work = FOLDS * (EPOCHS * train_per_fold * flops_train
+                    + VAL_PASSES * val_per_fold * flops_fwd)
+    seconds = work / (mfu * t4_peak * 1e12)
+    source = (f"measured fp16 MFU here {measured_mfu:.1%}, capped at {T4_MFU_CAP:.0%}"
+              if measured_mfu else f"no MFU measured here: the cap {T4_MFU_CAP:.0%}")
+    return {"table": "estimate", "label": "5 folds x 20 epochs on a T4",
+            "value": duration(seconds),
+            "note": f"{work / 1e15:.3g} PFLOP at {mfu:.1%} MFU of {t4_peak:.0f} "
+                    f"TFLOP/s fp16 ({source})"}
+
+
+def _assumptions() -> list[str]:
+    return [
         f"Competition: {JAGUAR_TRAIN_IMAGES:,} training images, {FOLDS} folds (4/5 train, "
         f"1/5 validation), {EPOCHS} epochs; validation embeds its images {VAL_PASSES} times a "
         "fold (before training, after each epoch, at the end), one view. Data loading, the "
@@ -739,7 +764,6 @@ def estimate_rows(rows: list[dict]) -> tuple[list[dict], list[str]]:
         f"T4 time: the FLOPs measured here at min(measured fp16 MFU, {T4_MFU_CAP:.0%}) of its "
         "65 TFLOP/s fp16 peak (70 W, clocks throttle); validation at the same MFU.",
     ]
-    return out, assumptions
 
 
 def duration(seconds: float) -> str:
