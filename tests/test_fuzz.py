@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from jaguar_reid.config import Config, ConfigError, load_config, to_plain
+from jaguar_reid.config import AUTO, AUTO_OR_VALUE, Config, ConfigError, load_config, to_plain
 from jaguar_reid.data.folds import assign_closed_folds, assign_grouped_folds, read_folds
 from jaguar_reid.data.tables import (
     MISSING_MARKERS,
@@ -223,6 +223,8 @@ def test_any_override_gives_a_config_or_an_error_naming_the_key(key, raw):
         assert isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, float):
         assert isinstance(value, float)
+    elif key in AUTO_OR_VALUE and value != AUTO:
+        assert isinstance(value, AUTO_OR_VALUE[key])  # data.num_workers=2, data.mean=[...]
     else:
         assert isinstance(value, type(default))
 

@@ -156,7 +156,12 @@ def _parse_cli_value(key: str, raw: str, default: Any) -> Any:
     """Parse a command-line string guided by the default's type."""
     source = "command line"
     if key in AUTO_OR_VALUE and raw.strip() != AUTO:
-        return _coerce(key, yaml.safe_load(raw), default, source)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"{source}: key '{key}' expects auto or "
+                              f"{AUTO_OR_VALUE[key].__name__}, got {raw!r}") from None
+        return _coerce(key, value, default, source)
     if isinstance(default, str):
         return raw
     if isinstance(default, bool):
