@@ -61,6 +61,9 @@ POST_CHOICE_MD = "postprocess.md"
 SUBMISSION = "submission.csv"
 SCORES_EXTRA = "scores.json"          # beside a submission: its local test scores
 EMBEDDINGS_EXTRA = "embeddings.npz"   # beside a submission: the test embeddings
+PSEUDO = "pseudo.csv"                 # pseudo-labelled test images (python -m jaguar_reid.pseudo)
+PSEUDO_CURVE = "pseudo_curve.csv"     # beside it: out-of-fold precision and coverage per threshold
+TEACHER_CACHE = "teacher"             # in the cache folder: teacher embeddings for distillation
 REPORT_DIR = "report"
 REPORT_INDEX = "index.html"           # in the report folder: the page to open
 REPORT_SUMMARY = "summary.md"          # in the report folder: the same in Markdown
@@ -164,6 +167,11 @@ def submission_path(cfg: Any, exp: str) -> Path:
     """`submit.file`, else `<output_dir>/<exp>/submission.csv`; its extras are named after it
     (`submission.embeddings.npz`, `submission.scores.json`)."""
     return Path(cfg.submit.file) if cfg.submit.file else work_dir(cfg, exp) / SUBMISSION
+
+
+def pseudo_path(cfg: Any, name: str) -> Path:
+    """`pseudo.file`, else `<output_dir>/<exp or a+b>/pseudo.csv`."""
+    return Path(cfg.pseudo.file) if cfg.pseudo.file else work_dir(cfg, name) / PSEUDO
 
 
 def submission_extra(submission: str | Path, what: str) -> Path:

@@ -25,7 +25,6 @@ from jaguar_reid.config import (
     load_config,
     parse_fold_spec,
 )
-from jaguar_reid.data.cache import prepare_images
 from jaguar_reid.data.tables import (
     DataError,
     pair_image_names,
@@ -40,7 +39,7 @@ from jaguar_reid.reporting.report import after_run
 from jaguar_reid.retrieval.embed import (
     ENSEMBLE_MODES,
     combine_views,
-    embed_views,
+    embed_fold,
     ensemble_embeddings,
     fold_config,
 )
@@ -57,7 +56,6 @@ from jaguar_reid.retrieval.postprocess import (
 from jaguar_reid.retrieval.rerank import dense_limit_bytes
 from jaguar_reid.retrieval.tune import load_choice
 from jaguar_reid.text import markdown_table
-from jaguar_reid.training.model import load_trained_model
 
 
 def pair_indices(test_df: pd.DataFrame, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -117,38 +115,6 @@ def score_submission(test_df: pd.DataFrame, similarity: np.ndarray,
     return {"map": identity_balanced_map(sim, labels), "pair_auc": pair_roc_auc(sim, labels)}
 
 
-def _embed_fold(cfg: Config, exp: str, fold: int | str, views: tuple[str, ...],
-                with_train: bool, test_names: list[str], files: dict, device: str) -> dict:
-    """One fold model's test images (and training images, `with_train`) under every view,
-    kept apart, with what the prototypes need from the model."""
-    fold_cfg, weights = fold_config(cfg, exp, fold)
-    # Test images are prepared the way this fold's model saw its training images.
-    paths, load, _ = prepare_images(fold_cfg, test_names, files["test"], "test images")
-    model = load_trained_model(fold_cfg, weights)
-    print(f"embedding {len(paths)} test images with {weights}, views {', '.join(views)}")
-    kind = fold_cfg.model.retrieval
-    test = {v: e[kind] for v, e in embed_views(model, paths, fold_cfg, device, load,
-                                               views).items()}
-    for emb in test.values():
-        bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
-        if len(bad):
-            raise DataError(f"{weights}: the model's embedding of test image "
-                            f"{test_names[bad[0]]!r} is not finite ({len(bad)} image(s)); the "
-                            "weights are damaged or the fold diverged: train it again")
-    out = {"exp": exp, "kind": kind, "test": test, "train": None,
-           "head": model.head.weight.detach().float().cpu().numpy(),
-           "subcenters": fold_cfg.model.subcenters}
-    if with_train:
-        train_df = read_train_csv(files["train"])
-        paths, load, _ = prepare_images(fold_cfg, train_df["filename"], files["train"],
-                                        "train images")
-        print(f"embedding {len(paths)} training images (closed-set extras)")
-        out["train"] = {v: e[kind] for v, e in embed_views(model, paths, fold_cfg, device,
-                                                           load, views).items()}
-        out["train_labels"] = train_df["ground_truth"].to_numpy().astype(str)
-    return out
-
-
 def _fold_material(embedded: dict, settings: PostSettings) -> dict:
     """A fold's embeddings with the settings' views combined, and its identity posteriors
     where the prototypes are blended in."""
@@ -177,7 +143,7 @@ def experiment_similarity(cfg: Config, exps: list[str], weights: list[float],
                           ) -> tuple[np.ndarray, np.ndarray]:
     """Post-processed similarity of every row, and the ensembled test embedding, from the
     fold models of one or several experiments combined at the embedding level. `embedded`
-    ({(exp, fold): `_embed_fold`'s result} with every view the settings use) saves embedding
+    ({(exp, fold): `embed_fold`'s result} with every view the settings use) saves embedding
     again when several settings are scored."""
     fold_mode = "concat" if cfg.submit.ensemble == "concat" else "mean"
     tests, trains, posteriors = [], [], []
@@ -186,7 +152,7 @@ def experiment_similarity(cfg: Config, exps: list[str], weights: list[float],
         for f in folds:
             got = (embedded or {}).get((exp, f))
             if got is None:
-                got = _embed_fold(cfg, exp, f, settings.views, settings.needs_training_images,
+                got = embed_fold(cfg, exp, f, settings.views, settings.needs_training_images,
                                   test_names, files, device)
             material.append(_fold_material(got, settings))
         tests.append(ensemble_embeddings([m["test"] for m in material], fold_mode))
@@ -378,7 +344,7 @@ def _embed_all_steps(cfg: Config, exps: list[str], folds: list,
     """Every fold model's embeddings under every view any of `settings` uses."""
     views = tuple(dict.fromkeys(v for s in settings for v in s.views))
     with_train = any(s.needs_training_images for s in settings)
-    return {(e, f): _embed_fold(cfg, e, f, views, with_train, names, files, device)
+    return {(e, f): embed_fold(cfg, e, f, views, with_train, names, files, device)
             for e in exps for f in folds}
 
 

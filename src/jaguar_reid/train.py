@@ -6,6 +6,11 @@ Prepares the image cache and the folds file once, trains each fold asked for
 the out-of-fold scores, a leaderboard row and the report. `fold=full` trains on every image
 with no validation (`fold_full/`). With `gpus>1`: one fold data-parallel under torchrun, or
 folds side by side (`parallel=folds`).
+
+Beside train.csv's images: `data.pseudo` adds pseudo-labelled test images to each fold's
+training side, `train.init` starts each fold from another experiment's same fold, and
+`train.teacher` trains a student towards a teacher ensemble's embeddings (training images and,
+unlabelled, test images; `training.distill`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from jaguar_reid import layout
@@ -24,7 +30,13 @@ from jaguar_reid.data.cache import prepare_images
 from jaguar_reid.data.folds import keep_with_experiment, load_or_create_folds
 from jaguar_reid.data.images import image_loader
 from jaguar_reid.data.preprocess import resolve_input
-from jaguar_reid.data.tables import read_train_csv
+from jaguar_reid.data.tables import (
+    DataError,
+    pair_image_names,
+    read_pseudo_csv,
+    read_test_csv,
+    read_train_csv,
+)
 from jaguar_reid.io_utils import resolve_device, run_main
 from jaguar_reid.reporting.report import after_run
 from jaguar_reid.retrieval.scoring import (
@@ -33,8 +45,9 @@ from jaguar_reid.retrieval.scoring import (
     score_experiment,
     validation_scores,
 )
+from jaguar_reid.retrieval.teacher import teacher_embeddings
 from jaguar_reid.training import distributed
-from jaguar_reid.training.loop import FoldHooks, train_fold
+from jaguar_reid.training.loop import Extra, FoldHooks, train_fold
 from jaguar_reid.training.model import check_start_weights
 
 
@@ -50,6 +63,56 @@ def prepare(cfg: Config) -> tuple[pd.DataFrame, list[Path], object, object]:
     return folds_df, paths, load, train_load
 
 
+def extra_images(cfg: Config, folds_df: pd.DataFrame) -> Extra | None:
+    """The test images that join the training side: `data.pseudo`'s rows with their identity
+    and, for a student (`train.teacher`), every other test image, unlabelled."""
+    files = layout.data_files(cfg)
+    test_names = pair_image_names(read_test_csv(files["test"])) if (
+        cfg.data.pseudo or cfg.train.teacher) else []
+    names, identities = [], []
+    if cfg.data.pseudo:
+        pseudo = read_pseudo_csv(cfg.data.pseudo)
+        known, trained = set(test_names), set(folds_df["ground_truth"])
+        for i, (name, identity) in enumerate(zip(pseudo["filename"], pseudo["identity"],
+                                                 strict=True)):
+            where = f"{cfg.data.pseudo}: row {i + 2}"
+            if name not in known:
+                raise DataError(f"{where}: {name!r} is not a test image of {files['test']}")
+            if identity not in trained:
+                raise DataError(f"{where}: identity {identity!r} is not in {files['train']}; "
+                                "pseudo-labels name training identities")
+        names, identities = list(pseudo["filename"]), list(pseudo["identity"])
+    if cfg.train.teacher:
+        taken = set(names)
+        names += [n for n in test_names if n not in taken]
+        identities += [None] * (len(names) - len(identities))
+    if not names:
+        return None
+    paths, _, _ = prepare_images(cfg, names, files["test"], "test images for training")
+    return Extra(names, paths, identities)
+
+
+def student(cfg: Config, folds_df: pd.DataFrame, extra: Extra | None,
+            device: str) -> tuple[Config, np.ndarray | None]:
+    """With `train.teacher`: the student's config, whose neck gives the teachers' dimensions,
+    and the teachers' embedding of every training row, then of every extra image."""
+    if not cfg.train.teacher:
+        return cfg, None
+    train, test = teacher_embeddings(cfg, list(folds_df["filename"]),
+                                     extra.names if extra else [], device)
+    dim = train.shape[1]
+    if cfg.model.embed_dim != dim or cfg.model.retrieval != "neck":
+        print(f"student of {cfg.train.teacher}: model.embed_dim={dim} (the teachers' "
+              "embedding), model.retrieval=neck")
+        cfg = Config({**cfg, "model": Config({**cfg.model, "embed_dim": dim,
+                                              "retrieval": "neck"})})
+    if cfg.fold != layout.FULL:
+        print(f"note: the teachers {cfg.train.teacher} trained on this student's validation "
+              "images, so its out-of-fold scores flatter it; judge it on a held-out test "
+              "(train it with fold=full)")
+    return cfg, np.concatenate([train, test])
+
+
 def run(cfg: Config, after_epoch: Callable[[int | str, int], None] | None = None) -> dict:
     """Train the folds `cfg.fold` asks for, then rewrite the experiment's out-of-fold report.
     Under torchrun every rank runs this; rank 0 alone writes. `after_epoch(fold, epoch)` is
@@ -62,6 +125,8 @@ def run(cfg: Config, after_epoch: Callable[[int | str, int], None] | None = None
         device = distributed.init(device)
     try:
         folds_df, paths, load, train_load = prepare(cfg)
+        extra = extra_images(cfg, folds_df)
+        cfg, targets = student(cfg, folds_df, extra, device)
         exp_dir = layout.model_dir(cfg)
         if distributed.is_main():
             exp_dir.mkdir(parents=True, exist_ok=True)
@@ -70,8 +135,8 @@ def run(cfg: Config, after_epoch: Callable[[int | str, int], None] | None = None
         hooks = FoldHooks(partial(validation_scores, cfg=cfg, device=device, load=load))
         if after_epoch is not None:
             hooks.after_epoch = after_epoch
-        results = {fold: train_fold(cfg, fold, folds_df, paths, train_load, hooks, device)
-                   for fold in folds_to_run}
+        results = {fold: train_fold(cfg, fold, folds_df, paths, train_load, hooks, device,
+                                    extra, targets) for fold in folds_to_run}
         if distributed.is_main() and not os.environ.get(distributed.CHILD_ENV):
             _after_training(cfg, folds_to_run, time.perf_counter() - start, device)
         return results
@@ -109,7 +174,9 @@ def main(argv: list[str]) -> None:
     if cfg.gpus <= 1 or distributed.launched_by_torchrun():
         run(cfg)
         return
-    prepare(cfg)  # the children find the cache and the folds ready, and do not race
+    # The children find the cache, the folds and the teachers' embeddings ready: no race.
+    folds_df = prepare(cfg)[0]
+    student(cfg, folds_df, extra_images(cfg, folds_df), resolve_device(cfg.device))
     if cfg.parallel == "data":
         distributed.launch_data_parallel(argv, cfg.gpus)
         return

@@ -9,6 +9,7 @@ from PIL import Image
 from jaguar_reid.data.tables import (
     DataError,
     pair_image_names,
+    read_pseudo_csv,
     read_sample_submission,
     read_test_csv,
     read_train_csv,
@@ -42,6 +43,29 @@ def test_train_csv_errors_name_file_and_row(tmp_path, text, fragment):
     path = write(tmp_path / "train.csv", text)
     with pytest.raises(DataError, match=fragment) as info:
         read_train_csv(path)
+    assert str(path) in str(info.value)
+
+
+def test_pseudo_csv_reads_confidences(tmp_path):
+    df = read_pseudo_csv(write(tmp_path / "pseudo.csv", "filename,identity,confidence\n"
+                               "t1.png,Marcela,0.9\nt2.png,Kwang,0.25\n"))
+    assert df["filename"].tolist() == ["t1.png", "t2.png"]
+    assert df["confidence"].tolist() == [0.9, 0.25]
+    empty = read_pseudo_csv(write(tmp_path / "none.csv", "filename,identity,confidence\n"))
+    assert empty.empty  # nothing kept is a valid result: nothing joins training
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("filename,ground_truth\na.png,x\n", "missing column.*identity"),
+    ("filename,identity,confidence\na.png,x,0.5\na.png,y,0.4\n", "row 3: filename 'a.png'"),
+    ("filename,identity,confidence\na.png,x,high\n", "row 2: confidence .*'high'"),
+    ("filename,identity,confidence\na.png,x,1.5\n", "row 2: confidence must be .*\\[0, 1\\]"),
+    ("filename,identity,confidence\n/etc/a.png,x,0.5\n", "row 2: .*inside the data folder"),
+])
+def test_pseudo_csv_errors_name_file_and_row(tmp_path, text, fragment):
+    path = write(tmp_path / "pseudo.csv", text)
+    with pytest.raises(DataError, match=fragment) as info:
+        read_pseudo_csv(path)
     assert str(path) in str(info.value)
 
 

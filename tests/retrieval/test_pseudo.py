@@ -8,6 +8,7 @@ import pytest
 from jaguar_reid.retrieval.pseudo import (
     choose_threshold,
     ensemble_votes,
+    fold_votes,
     precision_coverage,
 )
 
@@ -81,3 +82,27 @@ def test_threshold_stops_before_the_first_stretch_that_falls_short():
     assert choose_threshold(wrong_first, 0.5) is None
     with pytest.raises(ValueError, match="same, non-zero length"):
         precision_coverage(np.array([0.5]), np.array([True, False]))
+
+
+def test_fold_votes_average_each_folds_own_confidence():
+    rng = np.random.default_rng(3)
+    per_fold = [[rng.dirichlet(np.ones(5), size=30) for _ in range(2)] for _ in range(4)]
+    label, confidence = fold_votes(per_fold)
+    every = [p for fold in per_fold for p in fold]
+    for i in range(30):
+        mean = sum(p[i] for p in every) / len(every)
+        assert label[i] == int(np.argmax(mean))
+        terms = []
+        for fold in per_fold:
+            own_label, own_conf = _votes_by_loop([p[i:i + 1] for p in fold])
+            terms.append(own_conf[0] if own_label[0] == label[i] else 0.0)
+        assert confidence[i] == pytest.approx(sum(terms) / len(terms), abs=1e-12)
+
+
+def test_one_fold_votes_as_the_out_of_fold_models_do():
+    rng = np.random.default_rng(4)
+    fold = [rng.dirichlet(np.ones(4), size=12) for _ in range(3)]
+    assert all(np.array_equal(a, b) for a, b in zip(fold_votes([fold]), ensemble_votes(fold),
+                                                      strict=True))
+    with pytest.raises(ValueError, match="at least one fold"):
+        fold_votes([])

@@ -21,6 +21,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 TRAIN_COLUMNS = ("filename", "ground_truth")
 TEST_COLUMNS = ("row_id", "query_image", "gallery_image")
 SUBMISSION_COLUMNS = ("row_id", "similarity")
+PSEUDO_COLUMNS = ("filename", "identity", "confidence")
 # Texts that pandas (and spreadsheets) write for a missing value: as a label they almost surely
 # mean "unknown", and reading them as an identity called "NaN" would train a fake jaguar.
 MISSING_MARKERS = frozenset({"nan", "-nan", "none", "null", "na", "n/a", "<na>", "#n/a",
@@ -132,6 +133,25 @@ def read_train_csv(path: str | Path) -> pd.DataFrame:
         raise DataError(f"{path}: row {_line(missing[0])}: ground_truth "
                         f"{df.at[missing[0], 'ground_truth']!r} marks a missing label; expected "
                         "an identity name (remove unlabelled images from the file)")
+    return df.reset_index(drop=True)
+
+
+def read_pseudo_csv(path: str | Path) -> pd.DataFrame:
+    """`pseudo.csv` (python -m jaguar_reid.pseudo) -> DataFrame[filename, identity,
+    confidence (float)]: test images with the training identity given to them, each once."""
+    path = Path(path)
+    df = _read_csv(path, PSEUDO_COLUMNS)
+    _check_filenames(path, df, "filename")
+    dup = df.index[df["filename"].duplicated()]
+    if len(dup):
+        raise DataError(f"{path}: row {_line(dup[0])}: filename {df.at[dup[0], 'filename']!r} "
+                        "appears more than once")
+    conf = pd.to_numeric(df["confidence"], errors="coerce").astype(np.float64)
+    bad = df.index[~((conf >= 0.0) & (conf <= 1.0))]
+    if len(bad):
+        raise DataError(f"{path}: row {_line(bad[0])}: confidence must be a number in [0, 1], "
+                        f"got {df.at[bad[0], 'confidence']!r}")
+    df["confidence"] = conf
     return df.reset_index(drop=True)
 
 

@@ -24,7 +24,7 @@ from jaguar_reid.data.augment import build_transform
 from jaguar_reid.data.cache import prepare_images
 from jaguar_reid.data.folds import experiment_folds
 from jaguar_reid.data.images import ImageDataset, image_loader
-from jaguar_reid.data.tables import read_train_csv
+from jaguar_reid.data.tables import DataError, read_train_csv
 from jaguar_reid.io_utils import (
     amp_dtype,
     atomic_path,
@@ -207,6 +207,38 @@ def fold_config(cfg: Config, exp: str, fold: int | str) -> tuple[Config, Path]:
                      "data": Config({**saved_cfg.data, "dir": cfg.data.dir,
                                      "num_workers": cfg.data.num_workers})})
     return merged, weights
+
+
+def embed_fold(cfg: Config, exp: str, fold: int | str, views: tuple[str, ...],
+                with_train: bool, test_names: list[str], files: dict, device: str) -> dict:
+    """One fold model's test images (and training images, `with_train`) under every view,
+    kept apart, with what the prototypes need from the model."""
+    fold_cfg, weights = fold_config(cfg, exp, fold)
+    # Test images are prepared the way this fold's model saw its training images.
+    paths, load, _ = prepare_images(fold_cfg, test_names, files["test"], "test images")
+    model = load_trained_model(fold_cfg, weights)
+    print(f"embedding {len(paths)} test images with {weights}, views {', '.join(views)}")
+    kind = fold_cfg.model.retrieval
+    test = {v: e[kind] for v, e in embed_views(model, paths, fold_cfg, device, load,
+                                               views).items()}
+    for emb in test.values():
+        bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+        if len(bad):
+            raise DataError(f"{weights}: the model's embedding of test image "
+                            f"{test_names[bad[0]]!r} is not finite ({len(bad)} image(s)); the "
+                            "weights are damaged or the fold diverged: train it again")
+    out = {"exp": exp, "kind": kind, "test": test, "train": None,
+           "head": model.head.weight.detach().float().cpu().numpy(),
+           "subcenters": fold_cfg.model.subcenters}
+    if with_train:
+        train_df = read_train_csv(files["train"])
+        paths, load, _ = prepare_images(fold_cfg, train_df["filename"], files["train"],
+                                        "train images")
+        print(f"embedding {len(paths)} training images (closed-set extras)")
+        out["train"] = {v: e[kind] for v, e in embed_views(model, paths, fold_cfg, device,
+                                                           load, views).items()}
+        out["train_labels"] = train_df["ground_truth"].to_numpy().astype(str)
+    return out
 
 
 VIEWS_VERSION = 2  # bumped whenever a view's definition changes: saved view embeddings go stale

@@ -30,6 +30,24 @@ def ensemble_votes(posteriors: Sequence[np.ndarray]) -> tuple[np.ndarray, np.nda
     return label, agreement * (top2[:, 1] - top2[:, 0])
 
 
+def fold_votes(per_fold: Sequence[Sequence[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Test images voted on by several fold models, each fold with one posterior per
+    experiment -> (label, confidence). The label is the argmax of the mean of every posterior.
+    The confidence is each fold's own `ensemble_votes` confidence (0 where that fold chose
+    another label), averaged over the folds: each term is measured on the same scale as the
+    out-of-fold confidence, where one model per experiment votes, so the out-of-fold curve
+    reads it; averaging fold models only removes noise."""
+    if not per_fold:
+        raise ValueError("fold_votes needs at least one fold")
+    mean = np.mean([np.mean(np.stack(f), axis=0) for f in per_fold], axis=0)
+    label = mean.argmax(axis=1)
+    confidence = np.zeros(len(label))
+    for posteriors in per_fold:
+        fold_label, fold_conf = ensemble_votes(posteriors)
+        confidence += np.where(fold_label == label, fold_conf, 0.0)
+    return label, confidence / len(per_fold)
+
+
 @dataclass(frozen=True)
 class Curve:
     """Precision and coverage of the images kept at each threshold (kept: confidence >= t),

@@ -11,7 +11,14 @@ import pandas as pd
 
 from jaguar_reid.config import Config, config_digest, to_plain
 from jaguar_reid.io_utils import atomic_write_json, file_lock, read_json
-from jaguar_reid.layout import WEIGHT_DIGESTS, cache_root
+from jaguar_reid.layout import (
+    FOLD_METRICS,
+    WEIGHT_DIGESTS,
+    cache_root,
+    finished_folds,
+    fold_dir,
+    model_dir,
+)
 from jaguar_reid.manifest import file_sha256
 
 # Keys that never change the trained weights: where things are, how fast, what happens after
@@ -20,7 +27,8 @@ NOT_DECIDING = ("exp", "exps", "models", "output_dir", "fold", "device", "parall
                 "post", "tune", "submit", "report", "data.dir", "data.num_workers",
                 "cache.workers", "folds.file", "model.weights", "train.overwrite",
                 "train.compile", "model.grad_checkpointing", "model.allow_random_init",
-                "train.amp_dtype", "export")
+                "train.amp_dtype", "export", "pseudo", "data.pseudo", "train.init",
+                "train.teacher")
 
 
 def _drop(plain: dict, dotted: str) -> None:
@@ -46,7 +54,25 @@ def training_digest(cfg: Config, folds_df: pd.DataFrame) -> str:
         _drop(plain, dotted)
     plain["folds_digest"] = folds_digest(folds_df)
     plain["weights_digest"] = weights_digest(cfg, cfg.model.weights) if cfg.model.weights else ""
+    # Paths and names replaced by what they hold: pseudo-labels by their bytes, the starting
+    # and the teacher experiments by how their folds were trained.
+    plain["pseudo_digest"] = file_sha256(Path(cfg.data.pseudo)) if cfg.data.pseudo else ""
+    plain["init_digest"] = _experiments_digest(cfg, cfg.train.init)
+    plain["teacher_digest"] = _experiments_digest(cfg, cfg.train.teacher)
+    if cfg.train.teacher:  # how the teachers' embeddings are made
+        plain["teacher_views"] = [str(v) for v in cfg.embed.tta]
+        plain["teacher_ensemble"] = cfg.submit.ensemble
     return config_digest(Config(plain))
+
+
+def _experiments_digest(cfg: Config, names: str) -> list[str]:
+    """The training digests of the finished folds of experiments `a[,b]` (empty: none)."""
+    out = []
+    for name in filter(None, (n.strip() for n in names.split(","))):
+        exp_dir = model_dir(cfg, name)
+        out += [read_json(fold_dir(exp_dir, f) / FOLD_METRICS).get("training_digest", "")
+                for f in finished_folds(exp_dir, full=True)]
+    return out
 
 
 def weights_digest(cfg: Config, path: str | Path) -> str:

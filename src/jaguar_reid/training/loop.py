@@ -61,6 +61,7 @@ from jaguar_reid.training.checkpoint import (
     write_log,
 )
 from jaguar_reid.training.digest import training_digest
+from jaguar_reid.training.distill import distill_loss
 from jaguar_reid.training.lock import fold_lock
 from jaguar_reid.training.model import RETRIEVAL_MODES, ReIDModel, TrainStep, build_model
 from jaguar_reid.training.optim import ModelEma, build_optimizer, lr_lambdas, optimizer_step
@@ -84,8 +85,20 @@ class FoldHooks:
 
 
 @dataclass
+class Extra:
+    """Images beside train.csv's that join every fold's training side: pseudo-labelled test
+    images (`identities` holds the name) and, for a distilled student, unlabelled test images
+    (None)."""
+
+    names: list[str]
+    paths: list[Path]
+    identities: list[str | None]
+
+
+@dataclass
 class Split:
-    """A fold's training and validation images."""
+    """A fold's training and validation images; a student's teacher embedding of each
+    training image (`train_targets`, row i for `train_paths[i]`)."""
 
     train_paths: list[Path]
     train_labels: list[int]
@@ -94,6 +107,8 @@ class Split:
     val_paths: list[Path]
     val_labels: np.ndarray
     val_names: np.ndarray
+    n_extra: int = 0  # of the training images, those from `Extra`
+    train_targets: torch.Tensor | None = None
 
     @property
     def has_val(self) -> bool:
@@ -157,23 +172,60 @@ class Run:
 
 # --------------------------------------------------------------------------- set-up
 
-def split_fold(folds_df: pd.DataFrame, fold: int | str, paths: list[Path]) -> Split:
+def split_fold(folds_df: pd.DataFrame, fold: int | str, paths: list[Path],
+               extra: Extra | None = None, targets: np.ndarray | None = None) -> Split:
+    """The fold's images. `extra` images join the training side when unlabelled or of an
+    identity the fold trains on (never a new one: grouped folds keep their validation
+    identities unseen). `targets`: one row per `folds_df` row, then per `extra` image."""
     is_val = (np.zeros(len(folds_df), dtype=bool) if fold == layout.FULL
               else (folds_df["fold"] == fold).to_numpy())
     train_idx, val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
     truth = folds_df["ground_truth"].to_numpy()
-    classes, counts = np.unique(truth[train_idx], return_counts=True)
+    classes = np.unique(truth[train_idx])
     class_of = {name: i for i, name in enumerate(classes)}
-    return Split(train_paths=[paths[i] for i in train_idx],
-                 train_labels=[class_of[g] for g in truth[train_idx]],
-                 classes=[str(c) for c in classes], counts=counts.tolist(),
+    labels = [class_of[g] for g in truth[train_idx]]
+    extra = extra or Extra([], [], [])
+    kept = [i for i, name in enumerate(extra.identities) if name is None or name in class_of]
+    labels += [-1 if extra.identities[i] is None else class_of[extra.identities[i]]
+               for i in kept]
+    rows = np.r_[train_idx, len(folds_df) + np.array(kept, dtype=np.int64)]
+    return Split(train_paths=[paths[i] for i in train_idx] + [extra.paths[i] for i in kept],
+                 train_labels=labels, classes=[str(c) for c in classes],
+                 counts=np.bincount([c for c in labels if c >= 0],
+                                    minlength=len(classes)).tolist(),
                  val_paths=[paths[i] for i in val_idx], val_labels=truth[val_idx],
-                 val_names=folds_df["filename"].to_numpy()[val_idx].astype(str))
+                 val_names=folds_df["filename"].to_numpy()[val_idx].astype(str),
+                 n_extra=len(kept),
+                 train_targets=None if targets is None else torch.from_numpy(
+                     np.ascontiguousarray(targets[rows], dtype=np.float32)))
+
+
+def load_init(cfg: Config, fold: int | str, model: ReIDModel, classes: list[str]) -> None:
+    """`train.init`: the same fold of another experiment as the starting weights, its head
+    included, so its identities must be this fold's."""
+    directory = layout.fold_dir(layout.model_dir(cfg, cfg.train.init), fold)
+    if not layout.is_finished(directory):
+        raise ConfigError(f"train.init={cfg.train.init}: fold {fold} is not finished in "
+                          f"{directory}; train it first, or choose another experiment")
+    theirs = read_json(directory / layout.FOLD_METRICS).get("classes")
+    if theirs != classes:
+        raise ConfigError(f"train.init={cfg.train.init}: fold {fold} was trained on "
+                          f"{len(theirs or [])} identities, this fold trains on {len(classes)} "
+                          "other ones; start from an experiment trained on the same folds file")
+    try:
+        model.load_state_dict(load_file(str(directory / layout.MODEL_WEIGHTS)))
+    except RuntimeError as exc:
+        raise ConfigError(f"train.init={cfg.train.init}: {directory / layout.MODEL_WEIGHTS} "
+                          f"does not fit model.backbone={cfg.model.backbone!r}: "
+                          f"{str(exc).splitlines()[0]}") from None
 
 
 def build_parts(run: Run, train_load) -> Parts:
     cfg, split, device = run.cfg, run.split, run.device
-    model = build_model(cfg, n_classes=len(split.classes), counts=split.counts).to(device)
+    model = build_model(cfg, n_classes=len(split.classes), counts=split.counts)
+    if cfg.train.init:  # before the EMA copies the weights; a resumed run restores its own
+        load_init(cfg, run.fold, model, split.classes)
+    model = model.to(device)
     if run.world_size > 1 and device.startswith("cuda") and cfg.train.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, cfg)
@@ -307,11 +359,14 @@ class StepModule:
         frozen = epoch <= self.run.cfg.train.freeze_epochs
         if self.module is None or frozen != self.frozen:
             _set_backbone_frozen(self.parts.model, frozen)
-            module = TrainStep(self.parts.model)
+            distilled = self.run.split.train_targets is not None
+            module = TrainStep(self.parts.model, embeddings=distilled)
             if self.run.world_size > 1:
                 cuda = self.run.device.startswith("cuda")
+                # A student's ArcFace head receives no gradient.
                 module = torch.nn.parallel.DistributedDataParallel(
-                    module, device_ids=[self.run.local_rank] if cuda else None)
+                    module, device_ids=[self.run.local_rank] if cuda else None,
+                    find_unused_parameters=distilled)
             if self.run.cfg.train.compile:
                 module = torch.compile(module)
             self.module, self.frozen = module, frozen
@@ -328,14 +383,16 @@ def train_epoch(run: Run, parts: Parts, step_module: torch.nn.Module, epoch: int
                leave=False, mininterval=1.0, dynamic_ncols=True,
                disable=None if run.main else True)
     parts.optimizer.zero_grad(set_to_none=True)
-    for i, (images, labels, _) in enumerate(bar):
+    targets = run.split.train_targets
+    for i, (images, labels, index) in enumerate(bar):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
+        target = None if targets is None else targets[index].to(device, non_blocking=True)
         stepping = (i + 1) % cfg.train.grad_accum == 0
         # Between optimiser steps the gradients stay local; one all-reduce per step.
         sync = nullcontext() if stepping or run.world_size == 1 else step_module.no_sync()
         with sync:
-            loss = backward_step(run, parts, step_module, images, labels, epoch)
+            loss = backward_step(run, parts, step_module, images, labels, epoch, target)
         if stepping:
             optimizer_step(parts.model, parts.optimizer, parts.scaler, cfg.train.clip_grad)
             parts.scheduler.step()
@@ -353,11 +410,18 @@ def train_epoch(run: Run, parts: Parts, step_module: torch.nn.Module, epoch: int
 
 
 def backward_step(run: Run, parts: Parts, step_module: torch.nn.Module, images: torch.Tensor,
-              labels: torch.Tensor, epoch: int) -> float:
+                  labels: torch.Tensor, epoch: int, targets: torch.Tensor | None = None
+                  ) -> float:
+    """Forward, loss, backward of one batch: ArcFace's cross-entropy, or with the teacher's
+    embeddings of the batch (`targets`) the student's distillation loss."""
     with torch.autocast(run.device.split(":")[0], dtype=parts.dtype,
                         enabled=parts.dtype is not None):
-        logits = step_module(images, labels)
-    loss = F.cross_entropy(logits.float(), labels)
+        out = step_module(images, labels)
+    if targets is None:
+        loss = F.cross_entropy(out.float(), labels)
+    else:
+        loss = distill_loss(out, targets, labels, run.cfg.train.distill_loss,
+                            run.cfg.train.distill_margin)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"fold {run.fold} epoch {epoch}: loss is {loss.item()}; "
                                  "lower train.lr or turn off train.amp")
@@ -428,6 +492,7 @@ def finish(run: Run, parts: Parts, state: State) -> dict:
         use_ema = False  # the best file already holds the averaged weights when EMA is on
     split = run.split
     metrics: dict = {"fold": run.fold, "n_train": len(split.train_paths),
+                     "n_extra": split.n_extra,
                      "n_val": len(split.val_paths), "classes": split.classes,
                      "training_digest": run.digest, "weights": selected,
                      "epochs_run": state.history[-1]["epoch"], "best_epoch": state.best_epoch,
@@ -450,17 +515,19 @@ def finish(run: Run, parts: Parts, state: State) -> dict:
 # --------------------------------------------------------------------------- one fold
 
 def train_fold(cfg: Config, fold: int | str, folds_df: pd.DataFrame, paths: list[Path],
-               train_load, hooks: FoldHooks, device: str = "cpu") -> dict:
+               train_load, hooks: FoldHooks, device: str = "cpu", extra: Extra | None = None,
+               targets: np.ndarray | None = None) -> dict:
     """Train one fold (or `full`) into `<model folder>/fold<k>/`; returns its metrics.
     `paths[i]` is the file of `folds_df` row i, `train_load` reads it with the training-only
-    augmentations.
+    augmentations; `extra` and `targets` as `split_fold` takes them.
 
     The writing process (rank 0 under torchrun: the other ranks write nothing) holds the fold's
     lock throughout, so a second run of the same fold is refused (`FoldBusyError`)."""
     rank, world_size, local_rank = distributed.world()
     run = Run(cfg, fold, layout.fold_dir(layout.model_dir(cfg), fold),
-              training_digest(cfg, folds_df), split_fold(folds_df, fold, paths), hooks, device,
-              rank, world_size, local_rank)
+              training_digest(cfg, folds_df),
+              split_fold(folds_df, fold, paths, extra, targets), hooks, device, rank,
+              world_size, local_rank)
     if not run.main:
         return _train(run, train_load)
     with fold_lock(run.out, f"experiment {cfg.exp!r}, fold {fold}"):
@@ -486,7 +553,9 @@ def _train(run: Run, train_load) -> dict:
     if run.main:
         split = run.split
         print(f"fold {run.fold}: {len(split.train_paths)} train images of "
-              f"{len(split.classes)} identities, {len(split.val_paths)} validation images; "
+              f"{len(split.classes)} identities"
+              + (f" ({split.n_extra} of them test images)" if split.n_extra else "")
+              + f", {len(split.val_paths)} validation images; "
               f"{run.cfg.model.backbone} on {run.device}"
               + (f" x {run.world_size} processes" if run.world_size > 1 else ""))
     state = state or start(run, parts)

@@ -205,14 +205,17 @@ class ReIDModel(nn.Module):
 
 class TrainStep(nn.Module):
     """Images and labels -> ArcFace logits in one forward, so DistributedDataParallel sees
-    every trained parameter (backbone, pooling, neck and head) in one call."""
+    every trained parameter (backbone, pooling, neck and head) in one call. A distilled
+    student (`embeddings`) returns its neck embedding instead: its loss is the teacher's."""
 
-    def __init__(self, model: ReIDModel) -> None:
+    def __init__(self, model: ReIDModel, embeddings: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.embeddings = embeddings
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.model.head(self.model(images), labels)
+        emb = self.model(images)
+        return emb if self.embeddings else self.model.head(emb, labels)
 
 
 def build_head(cfg: Config, n_classes: int, counts: Sequence[int] | None = None) -> ArcFace:
