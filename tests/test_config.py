@@ -5,6 +5,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+# Each key's list of choices is declared by the module that implements it, which every command
+# imports before it reads its config; this file, run alone, imports them too.
+import jaguar_reid.submission  # noqa: F401
+import jaguar_reid.training.loop  # noqa: F401
 from jaguar_reid.config import (
     ConfigError,
     config_digest,
