@@ -7,8 +7,9 @@ for the test images, with a threshold whose precision is measured, not guessed.
    into a label and a confidence. The folds must be `closed` (validation identities have
    training images, as the test's do), so the label can be right or wrong: that gives the
    precision and coverage of every threshold, and the threshold for `pseudo.min_precision`.
-2. On the test: the same fold models, with prototypes from every training image, vote per fold
-   as above; `retrieval.pseudo.fold_votes` averages the folds' confidences.
+2. On the test: the same fold models, with prototypes from every training image (the fold's
+   training and validation images, already embedded in step 1), vote per fold as above;
+   `retrieval.pseudo.fold_votes` averages the folds' confidences.
 3. The test images at or above the threshold are written to `pseudo.csv` (filename, identity,
    confidence), the curve beside it; with `test_labels.csv`, their real precision is printed.
 
@@ -98,10 +99,14 @@ def on_test(cfg: Config, exps: list[str], folds: list[int], views: list[str],
     for fold in folds:
         per_model = []
         for exp in exps:
-            got = embed_fold(cfg, exp, fold, tuple(views), True, names, files, device)
-            per_model.append(_posteriors(combine_views(got["test"], views),
-                                         combine_views(got["train"], views),
-                                         got["train_labels"], cfg.pseudo.scale))
+            got = embed_fold(cfg, exp, fold, tuple(views), False, names, files, device)
+            # Prototypes from every training image: the fold's own training and validation
+            # images, which out_of_fold has already embedded with this model.
+            saved = ensure_oof_views(cfg, exp, fold, views, device)
+            every = np.concatenate([combine_views(saved[s], views) for s in ("train", "val")])
+            labels = np.concatenate([saved["train_labels"], saved["val_labels"]])
+            per_model.append(_posteriors(combine_views(got["test"], views), every, labels,
+                                         cfg.pseudo.scale))
         classes = _same_classes(per_model, f"test, fold {fold}")
         per_fold.append([p for _, p in per_model])
     label, confidence = fold_votes(per_fold)
