@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -33,7 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from jaguar_reid.config import Config, load_config  # noqa: E402
 from jaguar_reid.io_utils import amp_dtype, resolve_device  # noqa: E402
-from jaguar_reid.training.loop import Parts, Run, StepModule, backward_step  # noqa: E402
+from jaguar_reid.training.loop import (  # noqa: E402
+    Parts,
+    Run,
+    Split,
+    StepModule,
+    backward_step,
+)
 from jaguar_reid.training.model import ReIDModel, build_model  # noqa: E402
 from jaguar_reid.training.optim import build_optimizer, optimizer_step  # noqa: E402
 
@@ -130,8 +137,10 @@ def make_step(bench: TrainBench, cfg: Config,
     loop_cfg = cfg
     if compile_backend:
         loop_cfg = Config({**cfg, "train": Config({**cfg.train, "compile": False})})
-    # Run and Parts carry only what the step reads; the data fields stay empty.
-    run = Run(loop_cfg, "bench", Path("."), "", None, None, device)
+    # Run and Parts carry only what the step reads; the data fields stay empty (an empty
+    # split: no images, no teacher targets, so the ArcFace step).
+    no_images = Split([], [], [], [], [], np.zeros(0), np.zeros(0))
+    run = Run(loop_cfg, "bench", Path("."), "", no_images, None, device)
     parts = Parts(model, bench.optimizer, None, None, scaler, None, None, dtype)
     module = StepModule(run, parts).for_epoch(1)
     if compile_backend:

@@ -34,6 +34,7 @@ from jaguar_reid.data.tables import (
     resolve_image_paths,
 )
 from jaguar_reid.io_utils import run_main
+from jaguar_reid.retrieval import embed as retrieval_embed
 from jaguar_reid.retrieval.embed import ensemble_embeddings
 from jaguar_reid.retrieval.metrics import (
     identity_balanced_map,
@@ -253,7 +254,7 @@ def test_sample_disagreeing_with_test_csv_is_found_before_any_model_runs(
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model ran before sample_submission.csv was checked")
-    monkeypatch.setattr(submission, "load_trained_model", no_model)
+    monkeypatch.setattr(retrieval_embed, "load_trained_model", no_model)
     err = cli_error(submission.main, args, capsys)
     assert "sample_submission.csv" in err
 
