@@ -63,9 +63,10 @@ def test_pseudo_labels_keep_what_the_out_of_fold_curve_allows(closed, capsys):
         confidence += list(top[:, -1] - top[:, -2])  # one experiment: agreement is 1
         correct += list(np.array(classes)[post.argmax(1)] == val_labels)
     ref = precision_coverage(np.array(confidence), np.array(correct))
-    assert np.allclose(curve["threshold"], ref.thresholds, atol=1e-9)
+    # float32 embeddings: sums differ in the last bits across numpy versions
+    assert np.allclose(curve["threshold"], ref.thresholds, atol=1e-6)
     assert np.allclose(curve["precision"], ref.precision)
-    assert result["threshold"] == pytest.approx(choose_threshold(ref, 0.01))
+    assert result["threshold"] == pytest.approx(choose_threshold(ref, 0.01), abs=1e-6)
     assert result["oof_images"] == len(confidence)
     # Kept: the test images at or above the threshold, each with a training identity.
     assert len(kept) == result["kept"] > 0 and (kept["confidence"] >= result["threshold"]).all()
