@@ -299,6 +299,21 @@ def declare_choices(key: str, choices: Iterable[Any]) -> tuple:
 declare_choices("train.amp_dtype", AMP_DTYPES)  # io_utils.amp_dtype implements them
 
 
+def _validate_pseudo_and_student(cfg: Config) -> None:
+    """The pseudo-label and distillation keys (part of `validate`)."""
+    if not 0.0 < cfg.pseudo.min_precision <= 1.0:
+        raise ConfigError(f"key 'pseudo.min_precision' must be in (0, 1]; got "
+                          f"{cfg.pseudo.min_precision}")
+    if cfg.pseudo.scale <= 0:
+        raise ConfigError(f"key 'pseudo.scale' must be above 0; got {cfg.pseudo.scale}")
+    if not -1.0 <= cfg.train.distill_margin < 1.0:
+        raise ConfigError(f"key 'train.distill_margin' is a cosine in [-1, 1); got "
+                          f"{cfg.train.distill_margin}")
+    if cfg.train.teacher and cfg.train.sampler == "pk":
+        raise ConfigError("key 'train.sampler' must be random with train.teacher: a student "
+                          "also trains on unlabelled test images, which P x K cannot group")
+
+
 def validate(cfg: Config) -> None:
     """Checks that types alone cannot express."""
     for dotted, choices in CHOICES.items():
@@ -326,17 +341,7 @@ def validate(cfg: Config) -> None:
     if cfg.model.dynamic_margin and cfg.model.arcface_m_min > cfg.model.arcface_m:
         raise ConfigError(f"key 'model.arcface_m_min' ({cfg.model.arcface_m_min}) must not exceed "
                           f"model.arcface_m ({cfg.model.arcface_m}), the rarest identity's margin")
-    if not 0.0 < cfg.pseudo.min_precision <= 1.0:
-        raise ConfigError(f"key 'pseudo.min_precision' must be in (0, 1]; got "
-                          f"{cfg.pseudo.min_precision}")
-    if cfg.pseudo.scale <= 0:
-        raise ConfigError(f"key 'pseudo.scale' must be above 0; got {cfg.pseudo.scale}")
-    if not -1.0 <= cfg.train.distill_margin < 1.0:
-        raise ConfigError(f"key 'train.distill_margin' is a cosine in [-1, 1); got "
-                          f"{cfg.train.distill_margin}")
-    if cfg.train.teacher and cfg.train.sampler == "pk":
-        raise ConfigError("key 'train.sampler' must be random with train.teacher: a student "
-                          "also trains on unlabelled test images, which P x K cannot group")
+    _validate_pseudo_and_student(cfg)
     if cfg.train.sampler == "pk" and cfg.train.batch_size % cfg.train.pk_k:
         raise ConfigError(f"key 'train.batch_size' ({cfg.train.batch_size}) must be a multiple of "
                           f"train.pk_k ({cfg.train.pk_k}) with train.sampler=pk")

@@ -20,8 +20,9 @@ import numpy as np
 
 from jaguar_reid import layout
 from jaguar_reid.config import Config
-from jaguar_reid.io_utils import atomic_path, read_json
+from jaguar_reid.io_utils import atomic_path
 from jaguar_reid.retrieval.embed import combine_views, embed_fold, ensemble_embeddings
+from jaguar_reid.training.digest import experiments_digest
 
 
 def teacher_names(cfg: Config) -> list[str]:
@@ -42,12 +43,8 @@ def teacher_folds(cfg: Config, exp: str) -> list[int | str]:
 
 
 def cache_key(cfg: Config, train_names: Sequence[str], test_names: Sequence[str]) -> str:
-    digests = []
-    for exp in teacher_names(cfg):
-        exp_dir = layout.model_dir(cfg, exp)
-        digests += [read_json(layout.fold_dir(exp_dir, f) / layout.FOLD_METRICS)
-                    .get("training_digest", "") for f in teacher_folds(cfg, exp)]
-    decided = {"teachers": digests, "views": [str(v) for v in cfg.embed.tta],
+    decided = {"teachers": experiments_digest(cfg, ",".join(teacher_names(cfg))),
+               "views": [str(v) for v in cfg.embed.tta],
                "ensemble": cfg.submit.ensemble, "data": str(Path(cfg.data.dir).resolve()),
                "train": list(train_names), "test": list(test_names)}
     return hashlib.sha256(json.dumps(decided).encode()).hexdigest()[:16]

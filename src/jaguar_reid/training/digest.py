@@ -57,15 +57,15 @@ def training_digest(cfg: Config, folds_df: pd.DataFrame) -> str:
     # Paths and names replaced by what they hold: pseudo-labels by their bytes, the starting
     # and the teacher experiments by how their folds were trained.
     plain["pseudo_digest"] = file_sha256(Path(cfg.data.pseudo)) if cfg.data.pseudo else ""
-    plain["init_digest"] = _experiments_digest(cfg, cfg.train.init)
-    plain["teacher_digest"] = _experiments_digest(cfg, cfg.train.teacher)
+    plain["init_digest"] = experiments_digest(cfg, cfg.train.init)
+    plain["teacher_digest"] = experiments_digest(cfg, cfg.train.teacher)
     if cfg.train.teacher:  # how the teachers' embeddings are made
         plain["teacher_views"] = [str(v) for v in cfg.embed.tta]
         plain["teacher_ensemble"] = cfg.submit.ensemble
     return config_digest(Config(plain))
 
 
-def _experiments_digest(cfg: Config, names: str) -> list[str]:
+def experiments_digest(cfg: Config, names: str) -> list[str]:
     """The training digests of the finished folds of experiments `a[,b]` (empty: none)."""
     out = []
     for name in filter(None, (n.strip() for n in names.split(","))):
