@@ -41,6 +41,7 @@ from jaguar_reid.training.loop import (  # noqa: E402
     StepModule,
     backward_step,
 )
+from jaguar_reid.training.losses import Criterion  # noqa: E402
 from jaguar_reid.training.model import ReIDModel, build_model  # noqa: E402
 from jaguar_reid.training.optim import build_optimizer, optimizer_step  # noqa: E402
 
@@ -141,7 +142,8 @@ def make_step(bench: TrainBench, cfg: Config,
     # split: no images, no teacher targets, so the ArcFace step).
     no_images = Split([], [], [], [], [], np.zeros(0), np.zeros(0))
     run = Run(loop_cfg, "bench", Path("."), "", no_images, None, device)
-    parts = Parts(model, bench.optimizer, None, None, scaler, None, None, dtype)
+    parts = Parts(model, bench.optimizer, None, None, scaler, None, None, dtype,
+                  Criterion(loop_cfg, loop_cfg.model.embed_dim).to(device))
     module = StepModule(run, parts).for_epoch(1)
     if compile_backend:
         module = torch.compile(module, backend=compile_backend)

@@ -1,5 +1,6 @@
 """Config loading: defaults, base chains, key=value overrides, and errors that name the key."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,29 @@ def test_saved_config_round_trips(tmp_path: Path):
 
 def test_digest_changes_with_any_value():
     assert config_digest(load_config([])) != config_digest(load_config(["train.epochs=3"]))
+
+
+def test_keys_added_at_their_default_leave_the_training_digest_as_before():
+    """Folds trained before the loss, mixup and attention keys existed keep their digest (they
+    skip and resume) while those keys stay at their defaults; any other value is a new
+    recipe."""
+    import pandas as pd
+
+    from jaguar_reid.training.digest import ADDED_AT_DEFAULT, training_digest
+
+    folds = pd.DataFrame({"filename": ["a.png", "b.png"], "fold": [0, 1]})
+    cfg = load_config([])
+    older = copy.deepcopy(cfg)  # the config as it was before these keys
+    for dotted in ADDED_AT_DEFAULT:
+        *parents, last = dotted.split(".")
+        del (older.get_path(".".join(parents)) if parents else older)[last]
+    assert "loss" not in older and "attention" not in older.model
+    assert training_digest(cfg, folds) == training_digest(older, folds)
+    pair = ["train.sampler=pk", "loss.multi_similarity=1"]
+    with_pairs = training_digest(load_config(pair), folds)
+    assert with_pairs != training_digest(load_config(pair[:1]), folds)
+    for arg in ("loss.ms_alpha=3", "model.attention=glam", "train.metrix_alpha=1"):
+        assert training_digest(load_config([*pair, arg]), folds) != with_pairs, arg
 
 
 def test_parse_overrides_keeps_equals_in_values():

@@ -314,6 +314,49 @@ def _validate_pseudo_and_student(cfg: Config) -> None:
                           "also trains on unlabelled test images, which P x K cannot group")
 
 
+PAIR_LOSS_KEYS = ("contrastive", "multi_similarity", "smooth_ap", "recall_k")
+
+
+def _validate_losses(cfg: Config) -> None:
+    """The loss weights and the mixup (part of `validate`)."""
+    for name in ("arcface", *PAIR_LOSS_KEYS):
+        _check_numbers(cfg, f"loss.{name}", 0.0, 1e6)
+    pair = [name for name in PAIR_LOSS_KEYS if cfg.loss[name] > 0]
+    if cfg.loss.arcface == 0 and not pair and not cfg.train.teacher:
+        raise ConfigError("key 'loss.arcface' is 0 and no pair loss has a weight: nothing "
+                          "would train; give loss.arcface or a loss.<pair loss> a weight")
+    if pair and cfg.train.teacher:
+        raise ConfigError(f"key 'loss.{pair[0]}' cannot train a student (train.teacher): its "
+                          f"loss is the teacher's; set loss.{pair[0]}=0")
+    if pair and (cfg.train.sampler != "pk" or cfg.train.pk_k < 2):
+        raise ConfigError(f"key 'loss.{pair[0]}' needs several images of each identity in a "
+                          f"batch: set train.sampler=pk with train.pk_k >= 2 (now "
+                          f"train.sampler={cfg.train.sampler}, train.pk_k={cfg.train.pk_k})")
+    for dotted in ("loss.smooth_ap_tau", "loss.recall_tau1", "loss.recall_tau2",
+                   "loss.ms_alpha", "loss.ms_beta"):
+        if cfg.get_path(dotted) <= 0:
+            raise ConfigError(f"key '{dotted}' must be above 0; got {cfg.get_path(dotted)}")
+    _check_numbers(cfg, "loss.contrastive_margin", -1.0, 1.0)
+    _check_numbers(cfg, "loss.ms_base", -1.0, 1.0)
+    ks = cfg.loss.recall_ks
+    if not isinstance(ks, list) or not ks:
+        raise ConfigError(f"key 'loss.recall_ks' must be a list of whole numbers >= 1; got {ks!r}")
+    _check_numbers(cfg, "loss.recall_ks", 1, 1e9, int)
+    _check_numbers(cfg, "loss.xbm_size", 0, 1e9, int)
+    memory_on = cfg.loss.contrastive > 0 or cfg.loss.multi_similarity > 0
+    if cfg.loss.xbm_size and not memory_on:
+        raise ConfigError("key 'loss.xbm_size' keeps embeddings for loss.contrastive or "
+                          "loss.multi_similarity; give one of them a weight, or set it to 0")
+    if 0 < cfg.loss.xbm_size < cfg.train.batch_size:
+        raise ConfigError(f"key 'loss.xbm_size' ({cfg.loss.xbm_size}) must hold at least one "
+                          f"batch (train.batch_size={cfg.train.batch_size})")
+    _check_numbers(cfg, "train.metrix_alpha", 0.0, 1e3)
+    if cfg.train.metrix_alpha > 0 and not (memory_on or cfg.loss.recall_k > 0):
+        raise ConfigError("key 'train.metrix_alpha' mixes for loss.contrastive, "
+                          "loss.multi_similarity or loss.recall_k; give one of them a weight, or "
+                          "set it to 0")
+
+
 def validate(cfg: Config) -> None:
     """Checks that types alone cannot express."""
     for dotted, choices in CHOICES.items():
@@ -325,7 +368,7 @@ def validate(cfg: Config) -> None:
                           f"or more; got {cfg.train.epochs}")
     positive = ("data.img_size", "train.batch_size", "train.grad_accum",
                 "folds.n_folds", "model.embed_dim", "embed.batch_size", "gpus",
-                "model.subcenters", "train.pk_k")
+                "model.subcenters", "train.pk_k", "model.glam_reduction")
     for dotted in positive:
         if cfg.get_path(dotted) < 1:
             raise ConfigError(f"key '{dotted}' must be at least 1; got {cfg.get_path(dotted)}")
@@ -342,6 +385,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"key 'model.arcface_m_min' ({cfg.model.arcface_m_min}) must not exceed "
                           f"model.arcface_m ({cfg.model.arcface_m}), the rarest identity's margin")
     _validate_pseudo_and_student(cfg)
+    _validate_losses(cfg)
     if cfg.train.sampler == "pk" and cfg.train.batch_size % cfg.train.pk_k:
         raise ConfigError(f"key 'train.batch_size' ({cfg.train.batch_size}) must be a multiple of "
                           f"train.pk_k ({cfg.train.pk_k}) with train.sampler=pk")

@@ -225,3 +225,93 @@ def test_dinov2_config_is_the_recipe_with_its_own_normalisation():
     # ImageNet's statistics (timm's pretrained config), not EVA-02's CLIP ones.
     assert cfg.data.mean == pytest.approx([0.485, 0.456, 0.406])
     assert cfg.data.std == pytest.approx([0.229, 0.224, 0.225])
+
+
+def glam_global_by_loops(glam, x: np.ndarray) -> np.ndarray:
+    """GLAM's global branch for one map (C, H, W), written with explicit sums."""
+    c, h, w = x.shape
+    pooled = x.reshape(c, -1).mean(axis=1)
+
+    def conv1d(weight, v):  # a 1-d cross-correlation with zero padding, like Conv1d
+        k = len(weight)
+        padded = np.pad(v, k // 2)
+        return np.array([sum(weight[t] * padded[i + t] for t in range(k)) for i in range(len(v))])
+
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    q = sigmoid(conv1d(glam.global_query.weight.detach().numpy()[0, 0], pooled))
+    k = sigmoid(conv1d(glam.global_key.weight.detach().numpy()[0, 0], pooled))
+    att = np.exp(np.outer(k, q))
+    att /= att.sum(axis=1, keepdims=True)  # row c: how channel c spreads over the channels
+    flat = x.reshape(c, -1)
+    global_c = np.array([[sum(flat[a, p] * att[a, b] for a in range(c)) for p in range(h * w)]
+                         for b in range(c)])
+    wq = glam.global_qkv.weight.detach().numpy()[:, :, 0, 0]
+    bq = glam.global_qkv.bias.detach().numpy()
+    qkv = wq @ flat + bq[:, None]
+    r = len(qkv) // 3
+    qq, kk, vv = qkv[:r], qkv[r:2 * r], qkv[2 * r:]
+    out = np.zeros_like(vv)
+    for p in range(h * w):  # position p: a softmax mixture of every position's value
+        scores = np.array([qq[:, p] @ kk[:, s] for s in range(h * w)])
+        weights = np.exp(scores - scores.max())
+        weights /= weights.sum()
+        out[:, p] = sum(weights[s] * vv[:, s] for s in range(h * w))
+    wo = glam.global_out.weight.detach().numpy()[:, :, 0, 0]
+    spatial = wo @ out + glam.global_out.bias.detach().numpy()[:, None]
+    return (global_c * spatial + global_c).reshape(c, h, w)
+
+
+def test_glam_global_branch_matches_loops_and_fusion_weights_apply():
+    from jaguar_reid.training.model import GLAM
+
+    torch.manual_seed(0)
+    glam = GLAM(6, reduction=2).eval()
+    x = torch.randn(1, 6, 3, 4, dtype=torch.float64)
+    glam = glam.double()
+    with torch.no_grad():
+        glam.fusion.copy_(torch.tensor([-1e4, -1e4, 0.0]))  # the global branch alone
+        got = glam(x)[0].numpy()
+    assert np.allclose(got, glam_global_by_loops(glam, x[0].numpy()), atol=1e-9)
+    with torch.no_grad():
+        glam.fusion.copy_(torch.tensor([-1e4, 0.0, -1e4]))  # the identity alone
+        assert torch.allclose(glam(x), x)
+        glam.fusion.zero_()  # as trained from: the three maps equally
+    assert glam(x).shape == x.shape
+
+
+def test_attention_before_pooling_for_cnns_and_vits(tmp_path, tiny_cfg_args):
+    """CNN maps and ViT patch tokens laid on their grid go through GLAM before GeM; the
+    attention is a fresh layer (head learning rate), saved and loaded with the model; weights
+    saved without it are refused by name."""
+    from jaguar_reid.training.optim import build_optimizer
+
+    vit = [*tiny_cfg_args, "model.backbone=eva02_tiny_patch14_224", "data.img_size=28",
+           "model.attention=glam"]
+    model = build_model(load_config(vit), n_classes=3).eval()
+    x = torch.rand(2, 3, 28, 28)
+    tokens = model.backbone.forward_features(x)[:, 1:]
+    grid = model.patch_grid(tokens)
+    assert grid.shape == (2, tokens.shape[2], 2, 2)
+    assert torch.equal(grid[:, :, 1, 0], tokens[:, 2])  # row-major: token r * W + c
+    assert torch.allclose(model.pooled(x), model.pool(model.attention(grid)), atol=1e-6)
+    with pytest.raises(ValueError, match="tokens=cls leaves out"):
+        build_model(load_config([*vit, "model.tokens=cls"]), n_classes=3)
+
+    cfg = load_config([*tiny_cfg_args, "model.attention=glam"])
+    cnn = build_model(cfg, n_classes=4).eval()
+    images = torch.rand(2, 3, 32, 32)
+    features = cnn.backbone.forward_features(images)
+    assert torch.allclose(cnn.pooled(images), cnn.pool(cnn.attention(features)), atol=1e-6)
+    assert not torch.allclose(cnn.pooled(images), cnn.pool(features), atol=1e-3)
+    head_params = {id(p) for g in build_optimizer(cnn, cfg).param_groups if g["part"] == "head"
+                   for p in g["params"]}
+    assert all(id(p) in head_params for p in cnn.attention.parameters())
+    path = tmp_path / "glam.safetensors"
+    save_file({k: v.contiguous() for k, v in cnn.state_dict().items()}, str(path))
+    again = load_trained_model(cfg, path).eval()
+    assert torch.allclose(cnn(images), again(images), atol=1e-6)
+    plain = build_model(load_config(tiny_cfg_args), n_classes=4)
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()},
+              str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_trained_model(cfg, tmp_path / "plain.safetensors")

@@ -253,15 +253,18 @@ class Interrupted(Exception):
 @pytest.mark.slow
 def test_killed_run_resumes_bit_identical(demo_dir, tmp_path, tiny_cfg_args, monkeypatch):
     """Every piece of state a resume needs (weights, AdamW moments, schedule, EMA, frozen
-    warm-up, P x K sampler, augmentation and dropout RNG, log) comes back from the checkpoint:
-    the resumed fold ends with the very weights, embeddings and log of an uninterrupted one."""
+    warm-up, P x K sampler, augmentation, dropout and mixup RNG, cross-batch memory, log) comes
+    back from the checkpoint: the resumed fold ends with the very weights, embeddings and log
+    of an uninterrupted one."""
     from jaguar_reid import train
 
     args = [*tiny_cfg_args, f"data.dir={demo_dir}", f"output_dir={tmp_path / 'out'}",
             f"folds.file={tmp_path / 'folds.csv'}", "folds.n_folds=4", "fold=0",
             "train.epochs=3", "train.batch_size=8", "train.sampler=pk", "train.pk_k=2",
             "train.ema=true", "train.freeze_epochs=1", "train.bg_blank_prob=0.3",
-            "model.neck_dropout=0.2", "train.layer_decay=0.8"]
+            "model.neck_dropout=0.2", "train.layer_decay=0.8", "model.attention=glam",
+            "loss.multi_similarity=0.5", "loss.xbm_size=24", "loss.recall_k=0.5",
+            "train.metrix_alpha=2"]
     train.main([*args, "exp=straight"])
 
     def stop_after_two(fold, epoch):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from jaguar_reid.config import Config, config_digest, to_plain
+from jaguar_reid.config import Config, config_digest, schema_value, to_plain
 from jaguar_reid.io_utils import atomic_write_json, file_lock, read_json
 from jaguar_reid.layout import (
     FOLD_METRICS,
@@ -29,6 +29,19 @@ NOT_DECIDING = ("exp", "exps", "models", "output_dir", "fold", "device", "parall
                 "train.compile", "model.grad_checkpointing", "model.allow_random_init",
                 "train.amp_dtype", "export", "pseudo", "data.pseudo", "train.init",
                 "train.teacher")
+
+# Keys added after folds were already being trained (issue 16), each at its default, which
+# trains exactly as before: at that value they are left out of the digest, so a fold trained
+# before they existed still skips and resumes. A change of one of these defaults must remove
+# it from here.
+ADDED_AT_DEFAULT = ("loss", "train.metrix_alpha", "model.attention", "model.glam_reduction")
+
+
+def _get(plain: dict, dotted: str) -> object:
+    node = plain
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def _drop(plain: dict, dotted: str) -> None:
@@ -52,6 +65,9 @@ def training_digest(cfg: Config, folds_df: pd.DataFrame) -> str:
     plain = to_plain(cfg)
     for dotted in NOT_DECIDING:
         _drop(plain, dotted)
+    for dotted in ADDED_AT_DEFAULT:
+        if _get(plain, dotted) == to_plain(schema_value(dotted)):
+            _drop(plain, dotted)
     plain["folds_digest"] = folds_digest(folds_df)
     plain["weights_digest"] = weights_digest(cfg, cfg.model.weights) if cfg.model.weights else ""
     # Paths and names replaced by what they hold: pseudo-labels by their bytes, the starting

@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -63,6 +62,7 @@ from jaguar_reid.training.checkpoint import (
 from jaguar_reid.training.digest import training_digest
 from jaguar_reid.training.distill import distill_loss
 from jaguar_reid.training.lock import fold_lock
+from jaguar_reid.training.losses import Criterion
 from jaguar_reid.training.model import RETRIEVAL_MODES, ReIDModel, TrainStep, build_model
 from jaguar_reid.training.optim import ModelEma, build_optimizer, lr_lambdas, optimizer_step
 
@@ -117,7 +117,7 @@ class Split:
 
 @dataclass
 class Parts:
-    """The objects that train: model, optimiser, schedule, EMA, loss scaler, batches."""
+    """The objects that train: model, optimiser, schedule, EMA, loss scaler, batches, loss."""
 
     model: ReIDModel
     optimizer: torch.optim.Optimizer
@@ -127,6 +127,7 @@ class Parts:
     sampler: TrainBatchSampler
     loader: DataLoader
     dtype: torch.dtype | None
+    criterion: Criterion
 
     def kept_state(self) -> dict[str, torch.Tensor]:
         """The weights validation and saving use: the EMA average when there is one."""
@@ -249,7 +250,8 @@ def build_parts(run: Run, train_load) -> Parts:
     # fp16 needs loss scaling against underflow; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema else None
-    return Parts(model, optimizer, scheduler, ema, scaler, sampler, loader, dtype)
+    criterion = Criterion(cfg, cfg.model.embed_dim).to(device)
+    return Parts(model, optimizer, scheduler, ema, scaler, sampler, loader, dtype, criterion)
 
 
 # --------------------------------------------------------------------------- restore
@@ -289,6 +291,7 @@ def restore(run: Run, parts: Parts, resume: dict) -> State:
         parts.ema.load_state_dict(resume["ema"])
     if parts.scaler is not None and resume.get("scaler"):
         parts.scaler.load_state_dict(resume["scaler"])
+    parts.criterion.load_memory_state(resume.get("criterion") or {})
     set_rng_state(resume["rng"])
     state = State(epoch=resume["epoch"], history=list(resume["history"]), best=resume["best"],
                   best_epoch=resume["best_epoch"], stale=resume["stale"])
@@ -360,13 +363,14 @@ class StepModule:
         if self.module is None or frozen != self.frozen:
             _set_backbone_frozen(self.parts.model, frozen)
             distilled = self.run.split.train_targets is not None
-            module = TrainStep(self.parts.model, embeddings=distilled)
+            head = not distilled and self.run.cfg.loss.arcface > 0
+            module = TrainStep(self.parts.model, head=head)
             if self.run.world_size > 1:
                 cuda = self.run.device.startswith("cuda")
-                # A student's ArcFace head receives no gradient.
+                # Without its loss the ArcFace head receives no gradient.
                 module = torch.nn.parallel.DistributedDataParallel(
                     module, device_ids=[self.run.local_rank] if cuda else None,
-                    find_unused_parameters=distilled)
+                    find_unused_parameters=not head)
             if self.run.cfg.train.compile:
                 module = torch.compile(module)
             self.module, self.frozen = module, frozen
@@ -412,15 +416,15 @@ def train_epoch(run: Run, parts: Parts, step_module: torch.nn.Module, epoch: int
 def backward_step(run: Run, parts: Parts, step_module: torch.nn.Module, images: torch.Tensor,
                   labels: torch.Tensor, epoch: int, targets: torch.Tensor | None = None
                   ) -> float:
-    """Forward, loss, backward of one batch: ArcFace's cross-entropy, or with the teacher's
-    embeddings of the batch (`targets`) the student's distillation loss."""
+    """Forward, loss, backward of one batch: the configured losses (`Criterion`), or with the
+    teacher's embeddings of the batch (`targets`) the student's distillation loss."""
     with torch.autocast(run.device.split(":")[0], dtype=parts.dtype,
                         enabled=parts.dtype is not None):
-        out = step_module(images, labels)
+        emb, logits = step_module(images, labels)
     if targets is None:
-        loss = F.cross_entropy(out.float(), labels)
+        loss = parts.criterion(emb, logits, labels)
     else:
-        loss = distill_loss(out, targets, labels, run.cfg.train.distill_loss,
+        loss = distill_loss(emb, targets, labels, run.cfg.train.distill_loss,
                             run.cfg.train.distill_margin)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"fold {run.fold} epoch {epoch}: loss is {loss.item()}; "
@@ -466,6 +470,7 @@ def checkpoint_state(run: Run, parts: Parts, state: State) -> dict:
             "scheduler": parts.scheduler.state_dict(),
             "ema": parts.ema.state_dict() if parts.ema else None,
             "scaler": parts.scaler.state_dict() if parts.scaler else None, "rng": rng_state(),
+            "criterion": parts.criterion.memory_state(),
             "history": state.history, "best": state.best, "best_epoch": state.best_epoch,
             "stale": state.stale}
 

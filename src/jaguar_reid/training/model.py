@@ -1,4 +1,5 @@
-"""Re-ID network: timm backbone -> pooling -> (dropout) Linear+BatchNorm neck -> margin head.
+"""Re-ID network: timm backbone -> (attention) -> pooling -> (dropout) Linear+BatchNorm neck ->
+margin head.
 
 Pooling is GeM over a CNN's feature map, or over a ViT's patch tokens, optionally with the
 class token (`model.tokens`). The head (ArcFace, sub-centre ArcFace, per-identity dynamic
@@ -9,6 +10,7 @@ than the pretrained features it sits on.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +31,7 @@ class WeightsError(UserInputError):
 
 TOKEN_MODES = declare_choices("model.tokens", ("patches", "cls", "both"))
 RETRIEVAL_MODES = declare_choices("model.retrieval", ("neck", "backbone", "both"))
+ATTENTIONS = declare_choices("model.attention", ("none", "glam"))
 
 
 class GeM(nn.Module):
@@ -52,6 +55,62 @@ class GeM(nn.Module):
         else:
             raise ValueError(f"GeM expects (B, C, H, W) or (B, N, C), got shape {tuple(x.shape)}")
         return pooled.pow(1.0 / p)
+
+
+def eca_kernel(channels: int) -> int:
+    """ECA's kernel size for a 1-d convolution across `channels` (Wang et al. 2020): the odd
+    number nearest log2(C) / 2 + 1/2, so wider maps look at more neighbouring channels."""
+    k = int(abs(math.log2(channels) / 2 + 0.5))
+    return k if k % 2 else k + 1
+
+
+class GLAM(nn.Module):
+    """Global-local attention (Song, Han & Avrithis, WACV 2022) on a feature map (B, C, H, W).
+
+    Local: channel weights from a 1-d convolution over the pooled channels (sigmoid), then a
+    spatial map from dilated convolutions (rates 1, 3, 5) of a reduced map, applied as x a + x.
+    Global: channel-to-channel attention (C x C, softmax) from the pooled channels, then
+    position-to-position attention (HW x HW, softmax) on a reduced map, applied the same way.
+    Output: the local, identity and global maps mixed with learnt softmax weights, equal at
+    the start as in the paper. Returns a map of the input's shape.
+    """
+
+    def __init__(self, channels: int, reduction: int = 8) -> None:
+        super().__init__()
+        reduced = max(channels // reduction, 1)
+        k = eca_kernel(channels)
+        self.local_channel = nn.Conv1d(1, 1, k, padding=k // 2, bias=False)
+        self.local_reduce = nn.Conv2d(channels, reduced, 1)
+        self.local_dilated = nn.ModuleList(
+            nn.Conv2d(reduced, reduced, 3, padding=d, dilation=d) for d in (1, 3, 5))
+        self.local_spatial = nn.Conv2d(4 * reduced, 1, 1)
+        self.global_query = nn.Conv1d(1, 1, k, padding=k // 2, bias=False)
+        self.global_key = nn.Conv1d(1, 1, k, padding=k // 2, bias=False)
+        self.global_qkv = nn.Conv2d(channels, 3 * reduced, 1)
+        self.global_out = nn.Conv2d(reduced, channels, 1)
+        self.fusion = nn.Parameter(torch.zeros(3))  # softmax: local, identity, global
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        pooled = x.mean(dim=(2, 3)).unsqueeze(1)  # (B, 1, C)
+        # Local: channel weights, then a spatial map of the reweighted features.
+        local_c = x * torch.sigmoid(self.local_channel(pooled)).view(b, c, 1, 1)
+        r = self.local_reduce(x)
+        spatial = self.local_spatial(torch.cat([r, *[conv(r) for conv in self.local_dilated]],
+                                               dim=1))
+        local = local_c * spatial + local_c
+        # Global: every channel a softmax mixture of channels, then every position a softmax
+        # mixture of positions.
+        query = torch.sigmoid(self.global_query(pooled))  # (B, 1, C)
+        key = torch.sigmoid(self.global_key(pooled))
+        channel_att = torch.softmax(key.transpose(1, 2) @ query, dim=-1)  # (B, C, C)
+        global_c = (x.flatten(2).transpose(1, 2) @ channel_att).transpose(1, 2).view(b, c, h, w)
+        q, k_, v = self.global_qkv(x).flatten(2).chunk(3, dim=1)  # each (B, C', HW)
+        position_att = torch.softmax(q.transpose(1, 2) @ k_, dim=-1)  # (B, HW, HW)
+        spatial_g = self.global_out((v @ position_att.transpose(1, 2)).view(b, -1, h, w))
+        glob = global_c * spatial_g + global_c
+        weight = torch.softmax(self.fusion, dim=0)
+        return weight[0] * local + weight[1] * x + weight[2] * glob
 
 
 def dynamic_margins(counts: Sequence[int], m_max: float, m_min: float,
@@ -157,12 +216,19 @@ class RandomInitError(UserInputError):
 
 class ReIDModel(nn.Module):
     def __init__(self, backbone: nn.Module, embed_dim: int, head: nn.Module, gem_p: float = 3.0,
-                 tokens: str = "patches", neck_dropout: float = 0.0) -> None:
+                 tokens: str = "patches", neck_dropout: float = 0.0, attention: str = "none",
+                 glam_reduction: int = 8) -> None:
         super().__init__()
         if tokens not in TOKEN_MODES:
             raise ValueError(f"tokens must be one of {', '.join(TOKEN_MODES)}; got {tokens!r}")
+        if attention != "none" and tokens == "cls" and hasattr(backbone, "patch_embed"):
+            raise ValueError(f"model.attention={attention} attends over the patch grid, which "
+                             "model.tokens=cls leaves out; use tokens=patches or both")
         self.backbone = backbone
         self.pool = GeM(gem_p)
+        # Attention is a fresh layer: absent (None) keeps the state dict of models without it.
+        self.attention = (GLAM(backbone.num_features, glam_reduction)
+                          if attention == "glam" else None)
         # ViTs prepend class/register tokens; GeM pools the patch tokens only.
         self.n_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0))
         self.has_cls = bool(getattr(backbone, "cls_token", None) is not None)
@@ -177,16 +243,31 @@ class ReIDModel(nn.Module):
         """Images (B, 3, H, W) -> pooled backbone features (B, n_features), float32."""
         features = self.backbone.forward_features(x)
         if features.ndim == 4:  # CNN feature map: `tokens` does not apply
-            return self.pool(features)
+            return self.pool(features if self.attention is None else self.attention(features))
         if self.tokens != "patches" and not self.has_cls:
             raise ValueError(f"model.tokens={self.tokens!r} needs a class token, which this "
                              "backbone does not have")
         parts = []
         if self.tokens in ("patches", "both"):
-            parts.append(self.pool(features[:, self.n_prefix_tokens:]))
+            patches = features[:, self.n_prefix_tokens:]
+            if self.attention is not None:
+                patches = self.attention(self.patch_grid(patches))
+            parts.append(self.pool(patches))
         if self.tokens in ("cls", "both"):
             parts.append(features[:, 0].float())
         return torch.cat(parts, dim=1)
+
+    def patch_grid(self, patches: torch.Tensor) -> torch.Tensor:
+        """ViT patch tokens (B, N, C) laid back on their grid: (B, C, H, W)."""
+        grid = getattr(getattr(self.backbone, "patch_embed", None), "grid_size", None)
+        b, n, c = patches.shape
+        if grid is None or grid[0] * grid[1] != n:
+            side = math.isqrt(n)
+            if side * side != n:
+                raise ValueError(f"model.attention: {n} patch tokens do not form a square grid "
+                                 "and the backbone does not say its grid")
+            grid = (side, side)
+        return patches.transpose(1, 2).reshape(b, c, grid[0], grid[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) -> embeddings (B, embed_dim), not normalised."""
@@ -204,18 +285,19 @@ class ReIDModel(nn.Module):
 
 
 class TrainStep(nn.Module):
-    """Images and labels -> ArcFace logits in one forward, so DistributedDataParallel sees
-    every trained parameter (backbone, pooling, neck and head) in one call. A distilled
-    student (`embeddings`) returns its neck embedding instead: its loss is the teacher's."""
+    """Images and labels -> (neck embeddings, ArcFace logits) in one forward, so
+    DistributedDataParallel sees every trained parameter in one call. Without the head
+    (`head=False`: a distilled student, or loss.arcface=0) the logits are None."""
 
-    def __init__(self, model: ReIDModel, embeddings: bool = False) -> None:
+    def __init__(self, model: ReIDModel, head: bool = True) -> None:
         super().__init__()
         self.model = model
-        self.embeddings = embeddings
+        self.head = head
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         emb = self.model(images)
-        return emb if self.embeddings else self.model.head(emb, labels)
+        return emb, self.model.head(emb, labels) if self.head else None
 
 
 def build_head(cfg: Config, n_classes: int, counts: Sequence[int] | None = None) -> ArcFace:
@@ -245,7 +327,8 @@ def build_model(cfg: Config, n_classes: int, counts: Sequence[int] | None = None
     if cfg.model.grad_checkpointing and hasattr(backbone, "set_grad_checkpointing"):
         backbone.set_grad_checkpointing(True)
     return ReIDModel(backbone, cfg.model.embed_dim, build_head(cfg, n_classes, counts),
-                     cfg.model.gem_p, cfg.model.tokens, cfg.model.neck_dropout)
+                     cfg.model.gem_p, cfg.model.tokens, cfg.model.neck_dropout,
+                     cfg.model.attention, cfg.model.glam_reduction)
 
 
 def load_trained_model(cfg: Config, weights_path: str | Path) -> ReIDModel:
@@ -264,7 +347,7 @@ def load_trained_model(cfg: Config, weights_path: str | Path) -> ReIDModel:
                                                "grad_checkpointing": False})})
     model = ReIDModel(create_backbone(arch_cfg), cfg.model.embed_dim,
                       build_head(arch_cfg, n_classes), cfg.model.gem_p, cfg.model.tokens,
-                      cfg.model.neck_dropout)
+                      cfg.model.neck_dropout, cfg.model.attention, cfg.model.glam_reduction)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # same names, other shapes
