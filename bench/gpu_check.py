@@ -12,10 +12,12 @@ the synthetic demo data. Sections, each with a time box (a row says when it ran 
 
   model   EVA-02 L 448 training through the loop's own step (bench/train_throughput.py:
           StepModule, autocast, the fp16 loss scaler, accumulation, clipping, AdamW) in bf16
-          and fp16, with and without gradient checkpointing, at batch 4 and the largest batch
-          that fits, and under torch.compile; FLOPs per image (FlopCounterMode), MFU, peak
-          memory; embedding throughput with flip TTA. In a process of its own, so that a hang or
-          a crash there is a row, not the end of the check.
+          and fp16, with and without gradient checkpointing, with the ranking losses
+          (P x K 2 x 2, multi-similarity, recall@k, cross-batch memory, mixup), at batch 4 and
+          the largest batch that fits, and under torch.compile; FLOPs per image
+          (FlopCounterMode), MFU, peak memory; embedding throughput with flip TTA. In a
+          process of its own, so that a hang or a crash there is a row, not the end of the
+          check.
   rerank  k-reciprocal re-ranking at N = 20,000 and 100,000 (bench/rerank_speed.py's
           measurements; the path the pipeline's memory guard picks).
   demo    demo data, train.sh (2 folds, 1 epoch), tune, submit.py, then training with
@@ -277,6 +279,11 @@ def model_section(settings: Settings, budget: float) -> None:
                                ("no checkpointing", "fp16", False)):
         extra = (f"train.amp_dtype={dtype}", f"model.grad_checkpointing={str(ckpt).lower()}")
         train_row(settings, bench, variant(*extra), label, total, train_until)
+    # The ranking losses at the recipe's batch: P x K = 2 x 2, cross-batch memory, mixup.
+    pairs = ("train.amp_dtype=bf16", "model.grad_checkpointing=true", "train.sampler=pk",
+             "train.pk_k=2", "loss.multi_similarity=1", "loss.recall_k=1",
+             "loss.xbm_size=1024", "train.metrix_alpha=2")
+    train_row(settings, bench, variant(*pairs), "recipe + ranking losses", total, train_until)
     for ckpt in (True, False):
         label = f"largest batch, checkpointing {'on' if ckpt else 'off'}"
         extra = ("train.amp_dtype=bf16", f"model.grad_checkpointing={str(ckpt).lower()}")

@@ -150,6 +150,9 @@ def make_step(bench: TrainBench, cfg: Config,
     size, batch = cfg.data.img_size, cfg.train.batch_size
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(0, bench.n_classes, (batch,), device=device)
+    if cfg.train.sampler == "pk":  # as the P x K sampler groups them: K images of P identities
+        k = cfg.train.pk_k
+        labels = (torch.arange(batch // k, device=device) % bench.n_classes).repeat_interleave(k)
     calls = itertools.count(1)
 
     def step() -> None:

@@ -137,9 +137,9 @@ def test_keys_added_at_their_default_leave_the_training_digest_as_before():
         del (older.get_path(".".join(parents)) if parents else older)[last]
     assert "loss" not in older and "attention" not in older.model
     assert training_digest(cfg, folds) == training_digest(older, folds)
-    pair = ["train.sampler=pk", "loss.multi_similarity=1"]
+    pair = ["train.sampler=pk", "train.pk_k=2", "loss.multi_similarity=1"]
     with_pairs = training_digest(load_config(pair), folds)
-    assert with_pairs != training_digest(load_config(pair[:1]), folds)
+    assert with_pairs != training_digest(load_config(pair[:2]), folds)
     for arg in ("loss.ms_alpha=3", "model.attention=glam", "train.metrix_alpha=1"):
         assert training_digest(load_config([*pair, arg]), folds) != with_pairs, arg
 

@@ -72,7 +72,8 @@ def test_smoke_run_reports_every_section(tmp_path):
 
     train = {row["config"]: row for row in section(found, "Training")}
     assert set(train) == {"recipe, A100/H100 path", "recipe, T4 path (GradScaler)",
-                          "no checkpointing", "largest batch, checkpointing on",
+                          "no checkpointing", "recipe + ranking losses",
+                          "largest batch, checkpointing on",
                           "largest batch, checkpointing off", "torch.compile"}
     for row in section(found, "Training"):
         assert float(row["images/s"]) > 0, row
@@ -256,3 +257,16 @@ def test_a_child_that_dies_leaves_its_rows_and_names_the_part(monkeypatch):
     died = check.child_rows("model", check.SMOKE, 230.0, None)[-1]
     assert died["label"] == "model section"
     assert died["note"] == "process died (exit -11): Segmentation fault"
+
+
+def test_loss_cost_bench_times_every_variant_against_arcface(monkeypatch, capsys, tiny_cfg_args):
+    """bench/loss_cost.py on the tiny recipe: one row per loss and attention variant, the
+    reference at 1.00x."""
+    loss_cost = bench_module("loss_cost")
+    monkeypatch.setattr(sys, "argv", ["loss_cost.py", *tiny_cfg_args, "train.batch_size=8",
+                                      "--steps", "1", "--rounds", "1", "--warmup", "0"])
+    loss_cost.main()
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "x |" in line]
+    assert [row.split(" | ")[0][2:] for row in rows] == list(loss_cost.VARIANTS)
+    assert rows[0].endswith("| 1.00x |")

@@ -332,6 +332,11 @@ def _validate_losses(cfg: Config) -> None:
         raise ConfigError(f"key 'loss.{pair[0]}' needs several images of each identity in a "
                           f"batch: set train.sampler=pk with train.pk_k >= 2 (now "
                           f"train.sampler={cfg.train.sampler}, train.pk_k={cfg.train.pk_k})")
+    if pair and cfg.train.batch_size // cfg.train.pk_k < 2 and not cfg.loss.xbm_size:
+        raise ConfigError(f"key 'loss.{pair[0]}' needs two identities or more in a batch: "
+                          f"train.batch_size={cfg.train.batch_size} holds one of "
+                          f"train.pk_k={cfg.train.pk_k} images, so no negatives; lower "
+                          "train.pk_k (EVA-02 L at batch 4: pk_k=2) or add loss.xbm_size")
     for dotted in ("loss.smooth_ap_tau", "loss.recall_tau1", "loss.recall_tau2",
                    "loss.ms_alpha", "loss.ms_beta"):
         if cfg.get_path(dotted) <= 0:

@@ -215,6 +215,7 @@ def test_cross_batch_memory_state_round_trips():
                                   r"train\.sampler=pk"),
     ([*PK, "train.pk_k=1", "train.batch_size=4", "loss.smooth_ap=1"], r"train\.pk_k >= 2"),
     ([*PK, "loss.arcface=0"], "nothing would train"),
+    (["train.sampler=pk", "train.batch_size=4", "loss.recall_k=1"], "no negatives"),
     ([*PK, "loss.xbm_size=64", "loss.smooth_ap=1"], r"loss\.xbm_size' keeps embeddings"),
     ([*PK, "loss.xbm_size=8", "loss.contrastive=1"], "at least one batch"),
     ([*PK, "train.metrix_alpha=2", "loss.smooth_ap=1"], r"train\.metrix_alpha' mixes"),
