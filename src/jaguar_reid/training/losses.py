@@ -32,7 +32,7 @@ from jaguar_reid.config import PAIR_LOSS_KEYS as PAIR_LOSSES
 from jaguar_reid.config import Config
 
 MEMORY_LOSSES = ("contrastive", "multi_similarity")  # what CrossBatchMemory can wrap
-MIXED_LOSSES = ("contrastive", "multi_similarity", "recall_k")  # what train.metrix_alpha mixes
+METRIX_LOSSES = ("contrastive", "multi_similarity")  # Metrix's soft forms (recall_k: SiMix)
 POS_MARGIN = 1.0  # contrastive: positives are pulled until their cosine reaches 1
 
 
@@ -168,7 +168,7 @@ def metrix_mix(emb: torch.Tensor, labels: torch.Tensor, alpha: float
 
 class Criterion(nn.Module):
     """The weighted sum of ArcFace's cross-entropy and the configured pair losses, called with
-    (neck embeddings, ArcFace logits or None, labels). `parts` holds each term's last value."""
+    (neck embeddings, ArcFace logits or None, labels). `parts` gives each term's last value."""
 
     def __init__(self, cfg: Config, embed_dim: int) -> None:
         super().__init__()
@@ -193,7 +193,13 @@ class Criterion(nn.Module):
                 if cfg.loss.xbm_size > 0 and name in MEMORY_LOSSES:
                     loss = CrossBatchMemory(loss, embed_dim, memory_size=cfg.loss.xbm_size)
                 self.library[name] = loss
-        self.parts: dict[str, float] = {}
+        # Detached, read only through `parts`: a float per term per step would wait for the
+        # GPU on every step.
+        self._terms: dict[str, torch.Tensor] = {}
+
+    @property
+    def parts(self) -> dict[str, float]:
+        return {name: float(value) for name, value in self._terms.items()}
 
     def forward(self, emb: torch.Tensor, logits: torch.Tensor | None,
                 labels: torch.Tensor) -> torch.Tensor:
@@ -205,9 +211,9 @@ class Criterion(nn.Module):
             if name == "arcface":
                 continue
             terms[name] = self._pair_term(name, emb, labels)
-            if self.mix_alpha > 0 and name in MIXED_LOSSES and name != "recall_k":
+            if self.mix_alpha > 0 and name in METRIX_LOSSES:
                 terms[f"{name}_mix"] = self._mixed_term(name, emb, labels)
-        self.parts = {name: float(value.detach()) for name, value in terms.items()}
+        self._terms = {name: value.detach() for name, value in terms.items()}
         return sum(self.weights[name.removesuffix("_mix")] * value
                    for name, value in terms.items())
 

@@ -326,9 +326,15 @@ def build_model(cfg: Config, n_classes: int, counts: Sequence[int] | None = None
     backbone = create_backbone(cfg)
     if cfg.model.grad_checkpointing and hasattr(backbone, "set_grad_checkpointing"):
         backbone.set_grad_checkpointing(True)
-    return ReIDModel(backbone, cfg.model.embed_dim, build_head(cfg, n_classes, counts),
-                     cfg.model.gem_p, cfg.model.tokens, cfg.model.neck_dropout,
-                     cfg.model.attention, cfg.model.glam_reduction)
+    return reid_model(cfg, backbone, build_head(cfg, n_classes, counts))
+
+
+def reid_model(cfg: Config, backbone: nn.Module, head: nn.Module) -> ReIDModel:
+    """The network around `backbone` and `head` as `cfg.model` describes it (the one reader of
+    those keys, for training and for loading)."""
+    m = cfg.model
+    return ReIDModel(backbone, m.embed_dim, head, m.gem_p, m.tokens, m.neck_dropout,
+                     m.attention, m.glam_reduction)
 
 
 def load_trained_model(cfg: Config, weights_path: str | Path) -> ReIDModel:
@@ -345,9 +351,7 @@ def load_trained_model(cfg: Config, weights_path: str | Path) -> ReIDModel:
     # The saved weights replace the backbone's, so no pretrained file is needed (or read) here.
     arch_cfg = Config({**cfg, "model": Config({**cfg.model, "weights": "", "pretrained": False,
                                                "grad_checkpointing": False})})
-    model = ReIDModel(create_backbone(arch_cfg), cfg.model.embed_dim,
-                      build_head(arch_cfg, n_classes), cfg.model.gem_p, cfg.model.tokens,
-                      cfg.model.neck_dropout, cfg.model.attention, cfg.model.glam_reduction)
+    model = reid_model(cfg, create_backbone(arch_cfg), build_head(arch_cfg, n_classes))
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # same names, other shapes
