@@ -55,7 +55,7 @@ def test_every_module_imports_and_choices_cover_the_schema():
     expected = {"folds.strategy", "data.alpha", "submit.ensemble", "post.proto_source",
                 "post.on_large", "tune.metric", "parallel", "model.tokens", "model.retrieval",
                 "submit.retrieval", "train.sampler", "train.select", "train.monitor",
-                "train.distill_loss", "model.attention",
+                "train.distill_loss", "model.attention", "post.rerank_norm",
                 "data.resize", "data.interpolation", "train.amp_dtype"}
     assert set(config.CHOICES) == expected
     for dotted, choices in config.CHOICES.items():

@@ -453,9 +453,15 @@ def _validate_post(cfg: Config) -> None:
     for view in cfg.tune.views:
         check_view(view, "tune.views")
     for dotted in ("tune.qe_k", "tune.qe_alpha", "tune.dba", "tune.k1", "tune.k2",
-                   "tune.lambda", "tune.blend", "tune.proto_weight", "tune.proto_scale"):
+                   "tune.lambda", "tune.blend", "tune.proto_weight", "tune.proto_scale",
+                   "tune.rerank_norm"):
         if not cfg.get_path(dotted):
             raise ConfigError(f"key '{dotted}': the search grid needs at least one value")
+    norms = CHOICES.get("post.rerank_norm")  # registered by retrieval.rerank once imported
+    for norm in cfg.tune.rerank_norm:
+        if norms and norm not in norms:
+            raise ConfigError(f"key 'tune.rerank_norm' lists {norm!r}; each must be one of "
+                              f"{', '.join(norms)}")
     big = 10 ** 6
     for dotted in ("post.qe_k", "post.dba_k", "tune.qe_k"):
         _check_numbers(cfg, dotted, 0, big, int)

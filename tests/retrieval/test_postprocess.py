@@ -75,11 +75,25 @@ def test_rerank_and_blend_match_the_reference(k1, k2, lam, w):
     assert np.allclose(got, expected, atol=1e-5)
 
 
-def test_memory_guard_takes_the_sparse_path_or_stops():
+def test_rowmax_rerank_maps_its_own_range_to_similarity():
+    rng = np.random.default_rng(4)
+    ids = np.array([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4])
+    x = unit(rng, len(ids), ids=ids)
+    n = len(x)
+    rows, cols = all_pairs(n)
+    s = PostSettings(rerank=True, k1=4, k2=2, lambda_value=0.3, rerank_norm="rowmax")
+    got = postprocess_pairs(x, rows, cols, s).reshape(n, n)
+    d = rerank_reference(x, 4, 2, 0.3, norm="rowmax")  # in [0, 1]: similarity 1 - d
+    assert np.allclose(got, 1.0 - d, atol=1e-5)
+    assert not np.allclose(got, got.T, atol=1e-3)  # ordered pairs differ, as in the authors' code
+
+
+@pytest.mark.parametrize("norm", ["none", "rowmax"])
+def test_memory_guard_takes_the_sparse_path_or_stops(norm):
     rng = np.random.default_rng(3)
     x = unit(rng, 40, ids=np.arange(40) % 6)
     rows, cols = all_pairs(40)
-    s = PostSettings(rerank=True, k1=6, k2=3, lambda_value=0.3)
+    s = PostSettings(rerank=True, k1=6, k2=3, lambda_value=0.3, rerank_norm=norm)
     dense = postprocess_pairs(x, rows, cols, s)
     sparse = postprocess_pairs(x, rows, cols, s, max_dense_bytes=1)
     assert np.allclose(dense, sparse, atol=1e-6)

@@ -76,14 +76,16 @@ def original_distance(emb: np.ndarray) -> np.ndarray:
 
 
 def assert_all_paths_agree(emb: np.ndarray, k1: int, k2: int, lam: float,
-                           chunk_size: int = rr.DEFAULT_CHUNK) -> np.ndarray:
-    ref = rerank_reference(emb, k1, k2, lam)
-    dense = rerank(emb, k1, k2, lam, chunk_size=chunk_size)
+                           chunk_size: int = rr.DEFAULT_CHUNK, norm: str = "none") -> np.ndarray:
+    ref = rerank_reference(emb, k1, k2, lam, norm=norm)
+    dense = rerank(emb, k1, k2, lam, chunk_size=chunk_size, norm=norm)
     assert dense.shape == ref.shape and dense.dtype == np.float32
     np.testing.assert_allclose(dense, ref, rtol=0, atol=TOL)
-    np.testing.assert_allclose(rerank(emb, k1, k2, lam, dtype="float64", chunk_size=chunk_size),
-                               ref, rtol=0, atol=1e-12)
-    sparse = sparse_as_dense(emb, rerank_sparse(emb, k1, k2, lam, chunk_size=chunk_size))
+    # float64 throughout: only the rowmax divisor's float32-free rounding differs
+    np.testing.assert_allclose(rerank(emb, k1, k2, lam, dtype="float64", chunk_size=chunk_size,
+                                      norm=norm), ref, rtol=0, atol=1e-12)
+    sparse = sparse_as_dense(emb, rerank_sparse(emb, k1, k2, lam, chunk_size=chunk_size,
+                                                norm=norm))
     np.testing.assert_allclose(sparse, ref, rtol=0, atol=TOL)
     return ref
 
@@ -99,14 +101,100 @@ def assert_all_paths_agree(emb: np.ndarray, k1: int, k2: int, lam: float,
     (3, 2, 0.0),    # Jaccard distance alone
     (1, 1, 0.5),
 ])
-def test_fast_paths_match_reference_random(k1, k2, lam):
-    assert_all_paths_agree(random_unit(60, 16), k1, k2, lam)
+@pytest.mark.parametrize("norm", ["none", "rowmax"])
+def test_fast_paths_match_reference_random(k1, k2, lam, norm):
+    assert_all_paths_agree(random_unit(60, 16), k1, k2, lam, norm=norm)
 
 
 @pytest.mark.parametrize(("seed", "k1", "k2"), [(0, 20, 6), (1, 5, 3), (2, 8, 1), (3, 3, 4)])
 def test_fast_paths_match_reference_clustered(seed, k1, k2):
     emb, _ = clustered(seed)
     assert_all_paths_agree(emb, k1, k2, 0.3)
+    assert_all_paths_agree(emb, k1, k2, 0.3, chunk_size=7, norm="rowmax")
+
+
+# ---------------------------------------------------------------------------- the authors' code
+
+
+def authors_re_ranking(q_g_dist: np.ndarray, q_q_dist: np.ndarray, g_g_dist: np.ndarray,
+                       k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> np.ndarray:
+    """The authors' Python re-ranking (Zhong et al., the version fast-reid and most Kaggle
+    solutions carry), transcribed step for step with its float32 casts, its column-maximum
+    division and transpose, its unstable argsort and its float 2/3 test. Inputs are Euclidean
+    distances (it squares them). It returns the query rows against every image; with the gallery
+    being the queries (our case) that is the whole (N, N) matrix."""
+    n_query = q_g_dist.shape[0]
+    everything = np.concatenate([np.concatenate([q_q_dist, q_g_dist], axis=1),
+                                 np.concatenate([q_g_dist.T, g_g_dist], axis=1)], axis=0)
+    n_all = everything.shape[0]
+    original = np.power(everything, 2).astype(np.float32)
+    original = np.transpose(1.0 * original / np.max(original, axis=0))
+    v = np.zeros_like(original).astype(np.float32)
+    initial_rank = np.argsort(original).astype(np.int32)
+    for i in range(n_all):
+        forward = initial_rank[i, :k1 + 1]
+        backward = initial_rank[forward, :k1 + 1]
+        recip = forward[np.where(backward == i)[0]]
+        expansion = recip
+        for cand in recip:
+            half = int(np.around(k1 / 2.0)) + 1
+            c_forward = initial_rank[cand, :half]
+            c_backward = initial_rank[c_forward, :half]
+            c_recip = c_forward[np.where(c_backward == cand)[0]]
+            if len(np.intersect1d(c_recip, recip)) > 2.0 / 3 * len(c_recip):
+                expansion = np.append(expansion, c_recip)
+        expansion = np.unique(expansion)
+        weight = np.exp(-original[i, expansion])
+        v[i, expansion] = 1.0 * weight / np.sum(weight)
+    original = original[:n_query, ]
+    if k2 != 1:
+        v_qe = np.zeros_like(v, dtype=np.float32)
+        for i in range(n_all):
+            v_qe[i, :] = np.mean(v[initial_rank[i, :k2], :], axis=0)
+        v = v_qe
+    inv_index = [np.where(v[:, i] != 0)[0] for i in range(n_all)]
+    jaccard = np.zeros_like(original, dtype=np.float32)
+    for i in range(n_query):
+        temp_min = np.zeros(shape=[1, n_all], dtype=np.float32)
+        nonzero = np.where(v[i, :] != 0)[0]
+        for j in nonzero:
+            images = inv_index[j]
+            temp_min[0, images] = temp_min[0, images] + np.minimum(v[i, j], v[images, j])
+        jaccard[i] = 1 - temp_min / (2.0 - temp_min)
+    return jaccard * (1 - lambda_value) + original * lambda_value
+
+
+def authors_on_one_set(euclid: np.ndarray, k1: int, k2: int, lam: float) -> np.ndarray:
+    """The authors' code where every image is both query and gallery (the call that scores
+    every pair of N images): q_q is the whole matrix, q_g and g_g are empty."""
+    n = len(euclid)
+    return authors_re_ranking(np.zeros((n, 0)), euclid, np.zeros((0, 0)), k1, k2, lam)
+
+
+@pytest.mark.parametrize(("k1", "k2", "lam"), [(20, 6, 0.3), (5, 3, 0.1), (10, 1, 0.6)])
+def test_rowmax_matches_the_authors_code(k1, k2, lam):
+    emb, _ = clustered(21, n_ids=14, d=24)
+    official = authors_on_one_set(np.sqrt(original_distance(emb)), k1, k2, lam)
+    np.testing.assert_allclose(rerank(emb, k1, k2, lam, norm="rowmax"), official, rtol=0,
+                               atol=TOL)
+    np.testing.assert_allclose(rerank_reference(emb, k1, k2, lam, norm="rowmax"), official,
+                               rtol=0, atol=TOL)
+    # Without the row division the same k1, k2, lambda give other distances, and rankings.
+    plain = rerank(emb, k1, k2, lam)
+    assert np.abs(plain - official).max() > 0.01
+    if lam > 0:
+        assert not np.array_equal(np.argsort(plain, axis=1), np.argsort(official, axis=1))
+
+
+def test_rowmax_is_row_scaled_and_asymmetric():
+    emb, _ = clustered(5)
+    d = original_distance(emb)
+    lam = 1.0  # the Jaccard part vanishes: D itself
+    got = rerank(emb, 20, 6, lam, norm="rowmax", dtype="float64")
+    np.testing.assert_allclose(got, d / d.max(axis=1, keepdims=True), atol=1e-12)
+    assert got.max() <= 1.0 + 1e-12 and not np.allclose(got, got.T)
+    same = rerank(np.repeat(emb[:1], 5, axis=0), 3, 2, 0.3, norm="rowmax")
+    assert np.isfinite(same).all()  # a row of identical images is left undivided
 
 
 @pytest.mark.parametrize("n", [1, 2, 5])
@@ -280,6 +368,7 @@ def test_memory_estimate():
     ({"lambda_value": 1.5}, r"lambda_value must be a number in \[0, 1\]"),
     ({"dtype": "float16"}, "dtype must be"),
     ({"chunk_size": 0}, "chunk_size must be an integer >= 1"),
+    ({"norm": "colmax"}, "norm must be one of none, rowmax, got 'colmax'"),
 ])
 def test_argument_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -365,6 +454,8 @@ def test_distance_to_similarity():
         d = np.linspace(0.0, top, 11)
         sim = distance_to_similarity(d, lam)
         assert sim[0] == 1.0 and sim[-1] == 0.0 and np.all(np.diff(sim) < 0)
+        np.testing.assert_allclose(distance_to_similarity(np.linspace(0.0, 1.0, 5), lam,
+                                                          "rowmax"), np.linspace(1.0, 0.0, 5))
     emb, _ = clustered(14)
     cos = emb.astype(np.float64) @ emb.T
     np.testing.assert_allclose(distance_to_similarity(rerank(emb, lambda_value=1.0), 1.0),

@@ -39,6 +39,7 @@ def test_search_keeps_only_steps_that_gain():
         value += 0.02 * ("zoom1.1" in s.views) - 0.01 * ("flip" in s.views)  # zoom helps
         value += 0.0005 * (s.qe_k == 2)  # below min_gain (0.001): left off
         value += 0.03 * (s.rerank and s.k1 == 10) * (1.5 if s.blend == 0.5 else 1.0)
+        value += 0.01 * (s.rerank and s.rerank_norm == "rowmax")  # both norms are tried
         return value
 
     class Fold:  # grouped folds: no training images
@@ -48,6 +49,7 @@ def test_search_keeps_only_steps_that_gain():
     assert chosen.views == ("orig", "zoom1.1")
     assert chosen.qe_k == 0
     assert chosen.rerank and chosen.k1 == 10 and chosen.blend == 0.5
+    assert chosen.rerank_norm == "rowmax" and "re-rank rowmax" in chosen.describe()
     by_step = {r["step"]: r for r in rows}
     assert [r["step"] for r in rows] == ["raw", "tta", "qe", "rerank", "blend", "closed",
                                          "prototypes", "tuned"]
@@ -57,7 +59,7 @@ def test_search_keeps_only_steps_that_gain():
     assert by_step["qe"]["map"] == pytest.approx(0.5205)  # measured, reported, not kept
     assert not by_step["rerank"]["kept"] and by_step["blend"]["kept"]
     assert by_step["closed"]["skipped"] and "folds.strategy=closed" in by_step["closed"]["why"]
-    assert by_step["tuned"]["map"] == pytest.approx(0.52 + 0.045)
+    assert by_step["tuned"]["map"] == pytest.approx(0.52 + 0.045 + 0.01)
 
 
 def test_search_leaves_everything_off_when_nothing_helps():

@@ -61,6 +61,7 @@ class PostSettings:
     k1: int = _default("k1")
     k2: int = _default("k2")
     lambda_value: float = _default("lambda")
+    rerank_norm: str = _default("rerank_norm")
     blend: float = _default("blend")
     closed_gallery: bool = _default("closed_gallery")
     proto_weight: float = _default("proto_weight")
@@ -98,7 +99,8 @@ class PostSettings:
         if self.qe_k:
             parts.append(f"QE k={self.qe_k} alpha={self.qe_alpha:g}")
         if self.rerank:
-            parts.append(f"re-rank k1={self.k1} k2={self.k2} lambda={self.lambda_value:g}"
+            norm = " rowmax" if self.rerank_norm == "rowmax" else ""
+            parts.append(f"re-rank{norm} k1={self.k1} k2={self.k2} lambda={self.lambda_value:g}"
                          + (f" blend {self.blend:g}" if self.blend < 1 else ""))
         if self.closed_gallery:
             parts.append("training gallery")
@@ -196,8 +198,8 @@ def reranked_distance(emb: np.ndarray, rows: np.ndarray, cols: np.ndarray,
     k1, k2 = min(settings.k1, n), min(settings.k2, n)
     need = estimate_rerank_memory(n, k1, True, k2=k2)
     if need <= max_dense_bytes:
-        d = rerank(emb, k1, k2, settings.lambda_value, device=device,
-                   max_dense_bytes=max_dense_bytes)
+        d = rerank(emb, k1, k2, settings.lambda_value, norm=settings.rerank_norm,
+                   device=device, max_dense_bytes=max_dense_bytes)
         return d[rows, cols].astype(np.float64), "dense"
     if on_large == "stop":
         raise UserInputError(
@@ -205,7 +207,8 @@ def reranked_distance(emb: np.ndarray, rows: np.ndarray, cols: np.ndarray,
             f"post.max_dense_gb={max_dense_bytes / 2**30:g}; set post.on_large=sparse (same "
             f"result, pairs only) or raise post.max_dense_gb to at least "
             f"{need / 2**30 * 1.1:.1f}")
-    result = rerank_sparse(emb, k1, k2, settings.lambda_value, device=device)
+    result = rerank_sparse(emb, k1, k2, settings.lambda_value, norm=settings.rerank_norm,
+                           device=device)
     return rerank_pairs(emb, rows, cols, result), "sparse"
 
 
@@ -244,7 +247,8 @@ def postprocess_pairs(emb: np.ndarray, rows: np.ndarray, cols: np.ndarray,
     if settings.rerank:
         d, _ = reranked_distance(gallery, rows, cols, settings, max_dense_bytes=max_dense_bytes,
                                  on_large=on_large, device=device)
-        sim = blend(sim, distance_to_similarity(d, settings.lambda_value), settings.blend)
+        sim = blend(sim, distance_to_similarity(d, settings.lambda_value, settings.rerank_norm),
+                    settings.blend)
     if settings.proto_weight > 0:
         if not posteriors:
             raise ValueError("post.proto_weight > 0 needs identity posteriors")

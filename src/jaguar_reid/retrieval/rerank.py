@@ -25,6 +25,14 @@ Conventions shared by every function:
   neighbours in float32 and take float64 only where float32 rounding (bounded, not guessed)
   could change a neighbour list, so their lists are the reference's.
 * k1 and k2 larger than N are clamped to N.
+* ``norm`` (`RERANK_NORMS`): "none" uses d as it is. "rowmax" divides row i of d by its
+  largest entry before the Gaussian weights of V and the final blend, as the authors' Python
+  code does (there it is written as a column division followed by a transpose, which for a
+  symmetric distance is the row division): ``D(i, j) = d(i, j) / max_k d(i, k)``. Neighbour
+  lists are unchanged (a positive factor per row), D lies in [0, 1], and the final distance is
+  no longer symmetric: ``(1 - lambda) d_J(i, j) + lambda D(i, j)``. A row whose largest
+  distance is 0 (every image identical) is left undivided. The ``k1, k2, lambda`` of a
+  write-up that used the authors' code mean the same thing here only with "rowmax".
 
 `rerank_reference` is a plain, loop-by-loop transcription of the paper (for tests and
 benchmarks). `rerank` (dense ``(N, N)`` result) and `rerank_sparse` + `rerank_pairs` (any N:
@@ -42,10 +50,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from jaguar_reid.config import Config, schema
+from jaguar_reid.config import Config, declare_choices, schema
+
+RERANK_NORMS = declare_choices("post.rerank_norm", ("none", "rowmax"))
 
 __all__ = [
     "DEFAULT_MAX_DENSE_BYTES",
+    "RERANK_NORMS",
     "SparseRerank",
     "average_query_expansion",
     "blend",
@@ -123,6 +134,21 @@ def _check_unit_interval(value, name: str) -> float:
 def _check_rerank_args(k1, k2, lambda_value) -> tuple[int, int, float]:
     return (_check_int(k1, "k1", 1), _check_int(k2, "k2", 1),
             _check_unit_interval(lambda_value, "lambda_value"))
+
+
+def _check_norm(norm) -> bool:
+    """True for "rowmax", False for "none"."""
+    if norm not in RERANK_NORMS:
+        raise ValueError(f"norm must be one of {', '.join(RERANK_NORMS)}, got {norm!r}")
+    return norm == "rowmax"
+
+
+def _row_scale(row_max: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-row divisor of d for "rowmax" (float64): the row's largest distance, 1 where that
+    is 0 within the rounding of x's similarities (a row of identical images, whose float32
+    distances are rounding, has nothing to scale)."""
+    row_max = row_max.double()
+    return torch.where(row_max > 4.0 * _dot_error_bound(x), row_max, torch.ones_like(row_max))
 
 
 def _check_chunk(chunk_size) -> int:
@@ -484,10 +510,11 @@ def database_augmentation(emb, k: int, alpha: float = 0.0, *,
 # --------------------------------------------------------------------------- reference
 
 
-def rerank_reference(emb, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> np.ndarray:
+def rerank_reference(emb, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+                     norm: str = "none") -> np.ndarray:
     """k-reciprocal re-ranking (Zhong et al., CVPR 2017), step by step with plain loops:
-    (N, N) float64 final distance ``(1 - lambda) d_J + lambda d``. Slow; for tests and
-    benchmarks only.
+    (N, N) float64 final distance ``(1 - lambda) d_J + lambda d`` (``lambda D`` with
+    norm="rowmax", see the module's docstring). Slow; for tests and benchmarks only.
 
     Conventions (the fast paths follow every one of them exactly):
 
@@ -502,7 +529,8 @@ def rerank_reference(emb, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) 
       lies in R(i, k1). round() halves to even like numpy.around in the authors' code
       (k1 = 5 -> 2), and "more than 2/3" is the integer test 3 |common| > 2 |R(j)|, equal to
       the authors' float test for every size up to 2000 (checked).
-    * V[i, j] = exp(-d(i, j)) over the expanded set, divided by its sum.
+    * V[i, j] = exp(-d(i, j)) (exp(-D(i, j)) with "rowmax") over the expanded set, divided by
+      its sum.
     * Local query expansion: V[i] becomes the mean of V over ``rank[i, :k2]`` (i and its k2 - 1
       nearest; k2 = 1 leaves V as it is).
     * d_J(i, j) = 1 - sum_k min(V_ik, V_jk) / sum_k max(V_ik, V_jk); the maximum sum is taken as
@@ -511,6 +539,7 @@ def rerank_reference(emb, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) 
     """
     x = _as_embeddings(emb).astype(np.float64)
     k1, k2, lam = _check_rerank_args(k1, k2, lambda_value)
+    rowmax = _check_norm(norm)
     n = len(x)
     k1, k2 = min(k1, n), min(k2, n)
     half = round(k1 / 2)
@@ -522,6 +551,11 @@ def rerank_reference(emb, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) 
     for i in range(n):
         dist[i] = np.clip(2.0 - 2.0 * _canonical_sim(x, x[i]), 0.0, 4.0)
     np.fill_diagonal(dist, 0.0)
+    # The distance the weights and the blend use (the ranking is the same either way).
+    scaled = dist
+    if rowmax:
+        top = dist.max(axis=1)
+        scaled = dist / np.where(top > 0, top, 1.0)[:, None]
 
     # Ranking: self first, then the others by distance, ties by index (stable sort).
     rank = np.empty((n, n), dtype=np.int64)
@@ -544,7 +578,7 @@ def rerank_reference(emb, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) 
             if 3 * common > 2 * len(r_j):
                 expanded.update(r_j)
         cols = np.array(sorted(expanded))
-        weight = np.exp(-dist[i, cols])
+        weight = np.exp(-scaled[i, cols])
         v[i, cols] = weight / weight.sum()
 
     # Local query expansion over the k2 nearest (i included).
@@ -560,7 +594,7 @@ def rerank_reference(emb, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) 
         maxs = row_sum[i] + row_sum - mins
         jaccard[i] = 1.0 - mins / maxs
 
-    return (1.0 - lam) * jaccard + lam * dist
+    return (1.0 - lam) * jaccard + lam * scaled
 
 
 # --------------------------------------------------------------------------- fast re-ranking
@@ -601,9 +635,9 @@ def _reciprocal_mask(nbr: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _encoding(x: torch.Tensor, nbr: torch.Tensor, dist: torch.Tensor, k1: int,
-              k2: int) -> _SparseRows:
+              k2: int, scale: torch.Tensor | None = None) -> _SparseRows:
     """The k-reciprocal feature V after local query expansion, sparse, exactly as in
-    rerank_reference (k1, k2 already clamped to N)."""
+    rerank_reference (k1, k2 already clamped to N); `scale` (N,): "rowmax"'s row divisors."""
     n, dev = nbr.shape[0], nbr.device
     w1 = min(k1 + 1, n)  # i and its k1 nearest
     wh = min(round(k1 / 2) + 1, n)  # i and its round(k1 / 2) nearest
@@ -644,6 +678,8 @@ def _encoding(x: torch.Tensor, nbr: torch.Tensor, dist: torch.Tensor, k1: int,
     missing = torch.nonzero(~on_list).flatten()
     if len(missing):
         d[missing] = _distance64(x, row[missing], col[missing])
+    if scale is not None:
+        d = d / _take(scale, row)
     weight = torch.exp(-d)
     v = _csr(row, col, weight / _take(_sum_into(row, weight, n), row), n)
     return v if k2 == 1 else _local_expansion(v, nbr[:, :k2].contiguous())
@@ -769,21 +805,26 @@ def _prepare(emb, k1, k2, lambda_value, chunk_size, device):
 
 
 def rerank(emb, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, *,
-           dtype: str = "float32", device: str = "cpu", chunk_size: int = DEFAULT_CHUNK,
+           norm: str = "none", dtype: str = "float32", device: str = "cpu",
+           chunk_size: int = DEFAULT_CHUNK,
            max_dense_bytes: int = DEFAULT_MAX_DENSE_BYTES) -> np.ndarray:
     """k-reciprocal re-ranking, vectorised: (N, N) final distance ``(1 - lambda) d_J +
-    lambda d`` in `dtype` ("float32" or "float64"; the latter also takes the similarities in
-    float64), equal to `rerank_reference` (same conventions) to 1e-5. `device` may be "cuda".
+    lambda d`` (``lambda D`` with norm="rowmax") in `dtype` ("float32" or "float64"; the latter
+    also takes the similarities in float64), equal to `rerank_reference` (same conventions) to
+    1e-5. `device` may be "cuda".
 
     The neighbour search writes ``(1 - lambda) + lambda d`` (i.e. d_J = 1) into the upper
     triangle block by block; V, its local expansion and the Jaccard sums are sparse, and each
     slab of rows is then corrected where pairs share support and mirrored into the lower
-    triangle (the result is symmetric).
+    triangle (the result is symmetric). With "rowmax" the search writes d into both triangles
+    and each row is scaled once its maximum is known; the Jaccard correction, symmetric, is
+    then subtracted from both triangles.
 
     Raises ValueError when `estimate_rerank_memory` exceeds `max_dense_bytes`: use
     `rerank_sparse` + `rerank_pairs` there, or raise `max_dense_bytes`."""
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    rowmax = _check_norm(norm)
     x, k1, k2, lam, block, n = _prepare(emb, k1, k2, lambda_value, chunk_size, device)
     need = estimate_rerank_memory(n, k1, True, k2=k2, itemsize=4 if dtype == "float32" else 8)
     if need > max_dense_bytes:
@@ -794,27 +835,60 @@ def rerank(emb, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, *,
             "max_dense_bytes")
     work = x if dtype == "float32" else x.double()
     out = torch.empty((n, n), dtype=work.dtype, device=x.device)
-
-    def write(ra: slice, rb: slice, sim: torch.Tensor) -> None:
-        # (1 - lambda) + lambda (2 - 2 sim) = (1 + lambda) - 2 lambda sim, sim clipped to
-        # [-1, 1] (d to [0, 4]); written in place, three passes over the block.
-        block_out = out[ra, rb]
-        torch.clamp(sim, -1.0, 1.0, out=block_out)
-        block_out.mul_(-2.0 * lam).add_(1.0 + lam)
-        if ra == rb:
-            block_out.fill_diagonal_(1.0 - lam)  # d(i, i) = 0 exactly
-
+    write, row_max = _dense_writer(out, lam, rowmax)
     nbr, dist = _neighbours(work, max(k1 + 1, k2), block, on_block=write,
                             cuts=_rerank_cuts(k1, k2))
-    v = _encoding(x, nbr, dist, k1, k2)
+    scale = None
+    if rowmax:
+        scale = _row_scale(row_max, work)
+        # out holds d: (1 - lambda) + lambda d / max_i, i.e. the result where d_J = 1.
+        out.mul_((lam / scale).to(out.dtype)[:, None]).add_(1.0 - lam)
+    v = _encoding(x, nbr, dist, k1, k2, scale)
     for r0, r1, s, row_sum in _support_slabs(v, n):
         # (1 - lambda) d_J = (1 - lambda) - (1 - lambda) s / (|V_i| + |V_j| - s): subtract the
-        # second term (0 where s = 0) in the output's precision, fused in one addcdiv.
+        # second term (0 where s = 0) in the output's precision.
         s = s.to(out.dtype)
         denom = (row_sum[r0:r1, None].to(out.dtype) - s).add_(row_sum[None, r0:].to(out.dtype))
-        out[r0:r1, r0:].addcdiv_(s, denom, value=-(1.0 - lam))
-        _mirror_rows(out, r0, r1)
+        if rowmax:
+            _subtract_both_triangles(out, r0, r1, s.div_(denom).mul_(1.0 - lam))
+        else:
+            out[r0:r1, r0:].addcdiv_(s, denom, value=-(1.0 - lam))  # fused, one pass
+            _mirror_rows(out, r0, r1)
     return out.cpu().numpy()
+
+
+def _dense_writer(out: torch.Tensor, lam: float, rowmax: bool
+                  ) -> tuple[Callable[[slice, slice, torch.Tensor], None], torch.Tensor | None]:
+    """The neighbour search's block callback filling `out`, and (for "rowmax") the running row
+    maxima of d it keeps."""
+    row_max = torch.zeros(out.shape[0], dtype=out.dtype, device=out.device) if rowmax else None
+
+    def write(ra: slice, rb: slice, sim: torch.Tensor) -> None:
+        block_out = out[ra, rb]
+        torch.clamp(sim, -1.0, 1.0, out=block_out)  # d clipped to [0, 4]
+        if row_max is None:
+            # (1 - lambda) + lambda (2 - 2 sim) = (1 + lambda) - 2 lambda sim, in place.
+            block_out.mul_(-2.0 * lam).add_(1.0 + lam)
+            if ra == rb:
+                block_out.fill_diagonal_(1.0 - lam)  # d(i, i) = 0 exactly
+            return
+        block_out.mul_(-2.0).add_(2.0)
+        if ra == rb:
+            block_out.fill_diagonal_(0.0)
+        else:
+            out[rb, ra] = block_out.T
+        row_max[ra] = torch.maximum(row_max[ra], block_out.max(dim=1).values)
+        row_max[rb] = torch.maximum(row_max[rb], block_out.max(dim=0).values)
+
+    return write, row_max
+
+
+def _subtract_both_triangles(out: torch.Tensor, r0: int, r1: int, corr: torch.Tensor) -> None:
+    """out[i, j] -= c(i, j) and out[j, i] -= c(i, j) for the slab's pairs j >= i (corr is
+    (r1 - r0, N - r0), 0 for j < i), the diagonal once."""
+    out[r0:r1, r0:] -= corr
+    out[r1:, r0:r1] -= corr[:, r1 - r0:].T
+    out[r0:r1, r0:r1] -= torch.triu(corr[:, :r1 - r0], 1).T
 
 
 @dataclass(frozen=True)
@@ -826,7 +900,11 @@ class SparseRerank:
     and final distance `distance` = ``(1 - lambda) d_J + lambda d`` (float32). Both are
     symmetric, so the lower triangle is not stored. Every pair not stored has d_J = 1 exactly
     and final distance ``(1 - lambda) + lambda d(i, j)``; `rerank_pairs` answers any pair. Not a
-    scipy matrix on purpose: there an absent entry would read as distance 0."""
+    scipy matrix on purpose: there an absent entry would read as distance 0.
+
+    With norm "rowmax" the final distance is not symmetric: `distance` is that of (i, j), row
+    i's, and `row_scale` (N,) holds each row's divisor of d, from which `rerank_pairs` gives
+    either order."""
     n: int
     k1: int
     k2: int
@@ -835,19 +913,32 @@ class SparseRerank:
     indices: np.ndarray   # (nnz,) int32
     jaccard: np.ndarray   # (nnz,) float32
     distance: np.ndarray  # (nnz,) float32
+    norm: str = "none"
+    row_scale: np.ndarray | None = None  # (N,) float64 with "rowmax"
 
 
 def rerank_sparse(emb, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, *,
-                  device: str = "cpu", chunk_size: int = DEFAULT_CHUNK) -> SparseRerank:
+                  norm: str = "none", device: str = "cpu",
+                  chunk_size: int = DEFAULT_CHUNK) -> SparseRerank:
     """k-reciprocal re-ranking for any N: only the pairs with d_J < 1 are kept (see
     `SparseRerank`), so memory grows with N times the pairs an image shares support with, not
     with N^2. Same neighbours, V and Jaccard sums as `rerank`, so the same distances;
     `rerank_pairs` gives the distance of any pair."""
+    rowmax = _check_norm(norm)
     x, k1, k2, lam, block, n = _prepare(emb, k1, k2, lambda_value, chunk_size, device)
     if n >= 2 ** 31:
         raise ValueError(f"emb has {n} rows; column indices are stored as int32")
-    nbr, dist = _neighbours(x, max(k1 + 1, k2), block, cuts=_rerank_cuts(k1, k2))
-    v = _encoding(x, nbr, dist, k1, k2)
+    row_min = torch.ones(n, dtype=x.dtype, device=x.device)
+
+    def track(ra: slice, rb: slice, sim: torch.Tensor) -> None:
+        # The farthest image of each row is its least similar one (sim, hence d, clipped).
+        row_min[ra] = torch.minimum(row_min[ra], sim.min(dim=1).values.clamp(min=-1.0))
+        row_min[rb] = torch.minimum(row_min[rb], sim.min(dim=0).values.clamp(min=-1.0))
+
+    nbr, dist = _neighbours(x, max(k1 + 1, k2), block, on_block=track if rowmax else None,
+                            cuts=_rerank_cuts(k1, k2))
+    scale = _row_scale(2.0 - 2.0 * row_min, x) if rowmax else None
+    v = _encoding(x, nbr, dist, k1, k2, scale)
     counts = np.zeros(n, dtype=np.int64)
     cols_l, jac_l, dist_l = [], [], []
     for r0, r1, s, row_sum in _support_slabs(v, n):
@@ -860,7 +951,8 @@ def rerank_sparse(emb, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, *,
         final = (1.0 - lam) * jaccard
         if lam > 0:
             sim = _take((x[r0:r1] @ x[r0:].T).view(-1), flat).double()
-            final += lam * torch.where(i == j, 0.0, _sim_to_distance(sim))
+            d = torch.where(i == j, 0.0, _sim_to_distance(sim))
+            final += lam * (d / _take(scale, i) if rowmax else d)
         counts[r0:r1] = torch.bincount(li, minlength=r1 - r0).cpu().numpy()
         cols_l.append(j.to(torch.int32).cpu().numpy())
         jac_l.append(jaccard.float().cpu().numpy())
@@ -873,7 +965,8 @@ def rerank_sparse(emb, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, *,
     del jac_l
     distance = np.concatenate(dist_l)
     return SparseRerank(n=n, k1=k1, k2=k2, lambda_value=lam, indptr=indptr, indices=indices,
-                        jaccard=jaccard_all, distance=distance)
+                        jaccard=jaccard_all, distance=distance, norm=norm,
+                        row_scale=scale.cpu().numpy() if rowmax else None)
 
 
 def rerank_pairs(emb, rows, cols, result: SparseRerank) -> np.ndarray:
@@ -914,6 +1007,14 @@ def rerank_pairs(emb, rows, cols, result: SparseRerank) -> np.ndarray:
         hi = np.where(active & ~go_right, mid, hi)
     found = pos < end
     found[found] = result.indices[pos[found]] == want[found]
+    if result.norm == "rowmax":
+        # Asymmetric: (1 - lambda) d_J + lambda d / scale of the pair's own row, d_J = 1 where
+        # the pair shares no support.
+        jaccard = np.ones(len(rows), dtype=np.float64)
+        jaccard[found] = result.jaccard[pos[found]]
+        x = torch.from_numpy(x_np)
+        d = _distance64(x, torch.from_numpy(rows), torch.from_numpy(cols)).numpy()
+        return (1.0 - lam) * jaccard + lam * d / result.row_scale[rows]
     out = np.empty(len(rows), dtype=np.float64)
     out[found] = result.distance[pos[found]]
     miss = np.flatnonzero(~found)
@@ -927,17 +1028,19 @@ def rerank_pairs(emb, rows, cols, result: SparseRerank) -> np.ndarray:
 # --------------------------------------------------------------------------- scores in [0, 1]
 
 
-def distance_to_similarity(d, lambda_value: float) -> np.ndarray:
+def distance_to_similarity(d, lambda_value: float, norm: str = "none") -> np.ndarray:
     """Re-ranked distance -> similarity in [0, 1], strictly decreasing, so rankings are kept:
-    ``1 - d / (1 + 3 lambda)``.
+    ``1 - d / (1 + 3 lambda)``, and ``1 - d`` for norm "rowmax".
 
     d_J lies in [0, 1] and d in [0, 4], so ``(1 - lambda) d_J + lambda d`` lies in
     [0, 1 + 3 lambda], and the bound is reached (opposite unit vectors sharing no support).
-    lambda = 1 gives back ``(1 + cos) / 2``, the raw mapping of the submission. The result is
-    clipped to [0, 1] against rounding."""
+    lambda = 1 gives back ``(1 + cos) / 2``, the raw mapping of the submission. With "rowmax"
+    D lies in [0, 1], and so does the final distance. The result is clipped to [0, 1] against
+    rounding."""
     lam = _check_unit_interval(lambda_value, "lambda_value")
+    top = 1.0 if _check_norm(norm) else 1.0 + 3.0 * lam
     d = np.asarray(d, dtype=np.float64)
-    return np.clip(1.0 - d / (1.0 + 3.0 * lam), 0.0, 1.0)
+    return np.clip(1.0 - d / top, 0.0, 1.0)
 
 
 def blend(raw_sim01, reranked_sim01, w: float) -> np.ndarray:

@@ -276,8 +276,9 @@ def _rerank_step(srch: Search, before: PostSettings, t: Config) -> PostSettings:
     """Re-ranking alone (blend 1), then its blend with the raw similarity; the better of
     the two is kept when it beats no re-ranking."""
     current = before
-    reranks = [replace(before, rerank=True, k1=k1, k2=k2, lambda_value=lam, blend=1.0)
-               for k1 in t.k1 for k2 in t.k2 for lam in t["lambda"]]
+    reranks = [replace(before, rerank=True, k1=k1, k2=k2, lambda_value=lam, blend=1.0,
+                       rerank_norm=norm)
+               for norm in t.rerank_norm for k1 in t.k1 for k2 in t.k2 for lam in t["lambda"]]
     rr, rr_result = srch.best(reranks)
     blended = srch.best(replace(rr, blend=w) for w in t.blend)
     winner = max([(rr, rr_result), *([blended] if blended else [])],
@@ -298,9 +299,10 @@ def _closed_steps(srch: Search, current: PostSettings, t: Config,
     gallery += [replace(current, closed_gallery=True, qe_k=k, qe_alpha=a, dba_k=k if dba else 0)
                 for dba in t.dba for k in t.qe_k for a in t.qe_alpha if k > 0]
     w = current.blend if current.rerank else 1.0
+    norms = [current.rerank_norm] if current.rerank else t.rerank_norm
     gallery += [replace(current, closed_gallery=True, rerank=True, k1=k1, k2=k2,
-                        lambda_value=lam, blend=w)
-                for k1 in t.k1 for k2 in t.k2 for lam in t["lambda"]]
+                        lambda_value=lam, blend=w, rerank_norm=norm)
+                for norm in norms for k1 in t.k1 for k2 in t.k2 for lam in t["lambda"]]
     current = srch.step("closed", current, gallery)
     sources = ["mean", "arcface"] if with_heads else ["mean"]
     return srch.step("prototypes", current, (
