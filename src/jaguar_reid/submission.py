@@ -167,7 +167,8 @@ def experiment_similarity(cfg: Config, exps: list[str], weights: list[float],
     similarity = postprocess_pairs(emb, query, gallery, settings, train_emb=train_emb,
                                    posteriors=posteriors or None,
                                    max_dense_bytes=dense_limit_bytes(cfg),
-                                   on_large=cfg.post.on_large, device=device)
+                                   on_large=cfg.post.on_large, device=device,
+                                   knn_backend=cfg.post.knn_backend)
     return similarity, emb
 
 

@@ -113,6 +113,60 @@ def test_fast_paths_match_reference_clustered(seed, k1, k2):
     assert_all_paths_agree(emb, k1, k2, 0.3, chunk_size=7, norm="rowmax")
 
 
+# ---------------------------------------------------------------------------- neighbours
+
+
+def reference_lists(emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Self first, then the others by (float64 distance, index): a stable argsort."""
+    d = original_distance(emb)
+    n = len(emb)
+    idx = np.empty((n, k), dtype=np.int64)
+    for i in range(n):
+        others = np.delete(np.arange(n), i)
+        idx[i] = np.concatenate([[i], others[np.argsort(d[i, others], kind="stable")]])[:k]
+    return idx, np.take_along_axis(d, idx, axis=1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("data", ["random", "clustered", "duplicates"])
+def test_nearest_neighbours_are_the_reference_lists_on_both_backends(backend, data):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    emb = {"random": lambda: random_unit(80, 16), "clustered": lambda: clustered(9)[0],
+           "duplicates": with_duplicates}[data]()
+    for k in (1, 4, 21):
+        want_i, want_d = reference_lists(emb, k)
+        got_i, got_d = rr.nearest_neighbours(emb, k, backend=backend, chunk_size=13)
+        np.testing.assert_array_equal(got_i, want_i)
+        np.testing.assert_allclose(got_d, want_d, rtol=0, atol=1e-15)
+
+
+def test_faiss_backend_gives_the_same_post_processing():
+    pytest.importorskip("faiss")
+    emb, _ = clustered(11, n_ids=12)
+    for alpha in (0.0, 3.0):
+        np.testing.assert_allclose(
+            average_query_expansion(emb, 4, alpha, backend="faiss", chunk_size=9),
+            average_query_expansion(emb, 4, alpha, backend="torch"), rtol=0, atol=1e-6)
+    for norm in ("none", "rowmax"):
+        ref = rerank_reference(emb, 8, 3, 0.3, norm=norm)
+        got = sparse_as_dense(emb, rerank_sparse(emb, 8, 3, 0.3, norm=norm, backend="faiss"))
+        np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
+
+
+def test_knn_backend_resolution(monkeypatch):
+    assert rr.resolve_knn_backend("torch", "cuda") == "torch"
+    assert rr.resolve_knn_backend("auto", "cuda") == rr.AUTO_BACKEND["cuda"]
+    monkeypatch.setattr(rr, "faiss_available", lambda: False)
+    assert rr.resolve_knn_backend("auto", "cpu") == "torch"  # faiss missing: torch, silently
+    with pytest.raises(ValueError, match="needs the faiss-cpu package"):
+        rr.resolve_knn_backend("faiss", "cpu")
+    with pytest.raises(ValueError, match="backend must be one of auto, torch, faiss"):
+        rr.resolve_knn_backend("annoy")
+    monkeypatch.setattr(rr, "faiss_available", lambda: True)
+    assert rr.resolve_knn_backend("auto", "cpu") == rr.AUTO_BACKEND["cpu"]
+
+
 # ---------------------------------------------------------------------------- the authors' code
 
 

@@ -40,6 +40,7 @@ from jaguar_reid.retrieval.rerank import (
 PROTO_SOURCES = declare_choices("post.proto_source", ("mean", "arcface"))
 ON_LARGE = declare_choices("post.on_large", ("sparse", "stop"))  # past post.max_dense_gb
 DEFAULT_ON_LARGE = schema_value("post.on_large")
+DEFAULT_KNN_BACKEND = schema_value("post.knn_backend")
 _PAIR_CHUNK = 1 << 12  # pairs per block when dotting rows: bounds the temporaries
 
 
@@ -113,13 +114,16 @@ class PostSettings:
 # --------------------------------------------------------------------------- building blocks
 
 
-def expand(emb: np.ndarray, settings: PostSettings, device: str = "cpu") -> np.ndarray:
+def expand(emb: np.ndarray, settings: PostSettings, device: str = "cpu",
+           knn_backend: str = DEFAULT_KNN_BACKEND) -> np.ndarray:
     """DBA then query expansion (each skipped at k = 0), on the whole set given."""
     out = np.asarray(emb, dtype=np.float32)
     if settings.dba_k:
-        out = database_augmentation(out, settings.dba_k, settings.qe_alpha, device=device)
+        out = database_augmentation(out, settings.dba_k, settings.qe_alpha, device=device,
+                                    backend=knn_backend)
     if settings.qe_k:
-        out = average_query_expansion(out, settings.qe_k, settings.qe_alpha, device=device)
+        out = average_query_expansion(out, settings.qe_k, settings.qe_alpha, device=device,
+                                      backend=knn_backend)
     return out
 
 
@@ -188,12 +192,14 @@ def prototype_similarity(posteriors: Sequence[np.ndarray], rows: np.ndarray,
 
 def reranked_distance(emb: np.ndarray, rows: np.ndarray, cols: np.ndarray,
                       settings: PostSettings, *, max_dense_bytes: int,
-                      on_large: str = DEFAULT_ON_LARGE,
-                      device: str = "cpu") -> tuple[np.ndarray, str]:
+                      on_large: str = DEFAULT_ON_LARGE, device: str = "cpu",
+                      knn_backend: str = DEFAULT_KNN_BACKEND) -> tuple[np.ndarray, str]:
     """Re-ranked distance of the pairs, and which path computed it ("dense" or "sparse").
 
     The memory guard: the dense path's estimate (`estimate_rerank_memory`) is checked against
-    `max_dense_bytes` before anything is allocated."""
+    `max_dense_bytes` before anything is allocated. The dense path computes the whole
+    similarity matrix anyway and screens neighbours from it; `knn_backend` serves the sparse
+    path."""
     n = len(emb)
     k1, k2 = min(settings.k1, n), min(settings.k2, n)
     need = estimate_rerank_memory(n, k1, True, k2=k2)
@@ -208,7 +214,7 @@ def reranked_distance(emb: np.ndarray, rows: np.ndarray, cols: np.ndarray,
             f"result, pairs only) or raise post.max_dense_gb to at least "
             f"{need / 2**30 * 1.1:.1f}")
     result = rerank_sparse(emb, k1, k2, settings.lambda_value, norm=settings.rerank_norm,
-                           device=device)
+                           device=device, backend=knn_backend)
     return rerank_pairs(emb, rows, cols, result), "sparse"
 
 
@@ -219,8 +225,8 @@ def postprocess_pairs(emb: np.ndarray, rows: np.ndarray, cols: np.ndarray,
                       settings: PostSettings, *, train_emb: np.ndarray | None = None,
                       posteriors: Sequence[np.ndarray] | None = None,
                       max_dense_bytes: int = DEFAULT_MAX_DENSE_BYTES,
-                      on_large: str = DEFAULT_ON_LARGE,
-                      device: str = "cpu") -> np.ndarray:
+                      on_large: str = DEFAULT_ON_LARGE, device: str = "cpu",
+                      knn_backend: str = DEFAULT_KNN_BACKEND) -> np.ndarray:
     """Similarity in [0, 1] of the pairs (rows[t], cols[t]) of the N images `emb` (N, D),
     L2-normalised, views already combined.
 
@@ -242,11 +248,11 @@ def postprocess_pairs(emb: np.ndarray, rows: np.ndarray, cols: np.ndarray,
             raise ValueError(f"training embeddings have {train_emb.shape[1]} dims, the test's "
                              f"{emb.shape[1]}")
         gallery = np.concatenate([emb, np.asarray(train_emb, dtype=np.float32)])
-    gallery = expand(gallery, settings, device)
+    gallery = expand(gallery, settings, device, knn_backend)
     sim = cosine_to_unit(pair_cosine(gallery, rows, cols))
     if settings.rerank:
         d, _ = reranked_distance(gallery, rows, cols, settings, max_dense_bytes=max_dense_bytes,
-                                 on_large=on_large, device=device)
+                                 on_large=on_large, device=device, knn_backend=knn_backend)
         sim = blend(sim, distance_to_similarity(d, settings.lambda_value, settings.rerank_norm),
                     settings.blend)
     if settings.proto_weight > 0:

@@ -53,9 +53,14 @@ import torch
 from jaguar_reid.config import Config, declare_choices, schema
 
 RERANK_NORMS = declare_choices("post.rerank_norm", ("none", "rowmax"))
+# Who screens the nearest-neighbour candidates (see `nearest_neighbours`); "auto" is
+# `AUTO_BACKEND` of the device's type, from bench/knn_backends.py's side-by-side figures.
+KNN_BACKENDS = declare_choices("post.knn_backend", ("auto", "torch", "faiss"))
+AUTO_BACKEND = {"cpu": "faiss", "cuda": "torch"}
 
 __all__ = [
     "DEFAULT_MAX_DENSE_BYTES",
+    "KNN_BACKENDS",
     "RERANK_NORMS",
     "SparseRerank",
     "average_query_expansion",
@@ -63,6 +68,9 @@ __all__ = [
     "database_augmentation",
     "distance_to_similarity",
     "estimate_rerank_memory",
+    "faiss_available",
+    "nearest_neighbours",
+    "resolve_knn_backend",
     "rerank",
     "rerank_pairs",
     "rerank_reference",
@@ -141,6 +149,29 @@ def _check_norm(norm) -> bool:
     if norm not in RERANK_NORMS:
         raise ValueError(f"norm must be one of {', '.join(RERANK_NORMS)}, got {norm!r}")
     return norm == "rowmax"
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_knn_backend(backend: str, device: str = "cpu") -> str:
+    """"torch" or "faiss" for `backend` on `device`: "auto" takes `AUTO_BACKEND` of the
+    device's type, "torch" where faiss is not installed. faiss runs on the CPU (the embeddings
+    are moved there); asking for it where it is not installed is an error."""
+    if backend not in KNN_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(KNN_BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        backend = AUTO_BACKEND.get(torch.device(device).type, "torch")
+        return backend if backend == "torch" or faiss_available() else "torch"
+    if backend == "faiss" and not faiss_available():
+        raise ValueError("post.knn_backend=faiss needs the faiss-cpu package (pip install "
+                         "faiss-cpu); or set post.knn_backend=torch")
+    return backend
 
 
 def _row_scale(row_max: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -314,7 +345,8 @@ def _merge_block(best_s: torch.Tensor, best_i: torch.Tensor, row0: int, col0: in
 
 def _neighbours(x: torch.Tensor, k: int, block: int,
                 on_block: Callable[[slice, slice, torch.Tensor], None] | None = None,
-                cuts: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                cuts: tuple[int, ...] = (), backend: str = "torch"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k nearest neighbours of every row of x, itself first: ((N, k) int64 indices,
     (N, k) float64 distances). k is clamped to N.
 
@@ -325,13 +357,17 @@ def _neighbours(x: torch.Tensor, k: int, block: int,
     Similarities are computed block by block over the upper triangle only (each block serves
     its rows and, transposed, its columns), so the N x N matrix never exists and the product
     costs half of N^2 D. `on_block(rows, cols, sim)` sees every block once, before the
-    diagonal of a diagonal block is masked (the dense path writes its output there)."""
+    diagonal of a diagonal block is masked (the dense path writes its output there).
+    backend "faiss" screens the candidates with faiss instead (no `on_block`); the float64
+    check that follows is the same, so the exact sets are the same."""
     n = x.shape[0]
     k = min(k, n)
     others = k - 1
     screen = min(n - 1, others + _SCREEN_MARGIN)
     dev = x.device
-    best_s, best_i = _shortlist(x, screen, block, on_block)
+    if x.dtype != torch.float32:  # faiss computes in float32 only; the bound is x's dtype's
+        backend = "torch"
+    best_s, best_i = _shortlist(x, screen, block, on_block, backend)
     self_idx = torch.arange(n, device=dev)[:, None]
     if others == 0:
         return self_idx, torch.zeros((n, 1), dtype=torch.float64, device=dev)
@@ -350,11 +386,55 @@ def _neighbours(x: torch.Tensor, k: int, block: int,
     return nbr, dist
 
 
+def _faiss_shortlist(x: torch.Tensor, screen: int, block: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_shortlist` by faiss's exact inner-product index (float32 products, whose rounding
+    `_dot_error_bound` covers like a matrix product's). Each row's own entry is dropped, or the
+    last one where duplicates pushed it out of the `screen + 1` returned."""
+    import faiss
+
+    xn = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+    n = len(xn)
+    index = faiss.IndexFlatIP(xn.shape[1])
+    index.add(xn)
+    best_s = np.empty((n, screen), dtype=np.float32)
+    best_i = np.empty((n, screen), dtype=np.int64)
+    for a in range(0, n, block):
+        sims, idx = index.search(xn[a:a + block], screen + 1)
+        rows = np.arange(len(idx))
+        is_self = idx == (a + rows)[:, None]
+        drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), screen)
+        keep = np.ones(idx.shape, dtype=bool)
+        keep[rows, drop] = False
+        best_s[a:a + len(idx)] = sims[keep].reshape(-1, screen)
+        best_i[a:a + len(idx)] = idx[keep].reshape(-1, screen)
+    return (torch.from_numpy(best_s).to(x.device, x.dtype),
+            torch.from_numpy(best_i).to(x.device))
+
+
+def _faiss_row_min(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Each row's smallest similarity to any row (the farthest image), by faiss: the largest
+    inner product with the negated row."""
+    import faiss
+
+    xn = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+    index = faiss.IndexFlatIP(xn.shape[1])
+    index.add(xn)
+    out = np.concatenate([-index.search(-xn[a:a + block], 1)[0][:, 0]
+                          for a in range(0, len(xn), block)])
+    return torch.from_numpy(out).to(x.device, x.dtype)
+
+
 def _shortlist(x: torch.Tensor, screen: int, block: int,
-               on_block: Callable[[slice, slice, torch.Tensor], None] | None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               on_block: Callable[[slice, slice, torch.Tensor], None] | None,
+               backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """The `screen` most similar other rows of every row (float32 similarities, indices),
-    unordered, from blocks of the upper triangle."""
+    unordered, from blocks of the upper triangle (torch), or from faiss (which has no
+    blocks to show `on_block`)."""
+    if backend == "faiss" and screen > 0:
+        if on_block is not None:
+            raise ValueError("the faiss backend computes no similarity blocks to hand on")
+        return _faiss_shortlist(x, screen, block)
     n, dev = x.shape[0], x.device
     best_s = torch.full((n, screen), -math.inf, dtype=x.dtype, device=dev)
     best_i = torch.full((n, screen), -1, dtype=torch.long, device=dev)
@@ -455,11 +535,40 @@ def _full_rows64(x: torch.Tensor, rows: torch.Tensor, others: int,
     return torch.cat(idx_out), torch.cat(dist_out)
 
 
+def nearest_neighbours(emb, k: int, *, backend: str = "auto", device: str = "cpu",
+                       chunk_size: int = DEFAULT_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest neighbours of every row, the row itself first: ((N, k) int64 indices,
+    (N, k) float64 original distances d), exactly in `rerank_reference`'s order (distance,
+    then index), whichever backend screens the candidates: "torch" (blocked matrix products,
+    CPU or CUDA), "faiss" (an exact inner-product index, CPU) or "auto" (see
+    `resolve_knn_backend`). Both give the same arrays bit for bit: candidates are screened in
+    float32, then every listed distance is recomputed in float64 and the lists sorted by it.
+    k is clamped to N."""
+    x = _tensor(_as_embeddings(emb), device)
+    k = _check_int(k, "k", 1)
+    block = _check_chunk(chunk_size)
+    backend = resolve_knn_backend(backend, device)
+    n = x.shape[0]
+    k = min(k, n)
+    nbr, _ = _neighbours(x, k, block, cuts=(k,), backend=backend)
+    rows = torch.arange(n, device=x.device)[:, None].expand(-1, k).reshape(-1)
+    dist = _distance64(x, rows, nbr.reshape(-1)).view(n, k)
+    # (distance, index) order after the row itself, which stays first.
+    tail_i, tail_d = nbr[:, 1:], dist[:, 1:]
+    order = _sort(tail_i)[1]
+    tail_i, tail_d = tail_i.gather(1, order), tail_d.gather(1, order)
+    order = _sort(tail_d)[1]
+    nbr = torch.cat([nbr[:, :1], tail_i.gather(1, order)], dim=1)
+    dist = torch.cat([dist[:, :1], tail_d.gather(1, order)], dim=1)
+    return nbr.cpu().numpy(), dist.cpu().numpy()
+
+
 # --------------------------------------------------------------------------- query expansion
 
 
 def average_query_expansion(emb, k: int, alpha: float = 0.0, *,
-                            chunk_size: int = DEFAULT_CHUNK, device: str = "cpu") -> np.ndarray:
+                            chunk_size: int = DEFAULT_CHUNK, device: str = "cpu",
+                            backend: str = "torch") -> np.ndarray:
     """(N, D) -> (N, D) float32: each embedding replaced by the weighted mean of itself and its k
     nearest *other* images (k + 1 vectors; the image is its own first neighbour), then
     L2-normalised.
@@ -468,8 +577,8 @@ def average_query_expansion(emb, k: int, alpha: float = 0.0, *,
     query expansion, alpha > 0 is alpha-QE (Radenovic, Tolias and Chum, 2018), which lets close
     neighbours count more and drops dissimilar ones. k = 0 returns the input (normalised); k is
     clamped to N - 1. A mean that cancels to the zero vector keeps the original embedding.
-    Neighbours come from exact chunked search (`chunk_size` rows per block), the N x N
-    similarity matrix is never held."""
+    Neighbours come from exact chunked search (`chunk_size` rows per block; candidates screened
+    by `backend`, see `nearest_neighbours`), the N x N similarity matrix is never held."""
     x_np = _as_embeddings(emb)
     k = _check_int(k, "k", 0)
     if isinstance(alpha, bool) or not isinstance(alpha, int | float | np.number) \
@@ -481,7 +590,7 @@ def average_query_expansion(emb, k: int, alpha: float = 0.0, *,
     x = _tensor(x_np, device)
     if k == 0:
         return torch.nn.functional.normalize(x.double(), dim=1).float().cpu().numpy()
-    nbr, dist = _neighbours(x, k + 1, block)
+    nbr, dist = _neighbours(x, k + 1, block, backend=resolve_knn_backend(backend, device))
     # cos = 1 - d / 2 (the image itself: d = 0, weight 1); 0 ** 0 = 1 keeps alpha = 0 plain.
     weight = (1.0 - dist / 2.0).clamp(min=0.0).pow(float(alpha))
     out = torch.empty_like(x)
@@ -495,7 +604,8 @@ def average_query_expansion(emb, k: int, alpha: float = 0.0, *,
 
 
 def database_augmentation(emb, k: int, alpha: float = 0.0, *,
-                          chunk_size: int = DEFAULT_CHUNK, device: str = "cpu") -> np.ndarray:
+                          chunk_size: int = DEFAULT_CHUNK, device: str = "cpu",
+                          backend: str = "torch") -> np.ndarray:
     """Database-side augmentation (DBA): every gallery embedding replaced by the weighted mean
     of itself and its k nearest gallery neighbours, exactly as `average_query_expansion`.
 
@@ -504,7 +614,8 @@ def database_augmentation(emb, k: int, alpha: float = 0.0, *,
     may be augmented already). Here queries are the gallery, so one application of either is the
     same map, and "DBA then QE" is that map applied twice, the second time to the output of the
     first: ``average_query_expansion(database_augmentation(emb, k), k)``."""
-    return average_query_expansion(emb, k, alpha, chunk_size=chunk_size, device=device)
+    return average_query_expansion(emb, k, alpha, chunk_size=chunk_size, device=device,
+                                   backend=backend)
 
 
 # --------------------------------------------------------------------------- reference
@@ -918,13 +1029,15 @@ class SparseRerank:
 
 
 def rerank_sparse(emb, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, *,
-                  norm: str = "none", device: str = "cpu",
-                  chunk_size: int = DEFAULT_CHUNK) -> SparseRerank:
+                  norm: str = "none", device: str = "cpu", chunk_size: int = DEFAULT_CHUNK,
+                  backend: str = "torch") -> SparseRerank:
     """k-reciprocal re-ranking for any N: only the pairs with d_J < 1 are kept (see
     `SparseRerank`), so memory grows with N times the pairs an image shares support with, not
     with N^2. Same neighbours, V and Jaccard sums as `rerank`, so the same distances;
-    `rerank_pairs` gives the distance of any pair."""
+    `rerank_pairs` gives the distance of any pair. `backend` screens the neighbour candidates
+    (see `nearest_neighbours`; the exact sets, hence V, are the same either way)."""
     rowmax = _check_norm(norm)
+    backend = resolve_knn_backend(backend, device)
     x, k1, k2, lam, block, n = _prepare(emb, k1, k2, lambda_value, chunk_size, device)
     if n >= 2 ** 31:
         raise ValueError(f"emb has {n} rows; column indices are stored as int32")
@@ -935,8 +1048,12 @@ def rerank_sparse(emb, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, *,
         row_min[ra] = torch.minimum(row_min[ra], sim.min(dim=1).values.clamp(min=-1.0))
         row_min[rb] = torch.minimum(row_min[rb], sim.min(dim=0).values.clamp(min=-1.0))
 
-    nbr, dist = _neighbours(x, max(k1 + 1, k2), block, on_block=track if rowmax else None,
-                            cuts=_rerank_cuts(k1, k2))
+    faiss = backend == "faiss"
+    nbr, dist = _neighbours(x, max(k1 + 1, k2), block,
+                            on_block=track if rowmax and not faiss else None,
+                            cuts=_rerank_cuts(k1, k2), backend=backend)
+    if rowmax and faiss:
+        row_min = _faiss_row_min(x, block)
     scale = _row_scale(2.0 - 2.0 * row_min, x) if rowmax else None
     v = _encoding(x, nbr, dist, k1, k2, scale)
     counts = np.zeros(n, dtype=np.int64)

@@ -158,7 +158,8 @@ def fold_similarity(fd: FoldData, s: PostSettings, cfg: Config, device: str,
     rows, cols = all_pairs(n)
     sim = postprocess_pairs(emb, rows, cols, s, train_emb=train_emb, posteriors=posteriors,
                             max_dense_bytes=dense_limit_bytes(cfg),
-                            on_large=cfg.post.on_large, device=device)
+                            on_large=cfg.post.on_large, device=device,
+                            knn_backend=cfg.post.knn_backend)
     return sim.reshape(n, n)
 
 
