@@ -445,6 +445,18 @@ def _check_numbers(cfg: Config, dotted: str, low: float, high: float, kind: type
             raise ConfigError(f"key '{dotted}' expects {what}; got {v!r}")
 
 
+def _validate_local(cfg: Config) -> None:
+    """The local-verification keys (part of `validate`)."""
+    for dotted in ("post.local", "tune.local"):
+        _check_numbers(cfg, dotted, 0, 1, bool)
+    big = 10 ** 6
+    for dotted, low in (("local.top_b", 1), ("local.max_side", 16), ("local.max_keypoints", 1),
+                        ("local.mask_erode", 0), ("local.min_matches", 4), ("local.workers", 1)):
+        _check_numbers(cfg, dotted, low, big, int)
+    _check_numbers(cfg, "local.ratio", 1e-6, 1.0)
+    _check_numbers(cfg, "local.ransac_threshold", 1e-6, 1.0)
+
+
 def _validate_post(cfg: Config) -> None:
     if not cfg.embed.tta:
         raise ConfigError("key 'embed.tta' needs at least one view (e.g. [orig])")
@@ -478,6 +490,7 @@ def _validate_post(cfg: Config) -> None:
     _check_numbers(cfg, "tune.noise", 0.0, 100.0)
     _check_numbers(cfg, "post.max_dense_gb", 0.0, 1e6)
     _check_numbers(cfg, "tune.dba", 0, 1, bool)
+    _validate_local(cfg)
     _check_numbers(cfg, "submit.weights", 0.0, 1e6)
     experiment_names(cfg)
     if cfg.submit.weights and len(cfg.submit.weights) != len(experiment_names(cfg)):

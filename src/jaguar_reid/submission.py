@@ -31,6 +31,7 @@ from jaguar_reid.data.tables import (
     read_sample_submission,
     read_test_csv,
     read_train_csv,
+    resolve_image_paths,
 )
 from jaguar_reid.io_utils import atomic_path, atomic_write_json, read_json, resolve_device, run_main
 from jaguar_reid.manifest import verify_manifest
@@ -44,6 +45,7 @@ from jaguar_reid.retrieval.embed import (
     fold_config,
 )
 from jaguar_reid.retrieval.floor import FLOOR_NAME, Floor, below_floor
+from jaguar_reid.retrieval.fusion import FusionModel
 from jaguar_reid.retrieval.metrics import identity_balanced_map, pair_roc_auc, pairs_to_matrix
 from jaguar_reid.retrieval.postprocess import (
     PostSettings,
@@ -54,7 +56,8 @@ from jaguar_reid.retrieval.postprocess import (
     postprocess_pairs,
 )
 from jaguar_reid.retrieval.rerank import dense_limit_bytes
-from jaguar_reid.retrieval.tune import load_choice
+from jaguar_reid.retrieval.tune import load_choice, load_fusion
+from jaguar_reid.retrieval.verify import fused_similarity, verify_shortlist
 from jaguar_reid.text import markdown_table
 
 
@@ -139,12 +142,14 @@ def _fold_material(embedded: dict, settings: PostSettings) -> dict:
 def experiment_similarity(cfg: Config, exps: list[str], weights: list[float],
                           settings: PostSettings, folds: list, test_names: list[str],
                           query: np.ndarray, gallery: np.ndarray, files: dict,
-                          device: str, embedded: dict | None = None
+                          device: str, embedded: dict | None = None,
+                          fusion: tuple[FusionModel, dict] | None = None
                           ) -> tuple[np.ndarray, np.ndarray]:
     """Post-processed similarity of every row, and the ensembled test embedding, from the
     fold models of one or several experiments combined at the embedding level. `embedded`
     ({(exp, fold): `embed_fold`'s result} with every view the settings use) saves embedding
-    again when several settings are scored."""
+    again when several settings are scored. `fusion`: the tuned calibration and the local.*
+    keys it was fitted with (`load_fusion`), needed when the settings verify locally."""
     fold_mode = "concat" if cfg.submit.ensemble == "concat" else "mean"
     tests, trains, posteriors = [], [], []
     for exp in exps:
@@ -169,7 +174,35 @@ def experiment_similarity(cfg: Config, exps: list[str], weights: list[float],
                                    max_dense_bytes=dense_limit_bytes(cfg),
                                    on_large=cfg.post.on_large, device=device,
                                    knn_backend=cfg.post.knn_backend)
+    if settings.local:
+        similarity = local_verification(cfg, test_names, query, gallery, similarity, files,
+                                        fusion)
     return similarity, emb
+
+
+def local_verification(cfg: Config, names: list[str], query: np.ndarray, gallery: np.ndarray,
+                       similarity: np.ndarray, files: dict,
+                       fusion: tuple[FusionModel, dict] | None) -> np.ndarray:
+    """The rows' similarities fused with the inlier counts of each test image's top pairs,
+    counted with the local.* keys the calibration was fitted with."""
+    if fusion is None:
+        raise ValueError("post.local=true needs the calibration python -m jaguar_reid.tune "
+                         "fits out of fold (tune.local=true); run it, or set post.local=false")
+    model, saved = fusion
+    if saved != dict(cfg.local):
+        changed = sorted(k for k in set(saved) | set(cfg.local)
+                         if saved.get(k) != cfg.local.get(k))
+        print(f"local verification: the calibration's own local.* keys are used "
+              f"({', '.join(changed)} differ from this config's)")
+        cfg = Config({**cfg, "local": Config(saved)})
+    n = len(names)
+    matrix = np.zeros((n, n))
+    matrix[query, gallery] = similarity
+    paths = resolve_image_paths(Path(cfg.data.dir), names, files["test"])
+    print(f"local verification: {n} test images, top {cfg.local.top_b} each")
+    inliers, verified = verify_shortlist(cfg, paths, matrix)
+    return fused_similarity(model, similarity, inliers[query, gallery],
+                            verified[query, gallery])
 
 
 ENSEMBLES = declare_choices("submit.ensemble", (*ENSEMBLE_MODES, "similarity"))
@@ -227,8 +260,10 @@ def similarity_ensemble(req: Request) -> tuple[np.ndarray, np.ndarray, dict]:
         exp_cfg = Config({**req.cfg, "exp": exp, "exps": ""})
         settings, source = load_choice(exp_cfg)
         print(f"{exp}: post-processing from {source}: {settings.describe()}")
+        fusion = load_fusion(source) if settings.local else None
         sim, emb = experiment_similarity(exp_cfg, [exp], [1.0], settings, req.folds, req.names,
-                                         req.query, req.gallery, req.files, req.device)
+                                         req.query, req.gallery, req.files, req.device,
+                                         fusion=fusion)
         parts.append(sim)
         embs.append(emb)
         used[exp] = {"settings": settings.to_dict(), "source": source}
@@ -242,6 +277,7 @@ def embedding_ensemble(req: Request, tuned_doc: dict | None
     with `submit.score_steps`, every view any tuned step uses is embedded once."""
     settings, source = load_choice(req.cfg)
     print(f"post-processing from {source}: {settings.describe()}")
+    fusion = load_fusion(source) if settings.local else None
     steps, embedded = None, None
     if req.cfg.submit.score_steps and req.files["test_labels"].is_file() and tuned_doc:
         steps = [r for r in tuned_doc["steps"] if not r.get("skipped")]
@@ -250,7 +286,7 @@ def embedding_ensemble(req: Request, tuned_doc: dict | None
                                     req.files, req.device)
     similarity, emb = experiment_similarity(req.cfg, req.exps, req.weights, settings,
                                             req.folds, req.names, req.query, req.gallery,
-                                            req.files, req.device, embedded)
+                                            req.files, req.device, embedded, fusion)
     used = {req.name: {"settings": settings.to_dict(), "source": source}}
     return similarity, emb, used, steps, embedded
 
@@ -286,7 +322,8 @@ def local_scores(req: Request, result: dict, similarity: np.ndarray, tuned: Path
     if row and applied:  # the experiment's (or ensemble's) tuned choice was applied
         result["oof_post"] = {k: row[k] for k in METRICS}
         if embedded is not None:
-            result["steps"] = score_steps(req, steps, labels_df, embedded)
+            result["steps"] = score_steps(req, steps, labels_df, embedded,
+                                          tuned_doc.get("fusion"))
     atomic_write_json(layout.submission_extra(result["submission"], layout.SCORES_EXTRA), result)
     print(_cv_vs_test(result))
     if "steps" in result:
@@ -350,14 +387,17 @@ def _embed_all_steps(cfg: Config, exps: list[str], folds: list,
 
 
 def score_steps(req: Request, steps: list[dict], labels_df: pd.DataFrame,
-                embedded: dict) -> list[dict]:
+                embedded: dict, fusion: dict | None = None) -> list[dict]:
     """Every measured step of the tuned search applied to the local test: does what helped
-    out of fold help on the test? `embedded`: `_embed_all_steps` for these steps."""
+    out of fold help on the test? `embedded`: `_embed_all_steps` for these steps; `fusion`:
+    the tuned calibration of the local step, if it was tried."""
     rows = []
+    model = (FusionModel.from_dict(fusion["model"]), dict(fusion["local"])) if fusion else None
     for row in steps:
         s = PostSettings.from_mapping(row["settings"])
         sim, _ = experiment_similarity(req.cfg, req.exps, req.weights, s, req.folds, req.names,
-                                       req.query, req.gallery, req.files, req.device, embedded)
+                                       req.query, req.gallery, req.files, req.device, embedded,
+                                       model)
         test = score_submission(req.test_df, sim, labels_df)
         rows.append({"step": row["step"], "description": row["description"],
                      "kept": row["kept"], "oof_map": row["map"], "oof_pair_auc": row["pair_auc"],

@@ -155,16 +155,18 @@ def test_faiss_backend_gives_the_same_post_processing():
 
 
 def test_knn_backend_resolution(monkeypatch):
-    assert rr.resolve_knn_backend("torch", "cuda") == "torch"
-    assert rr.resolve_knn_backend("auto", "cuda") == rr.AUTO_BACKEND["cuda"]
+    big = rr.AUTO_FAISS_MIN_N
+    monkeypatch.setattr(rr, "faiss_available", lambda: True)
+    assert rr.resolve_knn_backend("torch", "cpu", big) == "torch"
+    assert rr.resolve_knn_backend("auto", "cuda", big) == "torch"
+    assert rr.resolve_knn_backend("auto", "cpu", big - 1) == "torch"
+    assert rr.resolve_knn_backend("auto", "cpu", big) == "faiss"
     monkeypatch.setattr(rr, "faiss_available", lambda: False)
-    assert rr.resolve_knn_backend("auto", "cpu") == "torch"  # faiss missing: torch, silently
+    assert rr.resolve_knn_backend("auto", "cpu", big) == "torch"  # not installed: torch
     with pytest.raises(ValueError, match="needs the faiss-cpu package"):
         rr.resolve_knn_backend("faiss", "cpu")
     with pytest.raises(ValueError, match="backend must be one of auto, torch, faiss"):
         rr.resolve_knn_backend("annoy")
-    monkeypatch.setattr(rr, "faiss_available", lambda: True)
-    assert rr.resolve_knn_backend("auto", "cpu") == rr.AUTO_BACKEND["cpu"]
 
 
 # ---------------------------------------------------------------------------- the authors' code

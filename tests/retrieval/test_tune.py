@@ -91,20 +91,27 @@ def test_tune_then_submit_on_a_tiny_experiment(demo_dir, tmp_path, tiny_cfg_args
     # min_gain -1 forces every step on, so every path of submit.py runs.
     forced = ["tune.views=[flip]", "tune.qe_k=[1]", "tune.qe_alpha=[0.0]", "tune.dba=[true]",
               "tune.k1=[4]", "tune.k2=[2]", "tune.lambda=[0.3]", "tune.blend=[0.5]",
-              "tune.proto_weight=[0.3]", "tune.proto_scale=[10.0]", "tune.min_gain=-1"]
+              "tune.proto_weight=[0.3]", "tune.proto_scale=[10.0]", "tune.min_gain=-1",
+              "tune.local=true", "local.top_b=3", "local.max_keypoints=128"]
     tune.main([*args, *forced])
     saved = json.loads((layout.work_dir(cfg) / layout.POST_CHOICE).read_text())
     s = saved["settings"]
     assert s["views"] == ["orig", "flip"] and s["qe_k"] == 1 and s["dba_k"] == 1
     assert s["rerank"] and s["blend"] in (0.5, 1.0) and s["closed_gallery"]
     assert s["proto_weight"] == 0.3 and s["proto_source"] in ("mean", "arcface")
-    assert [r["step"] for r in saved["steps"]][-1] == "tuned"
+    assert [r["step"] for r in saved["steps"]][-2:] == ["local", "tuned"]
+    assert s["local"] and saved["fusion"]["model"]["method"] == "logistic"
+    assert saved["fusion"]["local"]["top_b"] == 3
+    local_cache = layout.cache_root(cfg) / "local"
+    assert any(local_cache.glob("features-*/*.npz")) and any(local_cache.glob("pairs-*.npz"))
     assert layout.oof_views_path(cfg, "t", 0).is_file()
     table = capsys.readouterr().out
     assert "| raw |" in table and "| tuned |" in table
 
     # The saved choice is applied; post.use_tuned=false gives the plain cosine.
     submission.main([*args, "submit.score_steps=true", f"submit.file={tmp_path / 'tuned.csv'}"])
+    assert "the calibration's own local.* keys are used (max_keypoints, top_b" in \
+        capsys.readouterr().out
     submission.main([*args, "post.use_tuned=false", f"submit.file={tmp_path / 'raw.csv'}"])
     tuned = pd.read_csv(tmp_path / "tuned.csv")
     raw = pd.read_csv(tmp_path / "raw.csv")

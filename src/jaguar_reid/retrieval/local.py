@@ -100,7 +100,7 @@ GEOMETRIC_MODELS = {"homography": 4, "affine": 3, "fundamental": 8}
 # Coordinates are scaled so each image's longer side is this many units before the robust
 # fit: pixel-like magnitudes, for which OpenCV's estimators and their tolerances are written.
 _FRAME_SIDE = 1000.0
-_FEATURE_FILE_VERSION = 1
+FEATURE_FILE_VERSION = 1
 
 
 # --------------------------------------------------------------------------- features
@@ -278,7 +278,7 @@ def save_features(path: str | Path, features: Sequence[LocalFeatures]) -> None:
     sizes = np.array([f.image_size for f in features], dtype=np.int64).reshape(-1, 2)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         # A file handle, not a name: numpy would append ".npz" to a name without it.
-        np.savez(handle, version=np.int64(_FEATURE_FILE_VERSION),
+        np.savez(handle, version=np.int64(FEATURE_FILE_VERSION),
                  xy=xy.astype(np.float32), descriptors=desc.astype(np.float32),
                  offsets=offsets, image_sizes=sizes)
 
@@ -307,8 +307,8 @@ def load_features(path: str | Path) -> list[LocalFeatures]:
                                f"written by save_features): {exc}") from exc
     version, xy, desc = arrays["version"], arrays["xy"], arrays["descriptors"]
     offsets, sizes = arrays["offsets"], arrays["image_sizes"]
-    _check_file(path, version.shape == () and int(version) == _FEATURE_FILE_VERSION,
-                f"version {_FEATURE_FILE_VERSION}, got {version!r}")
+    _check_file(path, version.shape == () and int(version) == FEATURE_FILE_VERSION,
+                f"version {FEATURE_FILE_VERSION}, got {version!r}")
     _check_file(path, xy.ndim == 2 and xy.shape[1] == 2 and xy.dtype == np.float32,
                 f"xy float32 (K, 2), got {xy.dtype} {xy.shape}")
     _check_file(path, desc.ndim == 2 and len(desc) == len(xy) and desc.dtype == np.float32,

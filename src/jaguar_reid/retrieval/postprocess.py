@@ -68,6 +68,7 @@ class PostSettings:
     proto_weight: float = _default("proto_weight")
     proto_source: str = _default("proto_source")
     proto_scale: float = _default("proto_scale")
+    local: bool = _default("local")
 
     @classmethod
     def from_mapping(cls, data: Mapping, views: Sequence[str] | None = None) -> PostSettings:
@@ -108,6 +109,8 @@ class PostSettings:
         if self.proto_weight > 0:
             parts.append(f"prototypes ({self.proto_source}) w={self.proto_weight:g} "
                          f"scale={self.proto_scale:g}")
+        if self.local:
+            parts.append("local verification")
         return ", ".join(parts)
 
 

@@ -53,10 +53,12 @@ import torch
 from jaguar_reid.config import Config, declare_choices, schema
 
 RERANK_NORMS = declare_choices("post.rerank_norm", ("none", "rowmax"))
-# Who screens the nearest-neighbour candidates (see `nearest_neighbours`); "auto" is
-# `AUTO_BACKEND` of the device's type, from bench/knn_backends.py's side-by-side figures.
+# Who screens the nearest-neighbour candidates (see `nearest_neighbours`). "auto", from
+# bench/knn_backends.py's side-by-side figures (bench/README.md): on the CPU torch's half
+# (upper-triangle) product wins at N = 20,000 (7.0 s against faiss's 9.5) and faiss wins at
+# 100,000 (107 s against 206), so faiss from AUTO_FAISS_MIN_N images on; on CUDA, torch.
 KNN_BACKENDS = declare_choices("post.knn_backend", ("auto", "torch", "faiss"))
-AUTO_BACKEND = {"cpu": "faiss", "cuda": "torch"}
+AUTO_FAISS_MIN_N = 50_000
 
 __all__ = [
     "DEFAULT_MAX_DENSE_BYTES",
@@ -159,15 +161,16 @@ def faiss_available() -> bool:
     return True
 
 
-def resolve_knn_backend(backend: str, device: str = "cpu") -> str:
-    """"torch" or "faiss" for `backend` on `device`: "auto" takes `AUTO_BACKEND` of the
-    device's type, "torch" where faiss is not installed. faiss runs on the CPU (the embeddings
-    are moved there); asking for it where it is not installed is an error."""
+def resolve_knn_backend(backend: str, device: str = "cpu", n: int = 0) -> str:
+    """"torch" or "faiss" for `backend` on `device` with `n` images: "auto" is faiss on the CPU
+    from `AUTO_FAISS_MIN_N` images on where it is installed, torch otherwise. faiss runs on the
+    CPU (the embeddings are moved there); asking for it where it is not installed is an
+    error."""
     if backend not in KNN_BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(KNN_BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        backend = AUTO_BACKEND.get(torch.device(device).type, "torch")
-        return backend if backend == "torch" or faiss_available() else "torch"
+        big_on_cpu = torch.device(device).type == "cpu" and n >= AUTO_FAISS_MIN_N
+        return "faiss" if big_on_cpu and faiss_available() else "torch"
     if backend == "faiss" and not faiss_available():
         raise ValueError("post.knn_backend=faiss needs the faiss-cpu package (pip install "
                          "faiss-cpu); or set post.knn_backend=torch")
@@ -547,8 +550,8 @@ def nearest_neighbours(emb, k: int, *, backend: str = "auto", device: str = "cpu
     x = _tensor(_as_embeddings(emb), device)
     k = _check_int(k, "k", 1)
     block = _check_chunk(chunk_size)
-    backend = resolve_knn_backend(backend, device)
     n = x.shape[0]
+    backend = resolve_knn_backend(backend, device, n)
     k = min(k, n)
     nbr, _ = _neighbours(x, k, block, cuts=(k,), backend=backend)
     rows = torch.arange(n, device=x.device)[:, None].expand(-1, k).reshape(-1)
@@ -590,7 +593,7 @@ def average_query_expansion(emb, k: int, alpha: float = 0.0, *,
     x = _tensor(x_np, device)
     if k == 0:
         return torch.nn.functional.normalize(x.double(), dim=1).float().cpu().numpy()
-    nbr, dist = _neighbours(x, k + 1, block, backend=resolve_knn_backend(backend, device))
+    nbr, dist = _neighbours(x, k + 1, block, backend=resolve_knn_backend(backend, device, n))
     # cos = 1 - d / 2 (the image itself: d = 0, weight 1); 0 ** 0 = 1 keeps alpha = 0 plain.
     weight = (1.0 - dist / 2.0).clamp(min=0.0).pow(float(alpha))
     out = torch.empty_like(x)
@@ -1037,8 +1040,8 @@ def rerank_sparse(emb, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, *,
     `rerank_pairs` gives the distance of any pair. `backend` screens the neighbour candidates
     (see `nearest_neighbours`; the exact sets, hence V, are the same either way)."""
     rowmax = _check_norm(norm)
-    backend = resolve_knn_backend(backend, device)
     x, k1, k2, lam, block, n = _prepare(emb, k1, k2, lambda_value, chunk_size, device)
+    backend = resolve_knn_backend(backend, device, n)
     if n >= 2 ** 31:
         raise ValueError(f"emb has {n} rows; column indices are stored as int32")
     row_min = torch.ones(n, dtype=x.dtype, device=x.device)

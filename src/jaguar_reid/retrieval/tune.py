@@ -5,7 +5,9 @@ Each fold's validation images are embedded by that fold's model under every cand
 (`python -m jaguar_reid.embed`, done here when missing); pairs are formed inside one fold, as
 for the
 out-of-fold scores. A greedy search then takes the steps in order — test-time views, query
-expansion, re-ranking, its blend with the raw similarity, the closed-set extras — and keeps a
+expansion, re-ranking, its blend with the raw similarity, the closed-set extras, and (with
+`tune.local`) local-feature verification of each query's top pairs, fused with the similarity
+by a calibration that scores each fold with a fit on the other folds' pairs — and keeps a
 step only when it raises `tune.metric` (mean over folds) by more than `tune.min_gain` and by
 more than `tune.noise` standard errors of its per-fold gains (a gain some folds contradict is
 noise: small folds move by more than the steps' effects). It prints
@@ -19,12 +21,18 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
 from jaguar_reid import layout
 from jaguar_reid.config import Config, experiment_names, load_config
-from jaguar_reid.data.tables import pair_image_names, read_test_csv, read_train_csv
+from jaguar_reid.data.tables import (
+    pair_image_names,
+    read_test_csv,
+    read_train_csv,
+    resolve_image_paths,
+)
 from jaguar_reid.io_utils import (
     atomic_write_json,
     atomic_write_text,
@@ -38,6 +46,7 @@ from jaguar_reid.retrieval.embed import (
     ensure_oof_views,
     finished_folds,
 )
+from jaguar_reid.retrieval.fusion import FusionModel, cross_fitted, fit_fusion
 from jaguar_reid.retrieval.metrics import identity_balanced_map, pair_roc_auc
 from jaguar_reid.retrieval.postprocess import (
     PostSettings,
@@ -47,6 +56,7 @@ from jaguar_reid.retrieval.postprocess import (
     postprocess_pairs,
 )
 from jaguar_reid.retrieval.rerank import dense_limit_bytes
+from jaguar_reid.retrieval.verify import verify_shortlist
 from jaguar_reid.text import markdown_table
 
 
@@ -61,6 +71,7 @@ class FoldData:
     train_labels: np.ndarray
     head: tuple[np.ndarray, int, np.ndarray] | None  # ArcFace weight, subcenters, classes
     subsets: list[np.ndarray] = dataclasses.field(default_factory=list)  # scored image sets
+    filenames: np.ndarray | None = None  # the validation images' CSV names (local step)
 
 
 def per_identity_subsets(labels: np.ndarray, cap: int, draws: int,
@@ -132,7 +143,8 @@ def load_folds(cfg: Config, device: str, cap: int = 0) -> list[FoldData]:
         if len(exps) == 1 and first["kind"] == "neck" and len(first["classes"]):
             head = (first["head_weight"], first["subcenters"], first["classes"])
         out.append(FoldData(fold, first["val_labels"], {v: combine("val", v) for v in views},
-                            train, first["train_labels"], head))
+                            train, first["train_labels"], head,
+                            filenames=first["val_filenames"]))
     for fd in out:
         fd.subsets = per_identity_subsets(fd.labels, cap, cfg.tune.draws, (cfg.seed, fd.fold))
     return out
@@ -163,6 +175,62 @@ def fold_similarity(fd: FoldData, s: PostSettings, cfg: Config, device: str,
     return sim.reshape(n, n)
 
 
+def _summary(per_fold: list[dict]) -> dict:
+    return {"map": float(np.mean([r["map"] for r in per_fold])),
+            "pair_auc": float(np.mean([r["pair_auc"] for r in per_fold])),
+            "per_fold": per_fold}
+
+
+@dataclass
+class LocalPairs:
+    """Every scored (fold, subset)'s pairs with their inlier counts, for the local step."""
+
+    blocks: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+    # (fold, draw, similarity (n, n), inliers, verified, labels (n,))
+
+    def flat(self) -> tuple[np.ndarray, ...]:
+        """(fold, similarity, inliers, verified, same identity) of every off-diagonal pair."""
+        parts = []
+        for fold, _, sim, inl, ver, labels in self.blocks:
+            off = ~np.eye(len(labels), dtype=bool)
+            same = labels[:, None] == labels[None, :]
+            parts.append((np.full(off.sum(), fold), sim[off], inl[off], ver[off], same[off]))
+        return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
+
+
+def local_pairs(folds: list[FoldData], s: PostSettings, cfg: Config, device: str) -> LocalPairs:
+    """Inlier counts of each scored subset's shortlist under the settings `s` (local off)."""
+    root, train_csv = Path(cfg.data.dir), layout.data_files(cfg)["train"]
+    blocks = []
+    for fd in folds:
+        paths = resolve_image_paths(root, [str(f) for f in fd.filenames], train_csv)
+        for draw, subset in enumerate(fd.subsets):
+            sim = fold_similarity(fd, s, cfg, device, subset)
+            inl, ver = verify_shortlist(cfg, [paths[i] for i in subset], sim)
+            blocks.append((fd.fold, draw, sim, inl, ver, fd.labels[subset]))
+    return LocalPairs(blocks)
+
+
+def evaluate_local(pairs: LocalPairs, cfg: Config) -> dict:
+    """Scores of the fused similarity, each fold's pairs fused by a calibration fitted on the
+    other folds' pairs only (cross-fitting: a fold never scores its own fit)."""
+    groups, sim, inl, ver, same = pairs.flat()
+    fused = cross_fitted(groups, sim, inl, ver, same, cfg.local.fusion)
+    per_fold: dict[int, list[tuple[float, float]]] = {}
+    start = 0
+    for fold, _, _, _, _, labels in pairs.blocks:
+        n = len(labels)
+        off = ~np.eye(n, dtype=bool)
+        scored = np.ones((n, n))
+        scored[off] = fused[start:start + off.sum()]
+        start += off.sum()
+        per_fold.setdefault(fold, []).append((identity_balanced_map(scored, labels),
+                                              pair_roc_auc(scored, labels)))
+    return _summary([{"fold": f, "map": float(np.mean([m for m, _ in v])),
+                      "pair_auc": float(np.mean([a for _, a in v]))}
+                     for f, v in per_fold.items()])
+
+
 def evaluate(folds: list[FoldData], s: PostSettings, cfg: Config, device: str) -> dict:
     per_fold = []
     for fd in folds:
@@ -173,9 +241,7 @@ def evaluate(folds: list[FoldData], s: PostSettings, cfg: Config, device: str) -
             scores.append((identity_balanced_map(sim, labels), pair_roc_auc(sim, labels)))
         per_fold.append({"fold": fd.fold, "map": float(np.mean([m for m, _ in scores])),
                          "pair_auc": float(np.mean([a for _, a in scores]))})
-    return {"map": float(np.mean([r["map"] for r in per_fold])),
-            "pair_auc": float(np.mean([r["pair_auc"] for r in per_fold])),
-            "per_fold": per_fold}
+    return _summary(per_fold)
 
 
 class Search:
@@ -247,6 +313,11 @@ def search(folds: list[FoldData], cfg: Config, score: Callable[[PostSettings], d
             srch.rows.append({"step": name, "skipped": True,
                               "why": "grouped folds: validation identities have no training "
                                      "images; measure with folds.strategy=closed"})
+    if t.local and len(folds) > 1:
+        current = srch.step("local", current, [replace(current, local=True)])
+    elif t.local:
+        srch.rows.append({"step": "local", "skipped": True,
+                          "why": "one fold: the calibration is fitted on the other folds"})
     srch.record("tuned", current, srch.score(current), True)
     return current, srch.rows
 
@@ -330,10 +401,17 @@ def tune(cfg: Config, quiet: bool = False) -> dict:
     folds = load_folds(cfg, device, cap)
     evaluations = 0
 
+    pairs: dict[PostSettings, LocalPairs] = {}  # the local step's, kept for the final fit
+
     def score(s: PostSettings) -> dict:
         nonlocal evaluations
         evaluations += 1
-        return evaluate(folds, s, cfg, device)
+        if not s.local:
+            return evaluate(folds, s, cfg, device)
+        base = replace(s, local=False)
+        if base not in pairs:
+            pairs[base] = local_pairs(folds, base, cfg, device)
+        return evaluate_local(pairs[base], cfg)
 
     sizes = [len(fd.subsets[0]) for fd in folds]
     scored_on = (f"at most {cap} images per identity ({why}), {cfg.tune.draws} draw(s) per "
@@ -348,6 +426,7 @@ def tune(cfg: Config, quiet: bool = False) -> dict:
               "ensemble": cfg.submit.ensemble, "weights": list(cfg.submit.weights),
               "scored_on": scored_on,
               "settings": chosen.to_dict(), "description": chosen.describe(), "steps": rows,
+              "fusion": _final_fusion(pairs, chosen, cfg),
               "evaluations": evaluations, "seconds": round(time.perf_counter() - start, 1)}
     atomic_write_json(out_dir / layout.POST_CHOICE, result)
     table = format_steps(rows)
@@ -362,6 +441,37 @@ def tune(cfg: Config, quiet: bool = False) -> dict:
         print(f"post-processing out of fold ({out_dir}, {evaluations} settings tried in "
               f"{result['seconds']} s):\n{table}\nchosen: {chosen.describe()}")
     return result
+
+
+def _final_fusion(pairs: dict, chosen: PostSettings, cfg: Config) -> dict | None:
+    """The calibration of the local step, fitted on every fold's pairs: what submit.py applies
+    when the step was kept (and what `submit.score_steps` scores when it was not); None when
+    the step was not tried."""
+    if not pairs:
+        return None
+    base = replace(chosen, local=False)
+    _, sim, inl, ver, same = (pairs.get(base) or list(pairs.values())[-1]).flat()
+    # The local.* keys travel with the calibration: it is only valid for counts made so.
+    return {"model": fit_fusion(sim, inl, ver, same, cfg.local.fusion).to_dict(),
+            "local": dict(cfg.local)}
+
+
+def load_fusion(source: str) -> tuple[FusionModel, dict]:
+    """The calibration saved with a tuned choice that verifies locally, and the `local.*` keys
+    its inlier counts were made with (`source`: where the choice came from, `load_choice`'s
+    second value)."""
+    if not Path(source).is_file():
+        raise ValueError("post.local=true needs the calibration python -m jaguar_reid.tune fits "
+                         "out of fold (tune.local=true); run it, or set post.local=false")
+    doc = read_json(source)
+    if not doc.get("fusion"):
+        raise ValueError(f"{source}: the choice has local verification but no calibration "
+                         "('fusion'); run python -m jaguar_reid.tune again")
+    try:
+        return FusionModel.from_dict(doc["fusion"]["model"]), dict(doc["fusion"]["local"])
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{source}: 'fusion' is not a calibration saved by python -m "
+                         f"jaguar_reid.tune ({exc}); run it again") from None
 
 
 def load_choice(cfg: Config) -> tuple[PostSettings, str]:

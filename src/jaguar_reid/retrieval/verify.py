@@ -1,0 +1,137 @@
+"""Local verification in the pipeline: the `local.*` keys -> cached local features of image
+files, inlier counts of each query's top-B pairs, and the fused similarity.
+
+`retrieval.local` (features and matching) and `retrieval.fusion` (the calibration) are pure;
+this module gives them files, caches and a config:
+
+* **Features** are computed once per image file and settings and kept in the cache folder,
+  `<cache>/local/features-<digest>/<key>.npz`, the key naming the file by its resolved path,
+  size and modification time (a changed image is read again), the digest naming the feature
+  keys of `local.*`. Every fold, experiment and tuning run reuses them.
+* **Inlier counts** are kept per unordered pair of image keys in
+  `<cache>/local/pairs-<digest>.npz` (digest: the feature and the matching keys), merged and
+  rewritten atomically after each batch of new pairs, so a run that dies loses only the pairs
+  of its last batch.
+* **The shortlist** is each query's `local.top_b` most similar images by the similarity the
+  pipeline has so far (post-processed): N x B pairs at most, never N^2.
+* **Fusion**: (similarity, inliers, verified) -> one similarity by a `FusionModel` fitted out
+  of fold (`python -m jaguar_reid.tune`, step "local"); never a hand-set weight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from jaguar_reid import layout
+from jaguar_reid.config import Config, declare_choices
+from jaguar_reid.io_utils import atomic_path
+from jaguar_reid.retrieval import fusion, local
+
+GEOMETRY = declare_choices("local.model", tuple(local.GEOMETRIC_MODELS))
+FUSIONS = declare_choices("local.fusion", fusion.METHODS)
+MATCH_METHODS = declare_choices("local.method", tuple(local.MATCH_METHODS))
+FEATURE_KEYS = ("max_side", "max_keypoints", "mask_erode")
+MATCH_KEYS = ("ratio", "min_matches", "ransac_threshold", "method", "model")
+LOCAL_DIR = "local"     # in the cache folder
+SAVE_EVERY = 2000       # new pairs matched between two writes of the pair cache
+
+
+def _digest(values: dict) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def feature_settings(cfg: Config) -> dict:
+    return {k: cfg.local[k] for k in FEATURE_KEYS} | {"version": local.FEATURE_FILE_VERSION}
+
+
+def match_settings(cfg: Config) -> dict:
+    return feature_settings(cfg) | {k: cfg.local[k] for k in MATCH_KEYS}
+
+
+def image_key(path: str | Path) -> str:
+    """A file named by its resolved path, size and modification time."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+
+
+def features_for(cfg: Config, paths: Sequence[Path]) -> list[local.LocalFeatures]:
+    """Local features of each file, from the cache where present (computed and saved where
+    not)."""
+    folder = layout.cache_root(cfg) / LOCAL_DIR / f"features-{_digest(feature_settings(cfg))}"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for path in paths:
+        file = folder / f"{image_key(path)}.npz"
+        if file.is_file():
+            out.extend(local.load_features(file))
+            continue
+        feats = local.image_features(path, cfg.local.max_side, cfg.local.max_keypoints,
+                                     max_pixels=cfg.data.max_pixels,
+                                     mask_erode=cfg.local.mask_erode)
+        local.save_features(file, [feats])
+        out.append(feats)
+    return out
+
+
+class PairCache:
+    """Inlier counts by unordered pair of image keys, on disk between runs."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.path = layout.cache_root(cfg) / LOCAL_DIR / \
+            f"pairs-{_digest(match_settings(cfg))}.npz"
+        self.counts: dict[tuple[str, str], int] = {}
+        if self.path.is_file():
+            with np.load(self.path, allow_pickle=False) as data:
+                self.counts = dict(zip(zip(data["a"].tolist(), data["b"].tolist(), strict=True),
+                                       data["count"].tolist(), strict=True))
+
+    @staticmethod
+    def key(a: str, b: str) -> tuple[str, str]:
+        return (a, b) if a <= b else (b, a)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keys = list(self.counts)
+        with atomic_path(self.path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, a=np.array([k[0] for k in keys], dtype=str),
+                     b=np.array([k[1] for k in keys], dtype=str),
+                     count=np.array(list(self.counts.values()), dtype=np.int32))
+
+
+def verify_shortlist(cfg: Config, paths: Sequence[Path], similarity: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(inliers int32 (N, N), verified bool (N, N)) for the N files: each image's
+    `local.top_b` most similar others (by `similarity`, (N, N)) matched, both orders filled."""
+    n = len(paths)
+    rows, cols = local.shortlist_pairs(similarity, cfg.local.top_b)
+    feats = features_for(cfg, paths)
+    keys = [image_key(p) for p in paths]
+    store = PairCache(cfg)
+    known = {(int(i), int(j)): store.counts[PairCache.key(keys[i], keys[j])]
+             for i, j in zip(rows, cols, strict=True)
+             if PairCache.key(keys[i], keys[j]) in store.counts}
+    for a in range(0, len(rows), SAVE_EVERY):
+        r, c = rows[a:a + SAVE_EVERY], cols[a:a + SAVE_EVERY]
+        before = len(known)
+        local.verify_pairs(feats, r, c, cfg.local.ratio, cfg.local.min_matches,
+                           cfg.local.ransac_threshold, cfg.local.method, model=cfg.local.model,
+                           cache=known, workers=cfg.local.workers)
+        if len(known) > before:
+            for (i, j), count in known.items():
+                store.counts[PairCache.key(keys[i], keys[j])] = count
+            store.save()
+    counts = np.array([known[(int(i), int(j))] for i, j in zip(rows, cols, strict=True)],
+                      dtype=np.int32)
+    return local.dense_inliers(local.inlier_matrix(n, rows, cols, counts))
+
+
+def fused_similarity(model: fusion.FusionModel, similarity: np.ndarray, inliers: np.ndarray,
+                     verified: np.ndarray) -> np.ndarray:
+    """The calibrated similarity of every pair, in [0, 1]."""
+    return model.predict(np.clip(similarity, 0.0, 1.0), inliers, verified)
