@@ -226,6 +226,7 @@ def worst_query(exp_dir: Path, folds) -> tuple[str, float]:
 
 def test_report_holds_every_section_with_its_numbers(tmp_path):
     cfg = make_experiment(tmp_path)
+    cfg.tune.local = True  # local verification in use: its match pictures are drawn too
     exp_dir = layout.model_dir(cfg)
     worst_name, worst_ap = worst_query(exp_dir, (0, 1))
     (tmp_path / "data" / "train" / worst_name).unlink()  # the strip shows a placeholder
@@ -237,7 +238,7 @@ def test_report_holds_every_section_with_its_numbers(tmp_path):
     summary = (index.parent / layout.REPORT_SUMMARY).read_text()
     page = parse_page(index)
     for section in ("missing", "scores", "cv-test", "postprocess", "training", "roc",
-                    "identities", "worst-queries", "config"):
+                    "identities", "worst-queries", "local-matches", "config"):
         assert section in page.ids
 
     oof = read_json(layout.read_path(cfg, layout.OOF_SCORES))
@@ -295,7 +296,8 @@ def test_report_builds_from_whatever_exists(tmp_path, capsys):
                  "fold 0: no log.csv", "data folder not found"):
         assert note in html
     assert not stale.exists()  # no log this time: the old curves are not left beside the page
-    assert len(decoded_images(parse_page(index))) == len(FIGURES) - 1
+    # no log: no curves; local verification not in use: no match pictures
+    assert len(decoded_images(parse_page(index))) == len(FIGURES) - 2
     with np.load(layout.fold_dir(exp_dir, 0) / layout.VAL_EMBEDDINGS) as data:
         emb, labels = data["embeddings"], data["labels"]
     assert f"{identity_balanced_map(emb @ emb.T, labels):.4f}" in parse_page(index).cells
@@ -386,7 +388,9 @@ def shown_like(shot: Image.Image, image: dict, figure: Image.Image) -> tuple[flo
 def test_page_renders_in_headless_chromium(tmp_path):
     """The report as a person sees it in a real browser, offline: every figure decodes at its
     own size and is painted where the page puts it, nothing is fetched, nothing is blank."""
-    index = build_report(make_experiment(tmp_path))
+    cfg = make_experiment(tmp_path)
+    cfg.tune.local = True  # every figure, the local matches' included
+    index = build_report(cfg)
     source = index.read_text()
     figures = decoded_images(parse_page(index))
     assert len(figures) == len(FIGURES)

@@ -88,6 +88,21 @@ def test_warped_copy_has_many_inliers_and_another_coat_few(coat):
     assert same > 10 * max(other, 1)
 
 
+def test_inlier_matches_follow_the_known_warp_in_either_order(coat):
+    from jaguar_reid.retrieval.local import inlier_matches
+
+    xy_a, xy_b = inlier_matches(coat["base"], coat["warped"])
+    assert len(xy_a) == len(xy_b) == match_pair(coat["base"], coat["warped"])
+    height, width = 320, 400
+    affine = cv2.getRotationMatrix2D((width / 2, height / 2), 17.0, 0.9)
+    homography = np.vstack([affine, [2e-4, 0, 1]])
+    mapped = cv2.perspectiveTransform(xy_a[None].astype(np.float64), homography)[0]
+    assert np.median(np.linalg.norm(mapped - xy_b, axis=1)) < 1.5  # pixels
+    back_b, back_a = inlier_matches(coat["warped"], coat["base"])
+    np.testing.assert_array_equal(back_a, xy_a)
+    np.testing.assert_array_equal(back_b, xy_b)
+
+
 @pytest.mark.parametrize("model", ["homography", "affine", "fundamental"])
 @pytest.mark.parametrize("method", ["magsac", "ransac"])
 def test_match_pair_is_symmetric_and_deterministic(coat, model, method):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +114,7 @@ class Analysis:
     strips: list[dict]
     thumbs: dict[str, np.ndarray | None]                       # strip image name -> pixels
     data_root: Path | None
+    matches: list[dict] = field(default_factory=list)          # see local_match_panels
 
 
 def retrieval_strips(scored: Sequence[FoldScores], n_queries: int, k: int) -> list[dict]:
@@ -191,5 +192,48 @@ def analyse(cfg: Config, data: ExperimentData) -> Analysis:
                                          np.concatenate([s.fold.labels for s in scored]))
     strips = retrieval_strips(scored, cfg.report.worst_queries, cfg.report.top_k)
     thumbs, root = strip_thumbnails(cfg, data, strips)
+    matches = local_match_panels(cfg, data, strips)
     return Analysis(logs=logs, curves=curves, hists=hists, identity_rows=identity_rows,
-                    strips=strips, thumbs=thumbs, data_root=root)
+                    strips=strips, thumbs=thumbs, data_root=root, matches=matches)
+
+
+def local_match_panels(cfg: Config, data: ExperimentData, strips: Sequence[dict]) -> list[dict]:
+    """For each worst query, its `report.local_matches` top candidates with the keypoint
+    matches local verification counts (only where it is in use: tune.local or post.local):
+    {query, candidate, right, inliers, images (two grayscale arrays at the working size),
+    points (two (M, 2) arrays in those images' pixels)}. Images not found are left out."""
+    per_query = cfg.report.local_matches
+    if per_query <= 0 or not (cfg.tune.local or cfg.post.local) or not strips:
+        return []
+    from jaguar_reid.retrieval import local  # OpenCV: imported only when drawn
+
+    find, _ = image_finder([cfg.data.dir, data.exp_cfg.data.dir])
+    views: dict[str, tuple | None] = {}
+
+    def view(name: str) -> tuple | None:
+        if name not in views:
+            path = find(name)
+            views[name] = None if path is None else _local_view(cfg, path, local)
+        return views[name]
+
+    panels = []
+    for strip in strips:
+        for hit in strip["hits"][:per_query]:
+            q, c = view(strip["query"]), view(hit["filename"])
+            if q is None or c is None:
+                continue
+            xy_q, xy_c = local.inlier_matches(q[1], c[1], cfg.local.ratio, cfg.local.min_matches,
+                                              cfg.local.ransac_threshold, cfg.local.method,
+                                              model=cfg.local.model)
+            panels.append({"query": strip["query"], "candidate": hit["filename"],
+                           "right": hit["right"], "inliers": len(xy_q),
+                           "images": (q[0], c[0]), "points": (xy_q * q[2], xy_c * c[2])})
+    return panels
+
+
+def _local_view(cfg: Config, path: Path, local) -> tuple:
+    """(grayscale at the working size, local features, scale from file pixels to it)."""
+    gray, _ = local.read_for_features(path, cfg.local.max_side, cfg.data.max_pixels)
+    feats = local.image_features(path, cfg.local.max_side, cfg.local.max_keypoints,
+                                 max_pixels=cfg.data.max_pixels, mask_erode=cfg.local.mask_erode)
+    return gray, feats, gray.shape[1] / feats.image_size[1]

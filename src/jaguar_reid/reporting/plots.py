@@ -24,7 +24,10 @@ FIGURES = {
     "similarity_hist.png": "Positive vs negative pair similarities",
     "ap_per_identity.png": "AP per identity",
     "worst_queries.png": "Worst queries",
+    "local_matches.png": "Matched keypoints of the worst queries' top candidates",
 }
+# Match lines drawn per image pair: more hide the coat they are drawn on.
+MAX_MATCH_LINES = 80
 # Bars for identities: beyond this the chart is unreadable; the worst are kept.
 MAX_IDENTITIES_SHOWN = 60
 # Points kept per ROC curve: a fold of 400 images has 80k pairs; the eye needs far fewer.
@@ -179,6 +182,34 @@ def plot_retrieval_strips(strips: Sequence[dict],
     return png_bytes(fig)
 
 
+def _side_by_side(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, int]:
+    """Two grayscale images on one white canvas, tops aligned; the right one's x offset."""
+    height = max(left.shape[0], right.shape[0])
+    canvas = np.full((height, left.shape[1] + right.shape[1]), 255, dtype=np.uint8)
+    canvas[:left.shape[0], :left.shape[1]] = left
+    canvas[:right.shape[0], left.shape[1]:] = right
+    return canvas, left.shape[1]
+
+
+def plot_local_matches(panels: Sequence[dict]) -> bytes:
+    """One row per (query, candidate): the two images side by side with a line per inlier
+    match, titled with the inlier count; green title = same identity, red = wrong."""
+    fig = new_figure(7.0, 2.6 * len(panels))
+    axes = np.atleast_1d(fig.subplots(len(panels), 1, squeeze=False)[:, 0])
+    for ax, panel in zip(axes, panels, strict=True):
+        canvas, offset = _side_by_side(*panel["images"])
+        ax.imshow(canvas, cmap="gray", vmin=0, vmax=255)
+        (xy_q, xy_c) = panel["points"]
+        for (x0, y0), (x1, y1) in list(zip(xy_q, xy_c, strict=True))[:MAX_MATCH_LINES]:
+            ax.plot([x0, x1 + offset], [y0, y1], color="#1f9e3a", linewidth=0.7)
+        verdict = "same identity" if panel["right"] else "wrong identity"
+        ax.set_title(f"{panel['query']} vs {panel['candidate']}: {panel['inliers']} inliers "
+                     f"({verdict})", fontsize=8,
+                     color="#1f7a30" if panel["right"] else "#b3261e")
+        ax.set_axis_off()
+    return png_bytes(fig)
+
+
 def make_figures(analysis: Analysis) -> dict[str, bytes]:
     """{FIGURES name: PNG} of every figure whose inputs the experiment has."""
     figures: dict[str, bytes] = {}
@@ -191,4 +222,6 @@ def make_figures(analysis: Analysis) -> dict[str, bytes]:
         figures["ap_per_identity.png"] = plot_identity_ap(analysis.identity_rows)
     if analysis.strips:
         figures["worst_queries.png"] = plot_retrieval_strips(analysis.strips, analysis.thumbs)
+    if analysis.matches:
+        figures["local_matches.png"] = plot_local_matches(analysis.matches)
     return figures

@@ -174,6 +174,13 @@ def render_html(s: Sections, figures: dict[str, bytes], top_k: int) -> str:
               _html_figure(figures, "worst_queries.png", "No fold has val_embeddings.npz.")]
     if s.strips[1]:
         parts.append(_html_table(s.strips))
+    if "local_matches.png" in figures:
+        parts += ['<h2 id="local-matches">Matched keypoints</h2>',
+                  "<p>Local verification of the worst queries' top candidates: a line per "
+                  "keypoint match that survived the ratio test and the geometric check. "
+                  "Matches on the background or on the silhouette are what the mask and the "
+                  "calibration have to overcome.</p>",
+                  _html_figure(figures, "local_matches.png", "")]
     parts += ['<h2 id="config">Config</h2>', f"<p>{esc(s.config_source)}</p>",
               f"<pre>{esc(s.config_text)}</pre>", "</body></html>"]
     return "\n".join(parts) + "\n"

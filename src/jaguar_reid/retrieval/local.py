@@ -387,8 +387,9 @@ def _frame(features: LocalFeatures, idx: np.ndarray) -> np.ndarray:
 
 
 def _fit(src: np.ndarray, dst: np.ndarray, threshold: float, method: str, model: str,
-         max_iters: int, confidence: float, seed: int) -> int:
-    """Inliers of the robust fit of `model` to the matches src -> dst (0 when degenerate)."""
+         max_iters: int, confidence: float, seed: int) -> np.ndarray:
+    """Inlier mask (bool, one per match) of the robust fit of `model` to the matches
+    src -> dst (all False when degenerate)."""
     flag = MATCH_METHODS[method]
     if method == "ransac":
         cv2.setRNGSeed(seed)  # plain RANSAC draws from OpenCV's per-thread generator
@@ -407,7 +408,9 @@ def _fit(src: np.ndarray, dst: np.ndarray, threshold: float, method: str, model:
         _, inliers = cv2.estimateAffine2D(src, dst, method=flag,
                                           ransacReprojThreshold=threshold,
                                           maxIters=max_iters, confidence=confidence)
-    return 0 if inliers is None else int(np.count_nonzero(inliers))
+    if inliers is None:
+        return np.zeros(len(src), dtype=bool)
+    return np.asarray(inliers).ravel().astype(bool)
 
 
 def _check_match_args(min_matches: int, method: str, model: str, ratio: float,
@@ -436,15 +439,30 @@ def match_pair(a: LocalFeatures, b: LocalFeatures, ratio: float = RATIO,
     fundamental) with `method` (magsac | ransac), an inlier being within `ransac_threshold` x
     the longer side of the image. 0 when there are fewer than `min_matches` putative matches.
     Symmetric and deterministic (see the module's conventions)."""
+    return len(inlier_matches(a, b, ratio, min_matches, ransac_threshold, method, model=model,
+                              mutual=mutual, max_iters=max_iters, confidence=confidence,
+                              seed=seed)[0])
+
+
+def inlier_matches(a: LocalFeatures, b: LocalFeatures, ratio: float = RATIO,
+                   min_matches: int = MIN_MATCHES, ransac_threshold: float = RANSAC_THRESHOLD,
+                   method: str = METHOD, *, model: str = MODEL, mutual: bool = MUTUAL,
+                   max_iters: int = MAX_ITERS, confidence: float = CONFIDENCE,
+                   seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+    """The inlier matches `match_pair` counts, as keypoint coordinates: ((M, 2) in a's
+    pixels, (M, 2) in b's), row t of each the two ends of match t (for pictures)."""
     _check_match_args(min_matches, method, model, ratio, ransac_threshold)
-    a, b = _canonical(a, b)
+    empty = np.zeros((0, 2), dtype=np.float32)
+    first, second = _canonical(a, b)
     if min(len(a), len(b)) < max(min_matches, 2):
-        return 0
-    ia, ib = putative_matches(a, b, ratio, mutual)
-    if len(ia) < min_matches:
-        return 0
-    return _fit(_frame(a, ia), _frame(b, ib), ransac_threshold * _FRAME_SIDE, method, model,
-                max_iters, confidence, seed)
+        return empty, empty
+    i1, i2 = putative_matches(first, second, ratio, mutual)
+    if len(i1) < min_matches:
+        return empty, empty
+    keep = _fit(_frame(first, i1), _frame(second, i2), ransac_threshold * _FRAME_SIDE, method,
+                model, max_iters, confidence, seed)
+    xy1, xy2 = first.xy[i1[keep]], second.xy[i2[keep]]
+    return (xy1, xy2) if first is a else (xy2, xy1)
 
 
 # --------------------------------------------------------------------------- shortlist
