@@ -44,7 +44,8 @@ EXTRAS = {name: [Requirement(text) for text in reqs]
 DEV = [Requirement(line) for line in requirement_lines("requirements-dev.txt")]
 
 
-@pytest.mark.parametrize("requirement", RUNTIME + EXTRAS["onnx"] + DEV, ids=str)
+@pytest.mark.parametrize("requirement", RUNTIME + EXTRAS["onnx"] + EXTRAS["faiss"] + DEV,
+                         ids=str)
 def test_every_requirement_is_a_range(requirement):
     lower, upper = bounds(requirement)
     assert lower < upper
@@ -71,10 +72,11 @@ def test_development_tools_do_not_repeat_runtime_dependencies():
     assert {"pytest", "hypothesis", "ruff", "packaging"} <= set(dev)
 
 
-def test_onnx_extra_and_development_tools_agree():
-    """The ONNX export's tests run with the same ranges `pip install .[onnx]` gives users."""
+def test_optional_extras_and_development_tools_agree():
+    """The ONNX export's and the faiss backend's tests run with the same ranges
+    `pip install .[onnx]` and `.[faiss]` give users."""
     dev = {canonicalize_name(r.name): r.specifier for r in DEV}
-    for requirement in EXTRAS["onnx"]:
+    for requirement in EXTRAS["onnx"] + EXTRAS["faiss"]:
         assert dev[canonicalize_name(requirement.name)] == requirement.specifier
 
 

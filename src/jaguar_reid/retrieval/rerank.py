@@ -173,7 +173,7 @@ def resolve_knn_backend(backend: str, device: str = "cpu", n: int = 0) -> str:
         return "faiss" if big_on_cpu and faiss_available() else "torch"
     if backend == "faiss" and not faiss_available():
         raise ValueError("post.knn_backend=faiss needs the faiss-cpu package (pip install "
-                         "faiss-cpu); or set post.knn_backend=torch")
+                         "'.[faiss]', or faiss-cpu); or set post.knn_backend=torch or auto")
     return backend
 
 
