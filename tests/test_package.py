@@ -56,7 +56,7 @@ def test_every_module_imports_and_choices_cover_the_schema():
                 "post.on_large", "tune.metric", "parallel", "model.tokens", "model.retrieval",
                 "submit.retrieval", "train.sampler", "train.select", "train.monitor",
                 "train.distill_loss", "model.attention", "post.rerank_norm",
-                "post.knn_backend",
+                "post.knn_backend", "local.model", "local.fusion", "local.method",
                 "data.resize", "data.interpolation", "train.amp_dtype"}
     assert set(config.CHOICES) == expected
     for dotted, choices in config.CHOICES.items():
