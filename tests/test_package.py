@@ -57,6 +57,7 @@ def test_every_module_imports_and_choices_cover_the_schema():
                 "submit.retrieval", "train.sampler", "train.select", "train.monitor",
                 "train.distill_loss", "model.attention", "post.rerank_norm",
                 "post.knn_backend", "local.model", "local.fusion", "local.method",
+                "local.extractor", "local.matcher",
                 "data.resize", "data.interpolation", "train.amp_dtype"}
     assert set(config.CHOICES) == expected
     for dotted, choices in config.CHOICES.items():

@@ -44,8 +44,8 @@ EXTRAS = {name: [Requirement(text) for text in reqs]
 DEV = [Requirement(line) for line in requirement_lines("requirements-dev.txt")]
 
 
-@pytest.mark.parametrize("requirement", RUNTIME + EXTRAS["onnx"] + EXTRAS["faiss"] + DEV,
-                         ids=str)
+@pytest.mark.parametrize("requirement", RUNTIME + EXTRAS["onnx"] + EXTRAS["faiss"]
+                         + EXTRAS["kornia"] + DEV, ids=str)
 def test_every_requirement_is_a_range(requirement):
     lower, upper = bounds(requirement)
     assert lower < upper
@@ -76,7 +76,7 @@ def test_optional_extras_and_development_tools_agree():
     """The ONNX export's and the faiss backend's tests run with the same ranges
     `pip install .[onnx]` and `.[faiss]` give users."""
     dev = {canonicalize_name(r.name): r.specifier for r in DEV}
-    for requirement in EXTRAS["onnx"] + EXTRAS["faiss"]:
+    for requirement in EXTRAS["onnx"] + EXTRAS["faiss"] + EXTRAS["kornia"]:
         assert dev[canonicalize_name(requirement.name)] == requirement.specifier
 
 

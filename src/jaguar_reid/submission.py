@@ -176,13 +176,14 @@ def experiment_similarity(cfg: Config, exps: list[str], weights: list[float],
                                    knn_backend=cfg.post.knn_backend)
     if settings.local:
         similarity = local_verification(cfg, test_names, query, gallery, similarity, files,
-                                        fusion)
+                                        fusion, device)
     return similarity, emb
 
 
 def local_verification(cfg: Config, names: list[str], query: np.ndarray, gallery: np.ndarray,
                        similarity: np.ndarray, files: dict,
-                       fusion: tuple[FusionModel, dict] | None) -> np.ndarray:
+                       fusion: tuple[FusionModel, dict] | None,
+                       device: str = "cpu") -> np.ndarray:
     """The rows' similarities fused with the inlier counts of each test image's top pairs,
     counted with the local.* keys the calibration was fitted with."""
     if fusion is None:
@@ -200,7 +201,7 @@ def local_verification(cfg: Config, names: list[str], query: np.ndarray, gallery
     matrix[query, gallery] = similarity
     paths = resolve_image_paths(Path(cfg.data.dir), names, files["test"])
     print(f"local verification: {n} test images, top {cfg.local.top_b} each")
-    inliers, verified = verify_shortlist(cfg, paths, matrix)
+    inliers, verified = verify_shortlist(cfg, paths, matrix, device)
     return fused_similarity(model, similarity, inliers[query, gallery],
                             verified[query, gallery])
 

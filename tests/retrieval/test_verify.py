@@ -80,3 +80,37 @@ def test_fused_similarity_clips_and_applies_the_calibration():
     model = fit_fusion(sim, inl, ver, same)
     got = verify.fused_similarity(model, sim + 1e-9, inl, ver)  # rounding above 1 is clipped
     np.testing.assert_allclose(got, model.predict(np.clip(sim + 1e-9, 0, 1), inl, ver))
+
+
+def test_learned_path_needs_local_files_and_caches_by_their_content(coats, tmp_path):
+    pytest.importorskip("kornia")
+    import torch
+
+    from jaguar_reid.retrieval import learned
+    from jaguar_reid.retrieval.learned import LearnedWeightsError
+
+    cfg, paths = coats
+    sim = np.eye(4) + 0.5
+    disk = load_config([f"output_dir={cfg.output_dir}", "local.top_b=1",
+                        "local.max_keypoints=64", "local.max_side=160", "local.extractor=disk",
+                        "local.matcher=lightglue"])
+    with pytest.raises(LearnedWeightsError, match="local.weights"):
+        verify.verify_shortlist(disk, paths, sim)
+    files = {}
+    for kind in ("disk", "lightglue"):  # random weights: the plumbing, not the accuracy
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            files[kind] = tmp_path / f"{kind}.pth"
+            torch.save(learned._new_model(kind).state_dict(), files[kind])
+    disk.local.weights, disk.local.matcher_weights = str(files["disk"]), str(files["lightglue"])
+    inliers, verified = verify.verify_shortlist(disk, paths, sim)
+    np.testing.assert_array_equal(inliers, inliers.T)
+    assert verified.sum() >= 4
+    digest = verify.feature_settings(disk)["weights"]
+    renamed = tmp_path / "copy.pth"
+    renamed.write_bytes(files["disk"].read_bytes())
+    disk.local.weights = str(renamed)
+    assert verify.feature_settings(disk)["weights"] == digest  # known by content, not name
+    again = verify.verify_shortlist(disk, paths, sim)  # the same cache: the same counts
+    np.testing.assert_array_equal(again[0], inliers)
+    assert verify.feature_settings(cfg).get("weights") is None  # SIFT: no weight file

@@ -205,15 +205,17 @@ def local_match_panels(cfg: Config, data: ExperimentData, strips: Sequence[dict]
     per_query = cfg.report.local_matches
     if per_query <= 0 or not (cfg.tune.local or cfg.post.local) or not strips:
         return []
-    from jaguar_reid.retrieval import local  # OpenCV: imported only when drawn
+    from jaguar_reid.retrieval import local, verify  # OpenCV: imported only when drawn
 
+    verify.check_learned(cfg)
+    match = verify.matcher(cfg)
     find, _ = image_finder([cfg.data.dir, data.exp_cfg.data.dir])
     views: dict[str, tuple | None] = {}
 
     def view(name: str) -> tuple | None:
         if name not in views:
             path = find(name)
-            views[name] = None if path is None else _local_view(cfg, path, local)
+            views[name] = None if path is None else _local_view(cfg, path, local, verify)
         return views[name]
 
     panels = []
@@ -222,18 +224,15 @@ def local_match_panels(cfg: Config, data: ExperimentData, strips: Sequence[dict]
             q, c = view(strip["query"]), view(hit["filename"])
             if q is None or c is None:
                 continue
-            xy_q, xy_c = local.inlier_matches(q[1], c[1], cfg.local.ratio, cfg.local.min_matches,
-                                              cfg.local.ransac_threshold, cfg.local.method,
-                                              model=cfg.local.model)
+            xy_q, xy_c = match(q[1], c[1])
             panels.append({"query": strip["query"], "candidate": hit["filename"],
                            "right": hit["right"], "inliers": len(xy_q),
                            "images": (q[0], c[0]), "points": (xy_q * q[2], xy_c * c[2])})
     return panels
 
 
-def _local_view(cfg: Config, path: Path, local) -> tuple:
+def _local_view(cfg: Config, path: Path, local, verify) -> tuple:
     """(grayscale at the working size, local features, scale from file pixels to it)."""
     gray, _ = local.read_for_features(path, cfg.local.max_side, cfg.data.max_pixels)
-    feats = local.image_features(path, cfg.local.max_side, cfg.local.max_keypoints,
-                                 max_pixels=cfg.data.max_pixels, mask_erode=cfg.local.mask_erode)
+    feats = verify.image_features(cfg, path)
     return gray, feats, gray.shape[1] / feats.image_size[1]

@@ -546,12 +546,15 @@ def verify_pairs(features: Sequence[LocalFeatures], rows: np.ndarray, cols: np.n
                  model: str = MODEL, mutual: bool = MUTUAL, max_iters: int = MAX_ITERS,
                  confidence: float = CONFIDENCE, seed: int = SEED,
                  cache: dict[tuple[int, int], int] | None = None,
-                 workers: int = 1) -> np.ndarray:
+                 workers: int = 1,
+                 match: Callable[[LocalFeatures, LocalFeatures], int] | None = None
+                 ) -> np.ndarray:
     """Inlier count (`match_pair`) of each pair (features[rows[k]], features[cols[k]]): int32,
     in the order given. Each unordered pair is matched once. `cache` (keyed by (min, max)
     index) is read first and filled with what was computed; it must belong to these features
     and these settings. `workers` > 1 matches pairs in threads (OpenCV and numpy release the
-    GIL); the counts do not depend on it."""
+    GIL); the counts do not depend on it. `match` replaces `match_pair` (and the matching
+    arguments) by another symmetric counter, e.g. the learned matcher's."""
     rows, cols = _check_pairs(len(features), rows, cols)
     _check_match_args(min_matches, method, model, ratio, ransac_threshold)
     if workers < 1:
@@ -562,6 +565,8 @@ def verify_pairs(features: Sequence[LocalFeatures], rows: np.ndarray, cols: np.n
     todo = sorted({key for key in keys if key not in cache})
 
     def run(key: tuple[int, int]) -> int:
+        if match is not None:
+            return match(features[key[0]], features[key[1]])
         # Looked up at call time, so tests can count the calls.
         return match_pair(features[key[0]], features[key[1]], ratio, min_matches,
                           ransac_threshold, method, model=model, mutual=mutual,

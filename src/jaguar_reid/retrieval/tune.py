@@ -206,7 +206,7 @@ def local_pairs(folds: list[FoldData], s: PostSettings, cfg: Config, device: str
         paths = resolve_image_paths(root, [str(f) for f in fd.filenames], train_csv)
         for draw, subset in enumerate(fd.subsets):
             sim = fold_similarity(fd, s, cfg, device, subset)
-            inl, ver = verify_shortlist(cfg, [paths[i] for i in subset], sim)
+            inl, ver = verify_shortlist(cfg, [paths[i] for i in subset], sim, device)
             blocks.append((fd.fold, draw, sim, inl, ver, fd.labels[subset]))
     return LocalPairs(blocks)
 

@@ -20,9 +20,10 @@ this module gives them files, caches and a config:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +31,15 @@ import numpy as np
 from jaguar_reid import layout
 from jaguar_reid.config import Config, declare_choices
 from jaguar_reid.io_utils import atomic_path
-from jaguar_reid.retrieval import fusion, local
+from jaguar_reid.retrieval import fusion, learned, local
 
 GEOMETRY = declare_choices("local.model", tuple(local.GEOMETRIC_MODELS))
 FUSIONS = declare_choices("local.fusion", fusion.METHODS)
 MATCH_METHODS = declare_choices("local.method", tuple(local.MATCH_METHODS))
-FEATURE_KEYS = ("max_side", "max_keypoints", "mask_erode")
-MATCH_KEYS = ("ratio", "min_matches", "ransac_threshold", "method", "model")
+EXTRACTORS = declare_choices("local.extractor", ("sift", "disk"))  # disk: local.weights
+MATCHERS = declare_choices("local.matcher", ("ratio", "lightglue"))  # lightglue: matcher_weights
+FEATURE_KEYS = ("extractor", "max_side", "max_keypoints", "mask_erode")
+MATCH_KEYS = ("matcher", "ratio", "min_matches", "ransac_threshold", "method", "model")
 LOCAL_DIR = "local"     # in the cache folder
 SAVE_EVERY = 2000       # new pairs matched between two writes of the pair cache
 
@@ -45,12 +48,57 @@ def _digest(values: dict) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _file_digest(path: str) -> str:
+    """A weight file known by its content (a renamed copy is the same model)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def check_learned(cfg: Config) -> None:
+    """The learned extractor and matcher need local weight files (nothing is downloaded)."""
+    if cfg.local.extractor == "disk":
+        learned.check_weights(cfg.local.weights or None, "disk")
+    if cfg.local.matcher == "lightglue":
+        learned.check_weights(cfg.local.matcher_weights or None, "lightglue")
+
+
 def feature_settings(cfg: Config) -> dict:
-    return {k: cfg.local[k] for k in FEATURE_KEYS} | {"version": local.FEATURE_FILE_VERSION}
+    out = {k: cfg.local[k] for k in FEATURE_KEYS} | {"version": local.FEATURE_FILE_VERSION}
+    if cfg.local.extractor == "disk":
+        out["weights"] = _file_digest(cfg.local.weights)
+    return out
 
 
 def match_settings(cfg: Config) -> dict:
-    return feature_settings(cfg) | {k: cfg.local[k] for k in MATCH_KEYS}
+    out = feature_settings(cfg) | {k: cfg.local[k] for k in MATCH_KEYS}
+    if cfg.local.matcher == "lightglue":
+        out["matcher_weights"] = _file_digest(cfg.local.matcher_weights)
+    return out
+
+
+def image_features(cfg: Config, path: Path, device: str = "cpu") -> local.LocalFeatures:
+    """One file's local features by `local.extractor` (uncached)."""
+    if cfg.local.extractor == "disk":
+        return learned.disk_features(path, cfg.local.weights, cfg.local.max_side,
+                                     cfg.local.max_keypoints, max_pixels=cfg.data.max_pixels,
+                                     mask_erode=cfg.local.mask_erode, device=device)
+    return local.image_features(path, cfg.local.max_side, cfg.local.max_keypoints,
+                                max_pixels=cfg.data.max_pixels, mask_erode=cfg.local.mask_erode)
+
+
+def matcher(cfg: Config, device: str = "cpu") -> Callable[..., tuple[np.ndarray, np.ndarray]]:
+    """(a, b) -> inlier coordinates (xy in a, xy in b) by `local.matcher`; their number is the
+    pair's inlier count."""
+    geometry = {"min_matches": cfg.local.min_matches,
+                "ransac_threshold": cfg.local.ransac_threshold, "method": cfg.local.method,
+                "model": cfg.local.model}
+    if cfg.local.matcher == "lightglue":
+        return functools.partial(learned.lightglue_inlier_matches,
+                                 weights=cfg.local.matcher_weights, device=device, **geometry)
+    return functools.partial(local.inlier_matches, ratio=cfg.local.ratio, **geometry)
 
 
 def image_key(path: str | Path) -> str:
@@ -60,7 +108,8 @@ def image_key(path: str | Path) -> str:
     return hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:20]
 
 
-def features_for(cfg: Config, paths: Sequence[Path]) -> list[local.LocalFeatures]:
+def features_for(cfg: Config, paths: Sequence[Path],
+                 device: str = "cpu") -> list[local.LocalFeatures]:
     """Local features of each file, from the cache where present (computed and saved where
     not)."""
     folder = layout.cache_root(cfg) / LOCAL_DIR / f"features-{_digest(feature_settings(cfg))}"
@@ -71,9 +120,7 @@ def features_for(cfg: Config, paths: Sequence[Path]) -> list[local.LocalFeatures
         if file.is_file():
             out.extend(local.load_features(file))
             continue
-        feats = local.image_features(path, cfg.local.max_side, cfg.local.max_keypoints,
-                                     max_pixels=cfg.data.max_pixels,
-                                     mask_erode=cfg.local.mask_erode)
+        feats = image_features(cfg, path, device)
         local.save_features(file, [feats])
         out.append(feats)
     return out
@@ -104,13 +151,18 @@ class PairCache:
                      count=np.array(list(self.counts.values()), dtype=np.int32))
 
 
-def verify_shortlist(cfg: Config, paths: Sequence[Path], similarity: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def verify_shortlist(cfg: Config, paths: Sequence[Path], similarity: np.ndarray,
+                     device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """(inliers int32 (N, N), verified bool (N, N)) for the N files: each image's
     `local.top_b` most similar others (by `similarity`, (N, N)) matched, both orders filled."""
+    check_learned(cfg)
     n = len(paths)
     rows, cols = local.shortlist_pairs(similarity, cfg.local.top_b)
-    feats = features_for(cfg, paths)
+    feats = features_for(cfg, paths, device)
+    match = None
+    if cfg.local.matcher == "lightglue":
+        inliers_of = matcher(cfg, device)
+        match = lambda a, b: len(inliers_of(a, b)[0])  # noqa: E731
     keys = [image_key(p) for p in paths]
     store = PairCache(cfg)
     known = {(int(i), int(j)): store.counts[PairCache.key(keys[i], keys[j])]
@@ -121,7 +173,7 @@ def verify_shortlist(cfg: Config, paths: Sequence[Path], similarity: np.ndarray
         before = len(known)
         local.verify_pairs(feats, r, c, cfg.local.ratio, cfg.local.min_matches,
                            cfg.local.ransac_threshold, cfg.local.method, model=cfg.local.model,
-                           cache=known, workers=cfg.local.workers)
+                           cache=known, workers=cfg.local.workers, match=match)
         if len(known) > before:
             for (i, j), count in known.items():
                 store.counts[PairCache.key(keys[i], keys[j])] = count
