@@ -43,6 +43,7 @@ distance). `distance_to_similarity` and `blend` map re-ranked distances back to 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -153,6 +154,7 @@ def _check_norm(norm) -> bool:
     return norm == "rowmax"
 
 
+@functools.cache
 def faiss_available() -> bool:
     try:
         import faiss  # noqa: F401
@@ -671,17 +673,33 @@ def rerank_reference(emb, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
         top = dist.max(axis=1)
         scaled = dist / np.where(top > 0, top, 1.0)[:, None]
 
-    # Ranking: self first, then the others by distance, ties by index (stable sort).
+    rank = _reference_ranking(dist)
+    v = _reference_encoding(rank, scaled, k1, half)
+    # Local query expansion over the k2 nearest (i included).
+    if k2 > 1:
+        v = np.stack([v[rank[i, :k2]].mean(axis=0) for i in range(n)])
+    jaccard = _reference_jaccard(v)
+    return (1.0 - lam) * jaccard + lam * scaled
+
+
+def _reference_ranking(dist: np.ndarray) -> np.ndarray:
+    """Every row's images: self first, then the others by distance, ties by index (stable)."""
+    n = len(dist)
     rank = np.empty((n, n), dtype=np.int64)
     for i in range(n):
         others = np.delete(np.arange(n), i)
         rank[i, 0] = i
         rank[i, 1:] = others[np.argsort(dist[i, others], kind="stable")]
+    return rank
+
+
+def _reference_encoding(rank: np.ndarray, scaled: np.ndarray, k1: int, half: int) -> np.ndarray:
+    """V: k-reciprocal sets, their expansion, Gaussian-kernel weights of `scaled`, per row."""
+    n = len(rank)
 
     def k_reciprocal(i: int, k: int) -> list[int]:
         return [int(j) for j in rank[i, :k + 1] if i in rank[j, :k + 1]]
 
-    # k-reciprocal sets, their expansion, Gaussian-kernel weights.
     v = np.zeros((n, n))
     for i in range(n):
         r_i = k_reciprocal(i, k1)
@@ -694,21 +712,20 @@ def rerank_reference(emb, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
         cols = np.array(sorted(expanded))
         weight = np.exp(-scaled[i, cols])
         v[i, cols] = weight / weight.sum()
+    return v
 
-    # Local query expansion over the k2 nearest (i included).
-    if k2 > 1:
-        v = np.stack([v[rank[i, :k2]].mean(axis=0) for i in range(n)])
 
-    # Jaccard distance; the sum of minima runs over i's support (min is 0 elsewhere).
-    jaccard = np.empty((n, n))
+def _reference_jaccard(v: np.ndarray) -> np.ndarray:
+    """Jaccard distance of V's rows; the sum of minima runs over i's support (min is 0
+    elsewhere)."""
+    jaccard = np.empty((len(v), len(v)))
     row_sum = v.sum(axis=1)
-    for i in range(n):
+    for i in range(len(v)):
         support = np.flatnonzero(v[i])
         mins = np.minimum(v[i, support], v[:, support]).sum(axis=1)
         maxs = row_sum[i] + row_sum - mins
         jaccard[i] = 1.0 - mins / maxs
-
-    return (1.0 - lam) * jaccard + lam * scaled
+    return jaccard
 
 
 # --------------------------------------------------------------------------- fast re-ranking

@@ -49,7 +49,14 @@ def _digest(values: dict) -> str:
 
 
 def _file_digest(path: str) -> str:
-    """A weight file known by its content (a renamed copy is the same model)."""
+    """A weight file known by its content (a renamed copy is the same model); read once per
+    file version, not at every call (tuning asks for it once per fold and draw)."""
+    stat = Path(path).stat()
+    return _content_digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -108,15 +115,16 @@ def image_key(path: str | Path) -> str:
     return hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:20]
 
 
-def features_for(cfg: Config, paths: Sequence[Path],
-                 device: str = "cpu") -> list[local.LocalFeatures]:
+def features_for(cfg: Config, paths: Sequence[Path], device: str = "cpu",
+                 keys: Sequence[str] | None = None) -> list[local.LocalFeatures]:
     """Local features of each file, from the cache where present (computed and saved where
-    not)."""
+    not). `keys`: the files' `image_key`s when the caller has them already."""
     folder = layout.cache_root(cfg) / LOCAL_DIR / f"features-{_digest(feature_settings(cfg))}"
     folder.mkdir(parents=True, exist_ok=True)
+    keys = [image_key(p) for p in paths] if keys is None else keys
     out = []
-    for path in paths:
-        file = folder / f"{image_key(path)}.npz"
+    for path, key in zip(paths, keys, strict=True):
+        file = folder / f"{key}.npz"
         if file.is_file():
             out.extend(local.load_features(file))
             continue
@@ -158,12 +166,12 @@ def verify_shortlist(cfg: Config, paths: Sequence[Path], similarity: np.ndarray,
     check_learned(cfg)
     n = len(paths)
     rows, cols = local.shortlist_pairs(similarity, cfg.local.top_b)
-    feats = features_for(cfg, paths, device)
+    keys = [image_key(p) for p in paths]
+    feats = features_for(cfg, paths, device, keys)
     match = None
     if cfg.local.matcher == "lightglue":
         inliers_of = matcher(cfg, device)
         match = lambda a, b: len(inliers_of(a, b)[0])  # noqa: E731
-    keys = [image_key(p) for p in paths]
     store = PairCache(cfg)
     known = {(int(i), int(j)): store.counts[PairCache.key(keys[i], keys[j])]
              for i, j in zip(rows, cols, strict=True)
