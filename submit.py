@@ -1,6 +1,6 @@
 """Write the submission of an experiment: `python submit.py exp=NAME [key=value ...]`.
 
-See src/jaguar_reid/submission.py; every key of configs/default.yaml can be overridden here.
+The same as `jaguar-reid submit` (`--help` lists its keys); see src/jaguar_reid/submission.py.
 The package is taken from this checkout's src/ whether or not it is installed.
 """
 
@@ -9,8 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from jaguar_reid.io_utils import run_main  # noqa: E402
-from jaguar_reid.submission import main  # noqa: E402
+from jaguar_reid.cli import run_step  # noqa: E402
 
 if __name__ == "__main__":
-    run_main(main)
+    run_step("submit")

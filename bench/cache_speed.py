@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from jaguar_reid.config import load_config  # noqa: E402
 from jaguar_reid.data.augment import build_transform  # noqa: E402
-from jaguar_reid.data.cache import build_cache  # noqa: E402
+from jaguar_reid.data.image_cache import build_cache  # noqa: E402
 from jaguar_reid.data.images import (
     ImageDataset,
     image_loader,  # noqa: E402

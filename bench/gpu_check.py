@@ -439,7 +439,7 @@ def largest_batch_row(settings: Settings, bench, cfg, label: str, flops: float,
 
 
 def embed_row(settings: Settings, bench, cfg, forward_flops: float, until: float) -> None:
-    """Test-time embedding as retrieval/embed.py's embed_views does it, on synthetic batches:
+    """Test-time embedding as retrieval/embedding.py's embed_views does it, on synthetic batches:
     pinned host batch to the device, each view (orig, flip) under autocast through
     `model.embed`, every embedding normalised and copied back."""
     import torch
@@ -447,7 +447,7 @@ def embed_row(settings: Settings, bench, cfg, forward_flops: float, until: float
     import train_throughput as tt
 
     from jaguar_reid.io_utils import amp_dtype
-    from jaguar_reid.retrieval.embed import apply_view
+    from jaguar_reid.retrieval.embedding import apply_view
 
     label = "embedding, flip TTA (2 views)"
     size = f"batch {cfg.embed.batch_size}"

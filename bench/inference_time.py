@@ -3,7 +3,7 @@ submission pays for a fold ensemble against one distilled student.
 
     python bench/inference_time.py EXP:FOLDS [EXP:FOLDS ...] -- [key=value ...]
     python bench/inference_time.py p_base:0..1 student:full -- \\
-        config=configs/dogface_lite0.yaml output_dir=/work/meas/p15
+        config=configs/dogface_lite0.yaml output_dir=output/meas/pseudo
 
 For each experiment, each fold model of FOLDS is loaded and embeds every test image (views of
 `embed.tta`, the batch size of `embed.batch_size`, this machine's device); the table gives
@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from jaguar_reid import layout  # noqa: E402
 from jaguar_reid.config import load_config, parse_fold_spec  # noqa: E402
-from jaguar_reid.data.cache import prepare_images  # noqa: E402
-from jaguar_reid.data.tables import pair_image_names, read_test_csv  # noqa: E402
+from jaguar_reid.data.csv_tables import pair_image_names, read_test_csv  # noqa: E402
+from jaguar_reid.data.image_cache import prepare_images  # noqa: E402
 from jaguar_reid.io_utils import resolve_device  # noqa: E402
-from jaguar_reid.retrieval.embed import embed_views, fold_config  # noqa: E402
+from jaguar_reid.retrieval.embedding import embed_views, fold_config  # noqa: E402
 from jaguar_reid.text import markdown_table  # noqa: E402
 from jaguar_reid.training.model import load_trained_model  # noqa: E402
 

@@ -9,7 +9,8 @@ re-ranking's k1 + 1 at k1 = 20) is timed with each backend, each call in a fresh
 so its peak resident memory (VmHWM) is its own; "base" is the process's resident memory just
 before the call. Both backends must return the same neighbour lists and distances bit for bit:
 the table says whether they did (a digest of the arrays). The ratio is faiss's time over
-torch's; `AUTO_BACKEND` in `retrieval/rerank.py` takes the faster one on each device type.
+torch's; "auto" (`resolve_knn_backend` in `retrieval/neighbours.py`) takes the faster one on each
+device type.
 Embeddings are random unit vectors (seeded). Timings depend on what else the machine runs: the
 load average is printed with them.
 """
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from rerank_speed import peak_rss_bytes, random_unit, rss_bytes  # noqa: E402
 
-from jaguar_reid.retrieval.rerank import nearest_neighbours  # noqa: E402
+from jaguar_reid.retrieval.neighbours import nearest_neighbours  # noqa: E402
 
 BACKENDS = ("torch", "faiss")
 

@@ -39,10 +39,9 @@ from jaguar_reid.retrieval.rerank import (  # noqa: E402
     DEFAULT_MAX_DENSE_BYTES,
     estimate_rerank_memory,
     rerank,
-    rerank_pairs,
-    rerank_reference,
-    rerank_sparse,
 )
+from jaguar_reid.retrieval.rerank_reference import rerank_reference  # noqa: E402
+from jaguar_reid.retrieval.rerank_sparse import rerank_pairs, rerank_sparse  # noqa: E402
 
 SUBMISSION_ROWS = 137_270  # rows of the competition's sample_submission.csv
 

@@ -21,28 +21,28 @@ from PIL import Image
 from jaguar_reid import layout, submission
 from jaguar_reid import train as train_cli
 from jaguar_reid.config import ConfigError, load_config, parse_fold_spec
-from jaguar_reid.data import cache as cache_cli
-from jaguar_reid.data import datacheck as datacheck_cli
-from jaguar_reid.data import folds as folds_cli
-from jaguar_reid.data.folds import assign_closed_folds, assign_grouped_folds
-from jaguar_reid.data.images import image_loader, load_image, read_rgba
-from jaguar_reid.data.tables import (
+from jaguar_reid.data import audit as datacheck_cli
+from jaguar_reid.data import image_cache as cache_cli
+from jaguar_reid.data import splits as folds_cli
+from jaguar_reid.data.csv_tables import (
     DataError,
     read_sample_submission,
     read_test_csv,
     read_train_csv,
     resolve_image_paths,
 )
+from jaguar_reid.data.images import image_loader, load_image, read_rgba
+from jaguar_reid.data.splits import assign_closed_folds, assign_grouped_folds
 from jaguar_reid.io_utils import run_main
-from jaguar_reid.retrieval import embed as retrieval_embed
-from jaguar_reid.retrieval.embed import ensemble_embeddings
+from jaguar_reid.retrieval import embedding as retrieval_embed
+from jaguar_reid.retrieval.embedding import ensemble_embeddings
 from jaguar_reid.retrieval.metrics import (
     identity_balanced_map,
     pair_roc_auc,
     per_identity_ap,
     per_query_ap,
 )
-from jaguar_reid.retrieval.scoring import score_experiment
+from jaguar_reid.retrieval.oof import score_experiment
 from tests.helpers import (
     SAMPLE_HEADER,
     TEST_HEADER,
@@ -332,7 +332,7 @@ def test_corrupt_truncated_empty_and_bomb_images_at_the_command_line(data, tmp_p
 def test_one_file_name_in_two_folders_keeps_two_cache_files(tmp_path):
     """`train/0001.png` and `test/0001.png` are two images: the cache must not serve one for
     the other (it once named cached files by their stem alone)."""
-    from jaguar_reid.data.cache import build_cache
+    from jaguar_reid.data.image_cache import build_cache
 
     first = tiny_png(tmp_path / "train" / "0001.png", 1)
     second = tiny_png(tmp_path / "test" / "0001.png", 2)
@@ -348,7 +348,7 @@ def test_one_file_name_in_two_folders_keeps_two_cache_files(tmp_path):
 @pytest.mark.parametrize("damage", [b"{not json", b"\xff\xfe", b"[1, 2]", b'{"x": 1}'],
                          ids=["not-json", "not-text", "a-list", "other-entries"])
 def test_damaged_cache_index_is_rebuilt(tmp_path, capsys, damage):
-    from jaguar_reid.data.cache import build_cache, cache_dir
+    from jaguar_reid.data.image_cache import build_cache, cache_dir
 
     source = tiny_png(tmp_path / "a.png", 1)
     cfg = load_config([f"output_dir={tmp_path / 'out'}", "cache.workers=1"])
@@ -361,7 +361,7 @@ def test_damaged_cache_index_is_rebuilt(tmp_path, capsys, damage):
 
 
 def test_problem_kind_comes_from_the_image_not_its_path(tmp_path):
-    from jaguar_reid.data.cache import process_image
+    from jaguar_reid.data.image_cache import process_image
 
     folder = tmp_path / "truncated_copies"
     folder.mkdir()

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from jaguar_reid import layout, submission, train
 from jaguar_reid.config import load_config
-from jaguar_reid.data import folds as folds_cli
-from jaguar_reid.data.folds import make_folds
-from jaguar_reid.data.tables import read_train_csv
+from jaguar_reid.data import splits as folds_cli
+from jaguar_reid.data.csv_tables import read_train_csv
+from jaguar_reid.data.splits import make_folds
 
 
 def folds_args(demo_dir, tmp_path, name: str, *extra: str) -> list[str]:

@@ -20,7 +20,7 @@ from jaguar_reid import export, layout, submission, train
 from jaguar_reid.config import load_config
 from jaguar_reid.io_utils import read_json
 from jaguar_reid.manifest import ManifestError, verify_manifest
-from jaguar_reid.retrieval import tune
+from jaguar_reid.retrieval import search
 from tests.helpers import (
     TINY_ARGS,
     base_args,
@@ -53,7 +53,7 @@ def trained(tmp_path_factory) -> dict:
     data = make_data(root / "data")
     args = [*TINY_ARGS, *base_args(data, root, f"exp={EXP}", "train.batch_size=4")]
     train.main([*args, "fold=0..1"])
-    tune.main([*args, *SMALL_TUNE])
+    search.main([*args, *SMALL_TUNE])
     submission.main(args)
     cfg = load_config(args)
     source = layout.model_dir(cfg)
@@ -219,9 +219,9 @@ def test_half_export_is_half_the_bytes_and_submits_close(trained, tmp_path, caps
 def _test_batch(fold_cfg) -> tuple[torch.Tensor, list[Path]]:
     """The test images prepared as the pipeline prepares them for this fold's model."""
     from jaguar_reid.data.augment import build_transform
-    from jaguar_reid.data.cache import prepare_images
+    from jaguar_reid.data.csv_tables import pair_image_names, read_test_csv
+    from jaguar_reid.data.image_cache import prepare_images
     from jaguar_reid.data.images import ImageDataset
-    from jaguar_reid.data.tables import pair_image_names, read_test_csv
 
     files = layout.data_files(fold_cfg)
     names = pair_image_names(read_test_csv(files["test"]))
@@ -233,7 +233,7 @@ def _test_batch(fold_cfg) -> tuple[torch.Tensor, list[Path]]:
 def test_onnx_embeddings_match_pytorch(trained, tmp_path, capsys):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from jaguar_reid.retrieval.embed import embed_views, fold_config
+    from jaguar_reid.retrieval.embedding import embed_views, fold_config
     from jaguar_reid.retrieval.onnx import onnx_embed
     from jaguar_reid.training.model import load_trained_model
 

@@ -26,9 +26,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from jaguar_reid.config import AUTO, AUTO_OR_VALUE, Config, ConfigError, load_config, to_plain
-from jaguar_reid.data.folds import assign_closed_folds, assign_grouped_folds, read_folds
-from jaguar_reid.data.tables import (
+from jaguar_reid.config import AUTO, Config, ConfigError, load_config, to_plain
+from jaguar_reid.data.csv_tables import (
     MISSING_MARKERS,
     SUBMISSION_COLUMNS,
     TEST_COLUMNS,
@@ -38,6 +37,8 @@ from jaguar_reid.data.tables import (
     read_test_csv,
     read_train_csv,
 )
+from jaguar_reid.data.splits import assign_closed_folds, assign_grouped_folds, read_folds
+from jaguar_reid.keys import SPECS
 from jaguar_reid.retrieval.metrics import (
     identity_balanced_map,
     pair_roc_auc,
@@ -216,17 +217,16 @@ def test_any_override_gives_a_config_or_an_error_naming_the_key(key, raw):
         assert key_named(str(exc), key), (key, raw, str(exc))
         return
     assert isinstance(cfg, Config)
-    default, value = DEFAULTS[key], cfg.get_path(key)
-    if isinstance(default, bool):
-        assert isinstance(value, bool)
-    elif isinstance(default, int):
-        assert isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        assert isinstance(value, float)
-    elif key in AUTO_OR_VALUE and value != AUTO:
-        assert isinstance(value, AUTO_OR_VALUE[key])  # data.num_workers=2, data.mean=[...]
+    spec, value = SPECS[key], cfg.get_path(key)
+    if spec.auto and value == AUTO:
+        return
+    if spec.kind is list:
+        assert isinstance(value, list)
+        assert all(isinstance(v, spec.item) for v in value) if spec.item else True
+    elif spec.kind in (int, bool):
+        assert type(value) is spec.kind
     else:
-        assert isinstance(value, type(default))
+        assert isinstance(value, spec.kind)
 
 
 @FUZZ
@@ -240,14 +240,14 @@ def test_unknown_keys_are_named(key, raw):
     assert key.strip() in str(info.value)
 
 
-NUMERIC_KEYS = [k for k in KEYS if type(DEFAULTS[k]) in (int, float)]
+NUMERIC_KEYS = [k for k in KEYS if SPECS[k].kind in (int, float)]
 
 
 @FUZZ
 @given(key=st.sampled_from(NUMERIC_KEYS), data=st.data())
 def test_numbers_round_trip_through_an_override(key, data):
     """A number written as text comes back as that number (or a range error naming the key)."""
-    if isinstance(DEFAULTS[key], int):
+    if SPECS[key].kind is int:
         value = data.draw(st.integers(-10**9, 10**9))
     else:
         value = data.draw(st.floats(-1e9, 1e9, allow_nan=False) | st.integers(-1000, 1000))

@@ -12,8 +12,8 @@ import pytest
 
 from jaguar_reid import layout
 from jaguar_reid.config import ConfigError, load_config
-from jaguar_reid.data.tables import DataError, pair_image_names, read_test_csv
-from jaguar_reid.retrieval.pseudo import choose_threshold, precision_coverage
+from jaguar_reid.data.csv_tables import DataError, pair_image_names, read_test_csv
+from jaguar_reid.retrieval.votes import choose_threshold, precision_coverage
 
 pytestmark = pytest.mark.slow
 

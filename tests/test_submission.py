@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jaguar_reid.data.tables import DataError
-from jaguar_reid.retrieval.embed import ensemble_embeddings, l2_normalize
+from jaguar_reid.data.csv_tables import DataError
+from jaguar_reid.retrieval.embedding import ensemble_embeddings, l2_normalize
 from jaguar_reid.retrieval.metrics import identity_balanced_map, pair_roc_auc
 from jaguar_reid.retrieval.postprocess import cosine_to_unit
 from jaguar_reid.retrieval.postprocess import pair_cosine as pair_similarity

@@ -1,10 +1,9 @@
 """`python -m jaguar_reid.cache [key=value ...]`: the preprocessing cache.
 
-The step itself is `jaguar_reid.data.cache`; this module is its command.
+The same as `jaguar-reid cache` (`--help` lists the keys it reads; see `jaguar_reid.cli`).
 """
 
-from jaguar_reid.data.cache import main
-from jaguar_reid.io_utils import run_main
+from jaguar_reid.cli import run_step
 
 if __name__ == "__main__":
-    run_main(main)
+    run_step("cache")

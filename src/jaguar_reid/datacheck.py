@@ -1,10 +1,9 @@
-"""`python -m jaguar_reid.datacheck [key=value ...]`: a look at the data before training.
+"""`python -m jaguar_reid.datacheck [key=value ...]`: the data report.
 
-The step itself is `jaguar_reid.data.datacheck`; this module is its command.
+The same as `jaguar-reid datacheck` (`--help` lists the keys it reads; see `jaguar_reid.cli`).
 """
 
-from jaguar_reid.data.datacheck import main
-from jaguar_reid.io_utils import run_main
+from jaguar_reid.cli import run_step
 
 if __name__ == "__main__":
-    run_main(main)
+    run_step("datacheck")

@@ -1,10 +1,9 @@
-"""`python -m jaguar_reid.demo_data [key=value ...]`: the synthetic demo data set.
+"""`python -m jaguar_reid.demo_data [key=value ...]`: the synthetic demo data.
 
-The step itself is `jaguar_reid.data.demo`; this module is its command.
+The same as `jaguar-reid demo_data` (`--help` lists the keys it reads; see `jaguar_reid.cli`).
 """
 
-from jaguar_reid.data.demo import main
-from jaguar_reid.io_utils import run_main
+from jaguar_reid.cli import run_step
 
 if __name__ == "__main__":
-    run_main(main)
+    run_step("demo_data")

@@ -1,10 +1,9 @@
-"""`python -m jaguar_reid.embed [key=value ...]`: the tuning views of every finished fold.
+"""`python -m jaguar_reid.embed [key=value ...]`: out-of-fold view embeddings for tuning.
 
-The step itself is `jaguar_reid.retrieval.embed`; this module is its command.
+The same as `jaguar-reid embed` (`--help` lists the keys it reads; see `jaguar_reid.cli`).
 """
 
-from jaguar_reid.io_utils import run_main
-from jaguar_reid.retrieval.embed import main
+from jaguar_reid.cli import run_step
 
 if __name__ == "__main__":
-    run_main(main)
+    run_step("embed")

@@ -37,10 +37,10 @@ from safetensors.torch import load_file, save
 
 from jaguar_reid import layout
 from jaguar_reid.config import Config, experiment_names, load_config, to_plain
-from jaguar_reid.io_utils import UserInputError, atomic_path, run_main
+from jaguar_reid.io_utils import UserInputError, atomic_path
 from jaguar_reid.manifest import verify_manifest, write_manifest
-from jaguar_reid.reporting.leaderboard import code_version
-from jaguar_reid.retrieval.embed import fold_config
+from jaguar_reid.reporting.runs import code_version
+from jaguar_reid.retrieval.embedding import fold_config
 from jaguar_reid.retrieval.onnx import (
     ONNX_TOLERANCE,
     export_onnx,
@@ -280,4 +280,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    from jaguar_reid.cli import run_step
+
+    run_step("export")

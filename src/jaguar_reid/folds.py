@@ -1,10 +1,9 @@
-"""`python -m jaguar_reid.folds [key=value ...]`: the identity-grouped (or closed) folds file.
+"""`python -m jaguar_reid.folds [key=value ...]`: the folds file.
 
-The step itself is `jaguar_reid.data.folds`; this module is its command.
+The same as `jaguar-reid folds` (`--help` lists the keys it reads; see `jaguar_reid.cli`).
 """
 
-from jaguar_reid.data.folds import main
-from jaguar_reid.io_utils import run_main
+from jaguar_reid.cli import run_step
 
 if __name__ == "__main__":
-    run_main(main)
+    run_step("folds")

@@ -25,11 +25,11 @@ import pandas as pd
 
 from jaguar_reid import layout
 from jaguar_reid.config import Config, experiment_names, load_config
-from jaguar_reid.data.tables import DataError, pair_image_names, read_test_csv, read_train_csv
-from jaguar_reid.io_utils import UserInputError, atomic_path, resolve_device, run_main
-from jaguar_reid.retrieval.embed import combine_views, ensure_oof_views, finished_folds
+from jaguar_reid.data.csv_tables import DataError, pair_image_names, read_test_csv, read_train_csv
+from jaguar_reid.io_utils import UserInputError, atomic_path, resolve_device
+from jaguar_reid.retrieval.embedding import combine_views, ensure_oof_views, finished_folds
 from jaguar_reid.retrieval.postprocess import identity_posteriors, mean_prototypes
-from jaguar_reid.retrieval.pseudo import (
+from jaguar_reid.retrieval.votes import (
     Curve,
     choose_threshold,
     ensemble_votes,
@@ -198,4 +198,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    from jaguar_reid.cli import run_step
+
+    run_step("pseudo")

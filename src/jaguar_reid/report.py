@@ -1,10 +1,9 @@
-"""`python -m jaguar_reid.report [key=value ...]`: an experiment's report page.
+"""`python -m jaguar_reid.report [key=value ...]`: an experiment's report.
 
-The step itself is `jaguar_reid.reporting.report`; this module is its command.
+The same as `jaguar-reid report` (`--help` lists the keys it reads; see `jaguar_reid.cli`).
 """
 
-from jaguar_reid.io_utils import run_main
-from jaguar_reid.reporting.report import main
+from jaguar_reid.cli import run_step
 
 if __name__ == "__main__":
-    run_main(main)
+    run_step("report")

@@ -1,10 +1,9 @@
-"""`python -m jaguar_reid.scoring [key=value ...]`: the out-of-fold scores of an experiment.
+"""`python -m jaguar_reid.scoring [key=value ...]`: out-of-fold scores.
 
-The step itself is `jaguar_reid.retrieval.scoring`; this module is its command.
+The same as `jaguar-reid scoring` (`--help` lists the keys it reads; see `jaguar_reid.cli`).
 """
 
-from jaguar_reid.io_utils import run_main
-from jaguar_reid.retrieval.scoring import main
+from jaguar_reid.cli import run_step
 
 if __name__ == "__main__":
-    run_main(main)
+    run_step("scoring")

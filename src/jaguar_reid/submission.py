@@ -20,12 +20,11 @@ from jaguar_reid import layout
 from jaguar_reid.config import (
     METRICS,
     Config,
-    declare_choices,
     experiment_names,
     load_config,
     parse_fold_spec,
 )
-from jaguar_reid.data.tables import (
+from jaguar_reid.data.csv_tables import (
     DataError,
     pair_image_names,
     read_sample_submission,
@@ -33,12 +32,12 @@ from jaguar_reid.data.tables import (
     read_train_csv,
     resolve_image_paths,
 )
-from jaguar_reid.io_utils import atomic_path, atomic_write_json, read_json, resolve_device, run_main
+from jaguar_reid.io_utils import atomic_path, atomic_write_json, read_json, resolve_device
+from jaguar_reid.keys import choices
 from jaguar_reid.manifest import verify_manifest
-from jaguar_reid.reporting.leaderboard import tuned_scores
-from jaguar_reid.reporting.report import after_run
-from jaguar_reid.retrieval.embed import (
-    ENSEMBLE_MODES,
+from jaguar_reid.reporting.page import after_run
+from jaguar_reid.reporting.runs import tuned_scores
+from jaguar_reid.retrieval.embedding import (
     combine_views,
     embed_fold,
     ensemble_embeddings,
@@ -56,7 +55,7 @@ from jaguar_reid.retrieval.postprocess import (
     postprocess_pairs,
 )
 from jaguar_reid.retrieval.rerank import dense_limit_bytes
-from jaguar_reid.retrieval.tune import load_choice, load_fusion
+from jaguar_reid.retrieval.search import load_choice, load_fusion
 from jaguar_reid.retrieval.verify import fused_similarity, verify_shortlist
 from jaguar_reid.text import markdown_table
 
@@ -206,7 +205,7 @@ def local_verification(cfg: Config, names: list[str], query: np.ndarray, gallery
                             verified[query, gallery])
 
 
-ENSEMBLES = declare_choices("submit.ensemble", (*ENSEMBLE_MODES, "similarity"))
+ENSEMBLES = choices("submit.ensemble")
 
 
 @dataclass
@@ -443,4 +442,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    from jaguar_reid.cli import run_step
+
+    run_step("submit")

@@ -26,20 +26,20 @@ import pandas as pd
 
 from jaguar_reid import layout
 from jaguar_reid.config import Config, load_config, parse_fold_spec, save_config
-from jaguar_reid.data.cache import prepare_images
-from jaguar_reid.data.folds import keep_with_experiment, load_or_create_folds
-from jaguar_reid.data.images import image_loader
-from jaguar_reid.data.preprocess import resolve_input
-from jaguar_reid.data.tables import (
+from jaguar_reid.data.csv_tables import (
     DataError,
     pair_image_names,
     read_pseudo_csv,
     read_test_csv,
     read_train_csv,
 )
-from jaguar_reid.io_utils import resolve_device, run_main
-from jaguar_reid.reporting.report import after_run
-from jaguar_reid.retrieval.scoring import (
+from jaguar_reid.data.image_cache import prepare_images
+from jaguar_reid.data.images import image_loader
+from jaguar_reid.data.preprocess import resolve_input
+from jaguar_reid.data.splits import keep_with_experiment, load_or_create_folds
+from jaguar_reid.io_utils import resolve_device
+from jaguar_reid.reporting.page import after_run
+from jaguar_reid.retrieval.oof import (
     floor_for,
     report_floor,
     score_experiment,
@@ -189,4 +189,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    from jaguar_reid.cli import run_step
+
+    run_step("train")

@@ -1,10 +1,9 @@
 """`python -m jaguar_reid.tune [key=value ...]`: post-processing chosen out of fold.
 
-The step itself is `jaguar_reid.retrieval.tune`; this module is its command.
+The same as `jaguar-reid tune` (`--help` lists the keys it reads; see `jaguar_reid.cli`).
 """
 
-from jaguar_reid.io_utils import run_main
-from jaguar_reid.retrieval.tune import main
+from jaguar_reid.cli import run_step
 
 if __name__ == "__main__":
-    run_main(main)
+    run_step("tune")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import jaguar_reid.data.cache as cache
+import jaguar_reid.data.image_cache as cache
 from jaguar_reid.config import load_config
+from jaguar_reid.data.csv_tables import DataError
 from jaguar_reid.data.images import load_cached, read_rgba
-from jaguar_reid.data.tables import DataError
 
 
 def make_rgba(path, value: int, size=(120, 80)):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from jaguar_reid import layout
 from jaguar_reid.config import load_config
-from jaguar_reid.data.datacheck import (
+from jaguar_reid.data.audit import (
     plot_figures,
     problem_kind,
     quantiles,
@@ -216,7 +216,7 @@ def test_write_report(tmp_path, capsys):
 
 def test_import_does_not_load_pyplot():
     # A fresh interpreter: this test session may have imported pyplot already.
-    code = "import sys, jaguar_reid.data.datacheck; print('matplotlib.pyplot' in sys.modules)"
+    code = "import sys, jaguar_reid.data.audit; print('matplotlib.pyplot' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "False"
@@ -228,7 +228,7 @@ def test_command_line_reports_every_bad_image(tmp_path: Path):
     import pandas as pd
     from PIL import Image
 
-    from jaguar_reid.data.datacheck import main
+    from jaguar_reid.data.audit import main
 
     data = tmp_path / "data"
     (data / "train").mkdir(parents=True)

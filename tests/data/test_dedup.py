@@ -16,7 +16,7 @@ from jaguar_reid.data.dedup import (
     near_duplicate_pairs,
     phash,
 )
-from jaguar_reid.data.folds import assign_closed_folds
+from jaguar_reid.data.splits import assign_closed_folds
 
 # The configured default: copies measured up to 8 bits apart (3% cropped off each side),
 # distinct demo pictures at least 16.

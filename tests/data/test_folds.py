@@ -8,13 +8,13 @@ import pandas as pd
 import pytest
 
 from jaguar_reid.config import load_config
-from jaguar_reid.data.folds import (
+from jaguar_reid.data.csv_tables import DataError
+from jaguar_reid.data.splits import (
     assign_closed_folds,
     assign_grouped_folds,
     load_or_create_folds,
     stable_key,
 )
-from jaguar_reid.data.tables import DataError
 
 
 def long_tailed_labels(n_ids: int = 31, seed: int = 0) -> np.ndarray:

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from jaguar_reid.config import ConfigError, load_config
+from jaguar_reid.data.csv_tables import DataError
 from jaguar_reid.data.images import (
     apply_alpha,
     image_loader,
@@ -14,7 +15,6 @@ from jaguar_reid.data.images import (
     mask_box,
     read_rgba,
 )
-from jaguar_reid.data.tables import DataError
 
 
 def test_rgba_png_and_rgb_jpeg_load_as_rgb(tmp_path):

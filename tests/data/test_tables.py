@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from jaguar_reid.data.tables import (
+from jaguar_reid.data.csv_tables import (
     DataError,
     pair_image_names,
     read_pseudo_csv,

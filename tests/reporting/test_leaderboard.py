@@ -10,7 +10,7 @@ import pytest
 from jaguar_reid import layout
 from jaguar_reid.config import config_digest, load_config
 from jaguar_reid.io_utils import UserInputError, atomic_write_json
-from jaguar_reid.reporting.leaderboard import (
+from jaguar_reid.reporting.runs import (
     COLUMNS,
     append_row,
     code_version,

@@ -26,16 +26,16 @@ from jaguar_reid.reporting.analysis import (
     top_k_gallery,
     worst_query_order,
 )
-from jaguar_reid.reporting.leaderboard import code_version
+from jaguar_reid.reporting.page import build_report, main
 from jaguar_reid.reporting.plots import FIGURES, plot_roc, plot_similarity_histograms
-from jaguar_reid.reporting.report import build_report, main
+from jaguar_reid.reporting.runs import code_version
 from jaguar_reid.retrieval.metrics import (
     identity_balanced_map,
     pair_roc_auc,
     per_identity_ap,
     per_query_ap,
 )
-from jaguar_reid.retrieval.scoring import score_experiment
+from jaguar_reid.retrieval.oof import score_experiment
 from jaguar_reid.training.checkpoint import LOG_FIELDS  # torch: the report imports it already
 from tests.helpers import fake_experiment
 

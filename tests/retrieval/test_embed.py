@@ -9,7 +9,7 @@ from PIL import Image
 from jaguar_reid.config import load_config
 from jaguar_reid.data.augment import build_transform
 from jaguar_reid.data.images import load_image
-from jaguar_reid.retrieval.embed import (
+from jaguar_reid.retrieval.embedding import (
     apply_view,
     combine_views,
     embed_images,

@@ -13,7 +13,7 @@ from PIL import Image
 
 from jaguar_reid import layout
 from jaguar_reid.config import load_config
-from jaguar_reid.data.tables import read_train_csv, resolve_image_paths
+from jaguar_reid.data.csv_tables import read_train_csv, resolve_image_paths
 from jaguar_reid.retrieval import floor as floor_mod
 from jaguar_reid.retrieval.floor import Floor, below_floor
 

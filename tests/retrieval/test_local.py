@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaguar_reid.data.tables import DataError
+from jaguar_reid.data.csv_tables import DataError
 from jaguar_reid.retrieval import local
 from jaguar_reid.retrieval.local import (
     FeatureFileError,

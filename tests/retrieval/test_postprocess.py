@@ -14,7 +14,7 @@ from jaguar_reid.retrieval.postprocess import (
     postprocess_pairs,
     prototype_similarity,
 )
-from jaguar_reid.retrieval.rerank import rerank_reference
+from jaguar_reid.retrieval.rerank_reference import rerank_reference
 
 
 def unit(rng, n, d=8, ids=None):

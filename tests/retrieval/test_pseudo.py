@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaguar_reid.retrieval.pseudo import (
+from jaguar_reid.retrieval.votes import (
     choose_threshold,
     ensemble_votes,
     fold_votes,

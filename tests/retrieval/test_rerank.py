@@ -1,5 +1,5 @@
-"""Tests for jaguar_reid.retrieval.rerank: the fast paths against the plain reference and
-against plain loops."""
+"""Tests for jaguar_reid.retrieval.rerank, rerank_sparse and rerank_reference: the fast paths
+against the plain reference, the authors' code and plain loops."""
 
 from __future__ import annotations
 
@@ -7,57 +7,31 @@ import numpy as np
 import pytest
 import torch
 
+from jaguar_reid.retrieval import array_ops, neighbours
 from jaguar_reid.retrieval import rerank as rr
+from jaguar_reid.retrieval.expansion import average_query_expansion
 from jaguar_reid.retrieval.metrics import identity_balanced_map
 from jaguar_reid.retrieval.rerank import (
-    SparseRerank,
-    average_query_expansion,
     blend,
-    database_augmentation,
     distance_to_similarity,
     estimate_rerank_memory,
     rerank,
-    rerank_pairs,
-    rerank_reference,
-    rerank_sparse,
 )
+from jaguar_reid.retrieval.rerank_reference import rerank_reference
+from jaguar_reid.retrieval.rerank_sparse import SparseRerank, rerank_pairs, rerank_sparse
 from tests.helpers import SHARED
+from tests.retrieval.unit_vectors import (
+    clustered,
+    original_distance,
+    qe_loop,
+    random_unit,
+    unit,
+    with_duplicates,
+)
 
 TOL = 1e-5  # the agreement the module promises between all paths
 
 # ---------------------------------------------------------------------------- data
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def random_unit(n: int, d: int, seed: int = 0) -> np.ndarray:
-    return unit(np.random.default_rng(seed).normal(size=(n, d)))
-
-
-def clustered(seed: int = 0, n_ids: int = 10, sizes: tuple[int, int] = (1, 8), d: int = 16,
-              noise: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Identities with a random number of images each (one-image identities included)."""
-    rng = np.random.default_rng(seed)
-    counts = rng.integers(sizes[0], sizes[1] + 1, size=n_ids)
-    counts[0] = 1
-    labels = np.repeat(np.arange(n_ids), counts)
-    centres = rng.normal(size=(n_ids, d))
-    x = centres[labels] + noise * rng.normal(size=(len(labels), d))
-    order = rng.permutation(len(labels))
-    return unit(x[order]), labels[order]
-
-
-def with_duplicates(seed: int = 3) -> np.ndarray:
-    """Exact copies (ties in every distance), a run of 14 of them longer than the screening
-    margin, so both exact fallbacks of the neighbour search run."""
-    rng = np.random.default_rng(seed)
-    base = random_unit(8, 16, seed)
-    x = np.concatenate([np.repeat(base[:1], 14, axis=0), np.repeat(base[1:3], 5, axis=0),
-                        random_unit(30, 16, seed + 1), base[3:]])
-    return x[rng.permutation(len(x))]
 
 
 def sparse_as_dense(emb: np.ndarray, result: SparseRerank) -> np.ndarray:
@@ -66,17 +40,9 @@ def sparse_as_dense(emb: np.ndarray, result: SparseRerank) -> np.ndarray:
     return rerank_pairs(emb, rows, cols, result).reshape(n, n)
 
 
-def original_distance(emb: np.ndarray) -> np.ndarray:
-    """2 - 2 cos from float64 dot products summed the module's fixed way (exact products,
-    numpy's pairwise sum along each row), so exact duplicates tie exactly here too."""
-    x = emb.astype(np.float64)
-    d = np.clip(2.0 - 2.0 * (x[:, None, :] * x[None, :, :]).sum(axis=-1), 0.0, 4.0)
-    np.fill_diagonal(d, 0.0)
-    return d
-
-
 def assert_all_paths_agree(emb: np.ndarray, k1: int, k2: int, lam: float,
-                           chunk_size: int = rr.DEFAULT_CHUNK, norm: str = "none") -> np.ndarray:
+                           chunk_size: int = neighbours.DEFAULT_CHUNK,
+                           norm: str = "none") -> np.ndarray:
     ref = rerank_reference(emb, k1, k2, lam, norm=norm)
     dense = rerank(emb, k1, k2, lam, chunk_size=chunk_size, norm=norm)
     assert dense.shape == ref.shape and dense.dtype == np.float32
@@ -113,60 +79,13 @@ def test_fast_paths_match_reference_clustered(seed, k1, k2):
     assert_all_paths_agree(emb, k1, k2, 0.3, chunk_size=7, norm="rowmax")
 
 
-# ---------------------------------------------------------------------------- neighbours
-
-
-def reference_lists(emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Self first, then the others by (float64 distance, index): a stable argsort."""
-    d = original_distance(emb)
-    n = len(emb)
-    idx = np.empty((n, k), dtype=np.int64)
-    for i in range(n):
-        others = np.delete(np.arange(n), i)
-        idx[i] = np.concatenate([[i], others[np.argsort(d[i, others], kind="stable")]])[:k]
-    return idx, np.take_along_axis(d, idx, axis=1)
-
-
-@pytest.mark.parametrize("backend", ["torch", "faiss"])
-@pytest.mark.parametrize("data", ["random", "clustered", "duplicates"])
-def test_nearest_neighbours_are_the_reference_lists_on_both_backends(backend, data):
-    if backend == "faiss":
-        pytest.importorskip("faiss")
-    emb = {"random": lambda: random_unit(80, 16), "clustered": lambda: clustered(9)[0],
-           "duplicates": with_duplicates}[data]()
-    for k in (1, 4, 21):
-        want_i, want_d = reference_lists(emb, k)
-        got_i, got_d = rr.nearest_neighbours(emb, k, backend=backend, chunk_size=13)
-        np.testing.assert_array_equal(got_i, want_i)
-        np.testing.assert_allclose(got_d, want_d, rtol=0, atol=1e-15)
-
-
-def test_faiss_backend_gives_the_same_post_processing():
+def test_faiss_backend_gives_the_same_sparse_reranking():
     pytest.importorskip("faiss")
     emb, _ = clustered(11, n_ids=12)
-    for alpha in (0.0, 3.0):
-        np.testing.assert_allclose(
-            average_query_expansion(emb, 4, alpha, backend="faiss", chunk_size=9),
-            average_query_expansion(emb, 4, alpha, backend="torch"), rtol=0, atol=1e-6)
     for norm in ("none", "rowmax"):
         ref = rerank_reference(emb, 8, 3, 0.3, norm=norm)
         got = sparse_as_dense(emb, rerank_sparse(emb, 8, 3, 0.3, norm=norm, backend="faiss"))
         np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
-
-
-def test_knn_backend_resolution(monkeypatch):
-    big = rr.AUTO_FAISS_MIN_N
-    monkeypatch.setattr(rr, "faiss_available", lambda: True)
-    assert rr.resolve_knn_backend("torch", "cpu", big) == "torch"
-    assert rr.resolve_knn_backend("auto", "cuda", big) == "torch"
-    assert rr.resolve_knn_backend("auto", "cpu", big - 1) == "torch"
-    assert rr.resolve_knn_backend("auto", "cpu", big) == "faiss"
-    monkeypatch.setattr(rr, "faiss_available", lambda: False)
-    assert rr.resolve_knn_backend("auto", "cpu", big) == "torch"  # not installed: torch
-    with pytest.raises(ValueError, match="needs the faiss-cpu package"):
-        rr.resolve_knn_backend("faiss", "cpu")
-    with pytest.raises(ValueError, match="backend must be one of auto, torch, faiss"):
-        rr.resolve_knn_backend("annoy")
 
 
 # ---------------------------------------------------------------------------- the authors' code
@@ -271,8 +190,10 @@ def test_ties_and_duplicates_match_reference(monkeypatch):
             return fn(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(rr, "_order_windows", spy("windows", rr._order_windows))
-    monkeypatch.setattr(rr, "_full_rows64", spy("full rows", rr._full_rows64))
+    monkeypatch.setattr(neighbours, "_order_windows",
+                        spy("windows", neighbours._order_windows))
+    monkeypatch.setattr(neighbours, "_full_rows64",
+                        spy("full rows", neighbours._full_rows64))
     emb = with_duplicates()
     for k1, k2, lam in [(5, 3, 0.3), (20, 6, 0.3), (2, 1, 0.0), (9, 4, 0.5)]:
         assert_all_paths_agree(emb, k1, k2, lam, chunk_size=16)
@@ -290,7 +211,7 @@ def test_coarse_embeddings_with_many_exact_ties():
 def test_torch_branches_used_off_the_cpu(monkeypatch):
     # The helpers take numpy's routines on the CPU and torch's elsewhere (CUDA); run the torch
     # ones here so they are tested without a GPU.
-    monkeypatch.setattr(rr, "_NUMPY_ON_CPU", False)
+    monkeypatch.setattr(array_ops, "_NUMPY_ON_CPU", False)
     assert_all_paths_agree(random_unit(60, 16), 20, 6, 0.3, chunk_size=16)
     emb, _ = clustered(2)
     assert_all_paths_agree(emb, 8, 3, 0.3)
@@ -446,61 +367,6 @@ def test_embedding_errors(emb, message):
         average_query_expansion(emb, 1)
 
 
-# ---------------------------------------------------------------------------- query expansion
-
-
-def qe_loop(emb: np.ndarray, k: int, alpha: float) -> np.ndarray:
-    """Plain loop: self first, then the k nearest others by (distance, index)."""
-    x = emb.astype(np.float64)
-    n = len(x)
-    d = original_distance(emb)
-    out = np.empty_like(x)
-    for i in range(n):
-        others = [j for j in np.argsort(d[i], kind="stable") if j != i][:min(k, n - 1)]
-        members = [i, *others]
-        weights = np.array([max(1.0 - d[i, j] / 2.0, 0.0) ** alpha for j in members])
-        weights[0] = 1.0
-        mean = (weights[:, None] * x[members]).sum(axis=0)
-        out[i] = mean / np.linalg.norm(mean)
-    return out
-
-
-@pytest.mark.parametrize(("k", "alpha"), [(1, 0.0), (3, 0.0), (3, 3.0), (10, 1.0), (100, 0.5)])
-def test_query_expansion_matches_loop(k, alpha):
-    emb, _ = clustered(11)
-    out = average_query_expansion(emb, k, alpha)
-    assert out.dtype == np.float32 and out.shape == emb.shape
-    np.testing.assert_allclose(out, qe_loop(emb, k, alpha), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-6)
-
-
-def test_query_expansion_alpha_zero_is_plain_average():
-    emb = random_unit(40, 8, seed=12)
-    d = original_distance(emb)
-    out = average_query_expansion(emb, 4)
-    for i in range(len(emb)):
-        members = [i] + [j for j in np.argsort(d[i], kind="stable") if j != i][:4]
-        mean = emb[members].astype(np.float64).mean(axis=0)
-        np.testing.assert_allclose(out[i], mean / np.linalg.norm(mean), atol=1e-6)
-
-
-def test_query_expansion_k_zero_is_identity_and_chunks_agree():
-    emb, _ = clustered(13)
-    np.testing.assert_allclose(average_query_expansion(emb, 0), emb, atol=1e-7)
-    with_ties = with_duplicates()
-    for x in (emb, with_ties):
-        np.testing.assert_allclose(average_query_expansion(x, 5, 2.0, chunk_size=3),
-                                   average_query_expansion(x, 5, 2.0), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(average_query_expansion(with_ties, 5, 2.0),
-                               qe_loop(with_ties, 5, 2.0), rtol=0, atol=1e-6)
-    np.testing.assert_array_equal(database_augmentation(emb, 3, 1.0),
-                                  average_query_expansion(emb, 3, 1.0))
-    with pytest.raises(ValueError, match="alpha must be a finite number >= 0"):
-        average_query_expansion(emb, 2, -1.0)
-    with pytest.raises(ValueError, match="k must be an integer >= 0"):
-        average_query_expansion(emb, -1)
-
-
 # ---------------------------------------------------------------------------- scores in [0, 1]
 
 
@@ -546,7 +412,7 @@ def test_fast_paths_match_reference_on_real_embeddings():
     import pandas as pd
 
     from jaguar_reid.config import load_config
-    from jaguar_reid.retrieval.embed import embed_views
+    from jaguar_reid.retrieval.embedding import embed_views
     from jaguar_reid.training.model import build_model
 
     train = pd.read_csv(DOGS / "train.csv")

@@ -12,7 +12,7 @@ import pytest
 from jaguar_reid import layout
 from jaguar_reid.config import load_config
 from jaguar_reid.retrieval.postprocess import PostSettings
-from jaguar_reid.retrieval.tune import per_identity_subsets, search
+from jaguar_reid.retrieval.search import per_identity_subsets, search
 from tests.helpers import fake_experiment
 
 
@@ -80,7 +80,7 @@ def test_search_leaves_everything_off_when_nothing_helps():
 @pytest.mark.slow
 def test_tune_then_submit_on_a_tiny_experiment(demo_dir, tmp_path, tiny_cfg_args, capsys):
     from jaguar_reid import submission, train
-    from jaguar_reid.retrieval import tune
+    from jaguar_reid.retrieval import search as search_module
 
     out = tmp_path / "out"
     args = [*tiny_cfg_args, f"data.dir={demo_dir}", f"output_dir={out}",
@@ -93,7 +93,7 @@ def test_tune_then_submit_on_a_tiny_experiment(demo_dir, tmp_path, tiny_cfg_args
               "tune.k1=[4]", "tune.k2=[2]", "tune.lambda=[0.3]", "tune.blend=[0.5]",
               "tune.proto_weight=[0.3]", "tune.proto_scale=[10.0]", "tune.min_gain=-1",
               "tune.local=true", "local.top_b=3", "local.max_keypoints=128"]
-    tune.main([*args, *forced])
+    search_module.main([*args, *forced])
     saved = json.loads((layout.work_dir(cfg) / layout.POST_CHOICE).read_text())
     s = saved["settings"]
     assert s["views"] == ["orig", "flip"] and s["qe_k"] == 1 and s["dba_k"] == 1
@@ -167,7 +167,7 @@ def test_per_identity_subsets_mimic_a_sparse_test_gallery():
 
 def views_experiment(out, exp, emb, labels, kind="neck"):
     """Two finished folds whose out-of-fold view embeddings are already saved (no model)."""
-    from jaguar_reid.retrieval.embed import VIEWS_VERSION
+    from jaguar_reid.retrieval.embedding import VIEWS_VERSION
     from jaguar_reid.training.digest import weights_digest
 
     cfg = load_config([f"output_dir={out}", f"exp={exp}", f"model.retrieval={kind}"])
@@ -186,7 +186,7 @@ def views_experiment(out, exp, emb, labels, kind="neck"):
 
 
 def test_tuning_an_ensemble_of_experiments(tmp_path):
-    from jaguar_reid.retrieval.tune import tune
+    from jaguar_reid.retrieval.search import tune
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.array(list("abcdef")), 3)
@@ -222,7 +222,7 @@ def test_tuning_an_ensemble_of_experiments(tmp_path):
 
 
 def test_a_gain_that_some_folds_contradict_is_noise():
-    from jaguar_reid.retrieval.tune import Search
+    from jaguar_reid.retrieval.search import Search
 
     def result(*per_fold):
         return {"map": float(np.mean(per_fold)), "pair_auc": 0.5,

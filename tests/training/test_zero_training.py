@@ -14,7 +14,7 @@ from PIL import Image
 
 from jaguar_reid import layout, submission, train
 from jaguar_reid.config import load_config
-from jaguar_reid.data.tables import resolve_image_paths
+from jaguar_reid.data.csv_tables import resolve_image_paths
 from jaguar_reid.retrieval.metrics import identity_balanced_map
 
 pytestmark = pytest.mark.slow

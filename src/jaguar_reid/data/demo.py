@@ -568,7 +568,3 @@ def main(argv: list[str] | None = None) -> None:
     print(f"demo data: {summary['n_ids']} identities, {summary['n_train']} train images, "
           f"{summary['n_test']} test images, {summary['n_pairs']} pairs -> {summary['out_dir']} "
           f"({time.perf_counter() - t0:.1f}s)")
-
-
-if __name__ == "__main__":
-    main()

@@ -11,11 +11,12 @@ import torch
 from PIL import Image, ImageFilter, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from jaguar_reid.config import Config, ConfigError, declare_choices
+from jaguar_reid.config import Config, ConfigError
+from jaguar_reid.data.csv_tables import DataError
 from jaguar_reid.data.preprocess import mean_colour, square_window
-from jaguar_reid.data.tables import DataError
+from jaguar_reid.keys import choices
 
-ALPHA_MODES = declare_choices("data.alpha", ("rgb", "crop", "crop_fill", "crop_blur"))
+ALPHA_MODES = choices("data.alpha")
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")

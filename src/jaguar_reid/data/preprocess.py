@@ -13,17 +13,17 @@ import cv2
 import numpy as np
 import timm
 
-from jaguar_reid.config import AUTO, Config, declare_choices
+from jaguar_reid.config import AUTO, Config
+from jaguar_reid.keys import choices
 
 # squash: stretch to the square (timm's own eval for EVA-02); letterbox: fit the long side and
 # pad with the mean colour; crop: fit the short side and cut the centre square; mask: a square
 # window around the animal's mask, padded where the image ends (the loader cuts it; whole
 # images without a mask are letterboxed).
-RESIZE_MODES = declare_choices("data.resize", ("squash", "letterbox", "crop", "mask"))
+RESIZE_MODES = choices("data.resize")
 INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
                   "area": cv2.INTER_AREA, "nearest": cv2.INTER_NEAREST,
                   "lanczos": cv2.INTER_LANCZOS4}
-declare_choices("data.interpolation", (AUTO, *INTERPOLATIONS))
 # timm's defaults for a backbone without a pretrained configuration (ImageNet's statistics).
 _FALLBACK = {"mean": timm.data.IMAGENET_DEFAULT_MEAN, "std": timm.data.IMAGENET_DEFAULT_STD,
              "interpolation": "bicubic"}

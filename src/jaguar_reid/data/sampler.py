@@ -20,9 +20,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-from jaguar_reid.config import declare_choices
+from jaguar_reid.keys import choices
 
-SAMPLERS = declare_choices("train.sampler", ("random", "pk"))
+SAMPLERS = choices("train.sampler")
 
 
 def random_order(n: int, rng: np.random.Generator) -> np.ndarray:

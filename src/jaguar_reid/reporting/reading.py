@@ -19,8 +19,8 @@ import pandas as pd
 from jaguar_reid import layout
 from jaguar_reid.config import Config, ConfigError, dump_config, load_saved_config
 from jaguar_reid.io_utils import read_json
-from jaguar_reid.reporting.leaderboard import tuned_scores
-from jaguar_reid.retrieval.scoring import collect_fold_scores, summarise
+from jaguar_reid.reporting.runs import tuned_scores
+from jaguar_reid.retrieval.oof import collect_fold_scores, summarise
 
 # Long side of a retrieval-strip thumbnail in pixels (enough to tell rosettes apart).
 THUMB_PX = 160
@@ -160,7 +160,7 @@ def _experiment_config(cfg: Config, exp_dir: Path, missing: list[str]) -> tuple[
 
 
 def _scores_from_embeddings(exp_dir: Path, missing: list[str]) -> list[dict]:
-    """jaguar_reid.retrieval.scoring's per-fold rows, for a run whose oof_scores.json is not
+    """jaguar_reid.retrieval.oof's per-fold rows, for a run whose oof_scores.json is not
     (yet) written."""
     if not exp_dir.is_dir():
         return []
@@ -224,7 +224,7 @@ def read_experiment(cfg: Config) -> ExperimentData:
 
 def image_finder(roots: Sequence[str | Path]) -> tuple[Callable[[str], Path | None], Path | None]:
     """(name -> image file or None, the data folder used): the first of `roots` that is a
-    folder, searched like jaguar_reid.data.tables resolves train.csv names (a bare name
+    folder, searched like jaguar_reid.data.csv_tables resolves train.csv names (a bare name
     anywhere beneath)."""
     root = next((Path(r) for r in roots if r and Path(r).is_dir()), None)
     if root is None:
@@ -236,9 +236,9 @@ def image_finder(roots: Sequence[str | Path]) -> tuple[Callable[[str], Path | No
         if Path(name).parent != Path(".") and (root / name).is_file():
             return root / name
         if index is None:
-            # jaguar_reid.data.tables brings torch with it; a report without strips never
+            # jaguar_reid.data.csv_tables brings torch with it; a report without strips never
             # needs it.
-            from jaguar_reid.data.tables import index_images
+            from jaguar_reid.data.csv_tables import index_images
             index = index_images(root)
         found = index.get(Path(name).name, [])
         return found[0] if len(found) == 1 else None

@@ -14,9 +14,9 @@ from datetime import datetime, timezone
 from jaguar_reid import layout
 from jaguar_reid.config import Config, config_digest
 from jaguar_reid.reporting.analysis import Analysis
-from jaguar_reid.reporting.leaderboard import code_version
 from jaguar_reid.reporting.plots import FIGURES
 from jaguar_reid.reporting.reading import ExperimentData
+from jaguar_reid.reporting.runs import code_version
 from jaguar_reid.reporting.tables import (
     Table,
     cv_test_table,

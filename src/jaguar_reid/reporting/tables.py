@@ -8,8 +8,8 @@ import json
 import math
 from collections.abc import Sequence
 
-from jaguar_reid.reporting.leaderboard import tuned_scores
 from jaguar_reid.reporting.reading import ExperimentData, FoldData
+from jaguar_reid.reporting.runs import tuned_scores
 from jaguar_reid.retrieval.floor import FLOOR_NAME
 
 # Table rows for identities: beyond this the table is unreadable; the worst are kept.

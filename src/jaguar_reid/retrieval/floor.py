@@ -27,8 +27,8 @@ from PIL import Image
 
 from jaguar_reid import layout
 from jaguar_reid.config import Config
+from jaguar_reid.data.csv_tables import resolve_image_paths
 from jaguar_reid.data.images import read_rgba
-from jaguar_reid.data.tables import resolve_image_paths
 from jaguar_reid.io_utils import atomic_path, file_lock
 from jaguar_reid.training.digest import weights_digest
 from jaguar_reid.training.model import create_backbone

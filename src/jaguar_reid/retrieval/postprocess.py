@@ -23,30 +23,28 @@ from typing import Any
 
 import numpy as np
 
-from jaguar_reid.config import declare_choices, schema_value
 from jaguar_reid.io_utils import UserInputError
+from jaguar_reid.keys import choices, default
+from jaguar_reid.retrieval.expansion import average_query_expansion, database_augmentation
 from jaguar_reid.retrieval.rerank import (
     DEFAULT_MAX_DENSE_BYTES,
-    average_query_expansion,
     blend,
-    database_augmentation,
     distance_to_similarity,
     estimate_rerank_memory,
     rerank,
-    rerank_pairs,
-    rerank_sparse,
 )
+from jaguar_reid.retrieval.rerank_sparse import rerank_pairs, rerank_sparse
 
-PROTO_SOURCES = declare_choices("post.proto_source", ("mean", "arcface"))
-ON_LARGE = declare_choices("post.on_large", ("sparse", "stop"))  # past post.max_dense_gb
-DEFAULT_ON_LARGE = schema_value("post.on_large")
-DEFAULT_KNN_BACKEND = schema_value("post.knn_backend")
+PROTO_SOURCES = choices("post.proto_source")
+ON_LARGE = choices("post.on_large")  # past post.max_dense_gb
+DEFAULT_ON_LARGE = default("post.on_large")
+DEFAULT_KNN_BACKEND = default("post.knn_backend")
 _PAIR_CHUNK = 1 << 12  # pairs per block when dotting rows: bounds the temporaries
 
 
 def _default(key: str) -> Any:
-    """A field whose default is the schema's `post.<key>` (configs/default.yaml)."""
-    return field(default_factory=lambda: schema_value(f"post.{key}"))
+    """A field whose default is key `post.<key>`'s (`jaguar_reid.keys`)."""
+    return field(default_factory=lambda: default(f"post.{key}"))
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,7 @@ class PostSettings:
     """One post-processing choice; field names are the config's `post.*` keys (`lambda` is
     `lambda_value` here, a Python keyword)."""
 
-    views: tuple[str, ...] = field(default_factory=lambda: tuple(schema_value("embed.tta")))
+    views: tuple[str, ...] = field(default_factory=lambda: tuple(default("embed.tta")))
     qe_k: int = _default("qe_k")
     qe_alpha: float = _default("qe_alpha")
     dba_k: int = _default("dba_k")
@@ -71,17 +69,29 @@ class PostSettings:
     local: bool = _default("local")
 
     @classmethod
-    def from_mapping(cls, data: Mapping, views: Sequence[str] | None = None) -> PostSettings:
-        """From a config's `post` section or a saved choice; unknown keys are ignored (the
-        config's own `use_tuned`, `max_dense_gb`, `on_large` steer, they are not a choice)."""
+    def from_mapping(cls, data: Mapping, views: Sequence[str] | None = None,
+                     source: str = "post-processing settings") -> PostSettings:
+        """From a saved choice (`postprocess.json`): a key that is not a choice's is an error
+        naming it and `source`, never dropped."""
         names = {f.name for f in fields(cls)}
         values = {("lambda_value" if k == "lambda" else k): v for k, v in data.items()}
-        values = {k: v for k, v in values.items() if k in names}
+        unknown = sorted(k for k in values if k not in names)
+        if unknown:
+            raise UserInputError(f"{source}: unknown post-processing key {unknown[0]!r} (known: "
+                                 f"{', '.join(sorted(cls().to_dict()))}); it was saved by "
+                                 "another version: run python -m jaguar_reid.tune again")
         if views is not None:
             values["views"] = views
         if "views" in values:
             values["views"] = tuple(values["views"])
         return cls(**values)
+
+    @classmethod
+    def from_config(cls, post: Mapping, views: Sequence[str]) -> PostSettings:
+        """From a config's `post` section and views: its keys that make a choice (the others,
+        such as `use_tuned` or `max_dense_gb`, steer how a choice is applied)."""
+        chosen = {k: v for k, v in post.items() if k in cls().to_dict()}
+        return cls.from_mapping(chosen, views=views)
 
     def to_dict(self) -> dict:
         out = asdict(self)

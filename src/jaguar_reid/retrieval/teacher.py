@@ -21,7 +21,7 @@ import numpy as np
 from jaguar_reid import layout
 from jaguar_reid.config import Config
 from jaguar_reid.io_utils import atomic_path
-from jaguar_reid.retrieval.embed import combine_views, embed_fold, ensemble_embeddings
+from jaguar_reid.retrieval.embedding import combine_views, embed_fold, ensemble_embeddings
 from jaguar_reid.training.digest import experiments_digest
 
 

@@ -29,15 +29,16 @@ from pathlib import Path
 import numpy as np
 
 from jaguar_reid import layout
-from jaguar_reid.config import Config, declare_choices
+from jaguar_reid.config import Config
 from jaguar_reid.io_utils import atomic_path
+from jaguar_reid.keys import choices
 from jaguar_reid.retrieval import fusion, learned, local
 
-GEOMETRY = declare_choices("local.model", tuple(local.GEOMETRIC_MODELS))
-FUSIONS = declare_choices("local.fusion", fusion.METHODS)
-MATCH_METHODS = declare_choices("local.method", tuple(local.MATCH_METHODS))
-EXTRACTORS = declare_choices("local.extractor", ("sift", "disk"))  # disk: local.weights
-MATCHERS = declare_choices("local.matcher", ("ratio", "lightglue"))  # lightglue: matcher_weights
+GEOMETRY = choices("local.model")
+FUSIONS = choices("local.fusion")
+MATCH_METHODS = choices("local.method")
+EXTRACTORS = choices("local.extractor")  # disk: local.weights
+MATCHERS = choices("local.matcher")  # lightglue: matcher_weights
 FEATURE_KEYS = ("extractor", "max_side", "max_keypoints", "mask_erode")
 MATCH_KEYS = ("matcher", "ratio", "min_matches", "ransac_threshold", "method", "model")
 LOCAL_DIR = "local"     # in the cache folder

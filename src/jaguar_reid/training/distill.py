@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import ContrastiveLoss
 
-from jaguar_reid.config import declare_choices
+from jaguar_reid.keys import choices
 
-DISTILL_LOSSES = declare_choices("train.distill_loss", ("reg", "contr_reg"))
+DISTILL_LOSSES = choices("train.distill_loss")
 
 
 def regression_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from jaguar_reid.config import declare_choices
+from jaguar_reid.keys import choices
 from jaguar_reid.layout import PACKAGE_PARENT
 
 # Set by the launcher in a fold-parallel child: train its fold, leave the experiment report to
 # the parent.
-PARALLEL_MODES = declare_choices("parallel", ("data", "folds"))  # with gpus > 1
+PARALLEL_MODES = choices("parallel")  # with gpus > 1
 CHILD_ENV = "REID_FOLD_CHILD"
 TRAIN_MODULE = "jaguar_reid.train"  # the command the launchers start (by name: no import)
 

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from jaguar_reid import layout
-from jaguar_reid.config import Config, ConfigError, declare_choices, save_config
+from jaguar_reid.config import Config, ConfigError, save_config
 from jaguar_reid.data.augment import build_transform
 from jaguar_reid.data.images import ImageDataset
 from jaguar_reid.data.sampler import TrainBatchSampler
@@ -49,6 +49,7 @@ from jaguar_reid.io_utils import (
     remove_stray_temps,
     seed_everything,
 )
+from jaguar_reid.keys import choices
 from jaguar_reid.training import distributed
 from jaguar_reid.training.checkpoint import (
     append_log,
@@ -59,14 +60,14 @@ from jaguar_reid.training.checkpoint import (
     set_rng_state,
     write_log,
 )
-from jaguar_reid.training.digest import training_digest
+from jaguar_reid.training.digest import Digest, training_digest
 from jaguar_reid.training.distill import distill_loss
 from jaguar_reid.training.lock import fold_lock
 from jaguar_reid.training.losses import Criterion
 from jaguar_reid.training.model import RETRIEVAL_MODES, ReIDModel, TrainStep, build_model
 from jaguar_reid.training.optim import ModelEma, build_optimizer, lr_lambdas, optimizer_step
 
-SELECT = declare_choices("train.select", ("last", "best"))  # weights kept as model.safetensors
+SELECT = choices("train.select")  # weights kept as model.safetensors
 
 # (model, image paths, labels) -> ({retrieval kind: embeddings}, scores): `pair_auc` and
 # `map` of the chosen `model.retrieval`, and `<metric>_<kind>` of every kind.
@@ -153,7 +154,7 @@ class Run:
     cfg: Config
     fold: int | str
     out: Path
-    digest: str
+    digest: Digest
     split: Split
     hooks: FoldHooks
     device: str
@@ -262,7 +263,7 @@ def finished_result(run: Run) -> dict | None:
     if not layout.is_finished(run.out) or run.cfg.train.overwrite:
         return None
     previous = read_json(run.path(layout.FOLD_METRICS))
-    if previous.get("training_digest") != run.digest:
+    if not run.digest.matches(previous.get("training_digest")):
         raise ConfigError(f"{run.out} holds a finished fold trained with a different config; "
                           "use a new exp=NAME or train.overwrite=true to replace it")
     if run.main:
@@ -276,7 +277,7 @@ def read_resume(run: Run) -> dict | None:
     if not path.is_file() or run.cfg.train.overwrite:
         return None
     resume = load_checkpoint(path)
-    if resume.get("training_digest") != run.digest:
+    if not run.digest.matches(resume.get("training_digest")):
         raise ConfigError(f"{path}: an unfinished run of a different config; use a new "
                           "exp=NAME, or train.overwrite=true to start this fold again")
     return resume
@@ -465,7 +466,7 @@ def end_epoch(run: Run, parts: Parts, state: State, row: dict) -> None:
 
 
 def checkpoint_state(run: Run, parts: Parts, state: State) -> dict:
-    return {"training_digest": run.digest, "epoch": state.epoch,
+    return {"training_digest": run.digest.current, "epoch": state.epoch,
             "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
             "scheduler": parts.scheduler.state_dict(),
             "ema": parts.ema.state_dict() if parts.ema else None,
@@ -499,7 +500,7 @@ def finish(run: Run, parts: Parts, state: State) -> dict:
     metrics: dict = {"fold": run.fold, "n_train": len(split.train_paths),
                      "n_extra": split.n_extra,
                      "n_val": len(split.val_paths), "classes": split.classes,
-                     "training_digest": run.digest, "weights": selected,
+                     "training_digest": run.digest.current, "weights": selected,
                      "epochs_run": state.history[-1]["epoch"], "best_epoch": state.best_epoch,
                      "seconds": round(time.time() - run.started, 1), "device": run.device,
                      "processes": run.world_size, "retrieval": run.cfg.model.retrieval}

@@ -22,16 +22,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from jaguar_reid.config import Config, declare_choices
+from jaguar_reid.config import Config
 from jaguar_reid.io_utils import UserInputError
+from jaguar_reid.keys import choices
 
 
 class WeightsError(UserInputError):
     """A weights file that cannot be used; the message names it."""
 
-TOKEN_MODES = declare_choices("model.tokens", ("patches", "cls", "both"))
-RETRIEVAL_MODES = declare_choices("model.retrieval", ("neck", "backbone", "both"))
-ATTENTIONS = declare_choices("model.attention", ("none", "glam"))
+TOKEN_MODES = choices("model.tokens")
+RETRIEVAL_MODES = choices("model.retrieval")
+ATTENTIONS = choices("model.attention")
 
 
 class GeM(nn.Module):

@@ -15,16 +15,16 @@ from jaguar_reid import layout
 from jaguar_reid.config import (
     Config,
     check_view,
-    declare_choices,
     experiment_names,
     load_config,
     load_saved_config,
+    with_recipe_of,
 )
 from jaguar_reid.data.augment import build_transform
-from jaguar_reid.data.cache import prepare_images
-from jaguar_reid.data.folds import experiment_folds
+from jaguar_reid.data.csv_tables import DataError, read_train_csv
+from jaguar_reid.data.image_cache import prepare_images
 from jaguar_reid.data.images import ImageDataset, image_loader
-from jaguar_reid.data.tables import DataError, read_train_csv
+from jaguar_reid.data.splits import experiment_folds
 from jaguar_reid.io_utils import (
     amp_dtype,
     atomic_path,
@@ -32,6 +32,7 @@ from jaguar_reid.io_utils import (
     read_json,
     resolve_device,
 )
+from jaguar_reid.keys import choices
 from jaguar_reid.training.digest import weights_digest
 from jaguar_reid.training.model import RETRIEVAL_MODES, load_trained_model
 
@@ -142,7 +143,7 @@ def embed_images(model: torch.nn.Module, paths: Sequence[Path], cfg: Config,
 
 ENSEMBLE_MODES = ("mean", "concat")  # of embeddings; submit.ensemble adds "similarity"
 # The retrieval embedding chosen at submission time; empty: each experiment's own.
-SUBMIT_RETRIEVAL = declare_choices("submit.retrieval", ("", *RETRIEVAL_MODES))
+SUBMIT_RETRIEVAL = choices("submit.retrieval")
 
 
 def ensemble_embeddings(embeddings: Sequence[np.ndarray], mode: str = "mean",
@@ -184,10 +185,14 @@ def ensemble_embeddings(embeddings: Sequence[np.ndarray], mode: str = "mean",
 # --------------------------------------------------------------------------- fold models
 
 
+_SAID: set[str] = set()  # notes already printed by this process
+
+
 def fold_config(cfg: Config, exp: str, fold: int | str) -> tuple[Config, Path]:
-    """A fold's own saved config for the model (with `submit.retrieval` when set) and today's
-    data, cache and embedding settings; and its weights file, read from the experiment's
-    model folder (`layout.model_dir`)."""
+    """The config a fold's model is read with: its own saved recipe (how it was trained: the
+    model, normalisation, size, resize and alpha modes, the cache settings that decide pixels)
+    and today's runtime and after-training settings, `submit.retrieval` when set; and its
+    weights file, read from the experiment's model folder (`layout.model_dir`)."""
     directory = layout.fold_dir(layout.model_dir(cfg, exp), fold)
     weights, saved = directory / layout.MODEL_WEIGHTS, directory / layout.RUN_CONFIG
     if not weights.is_file() or not saved.is_file():
@@ -195,17 +200,15 @@ def fold_config(cfg: Config, exp: str, fold: int | str) -> tuple[Config, Path]:
                                 f"({layout.MODEL_WEIGHTS} and {layout.RUN_CONFIG}); train it "
                                 f"with bash train.sh exp={exp} fold={fold}, or choose "
                                 "submit.folds=...")
-    saved_cfg = load_saved_config(saved)
-    model = saved_cfg.model
+    merged, differing = with_recipe_of(load_saved_config(saved), cfg)
+    merged.exp = exp
     if cfg.submit.retrieval:  # the retrieval embedding is a choice made after training
-        model = Config({**model, "retrieval": cfg.submit.retrieval})
-    # Precision is the machine's choice (a T4 at submission, an H100 in training).
-    train = Config({**saved_cfg.train, "amp": cfg.train.amp, "amp_dtype": cfg.train.amp_dtype})
-    merged = Config({**saved_cfg, "model": model, "embed": cfg.embed, "device": cfg.device,
-                     "train": train,
-                     "cache": cfg.cache, "output_dir": cfg.output_dir, "models": cfg.models,
-                     "data": Config({**saved_cfg.data, "dir": cfg.data.dir,
-                                     "num_workers": cfg.data.num_workers})})
+        merged.model.retrieval = cfg.submit.retrieval
+    note = (f"note: experiment {exp!r} is read with the recipe it was trained with, not "
+            f"today's: {', '.join(differing)}")
+    if differing and note not in _SAID:
+        _SAID.add(note)
+        print(note)
     return merged, weights
 
 

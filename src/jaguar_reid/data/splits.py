@@ -22,14 +22,15 @@ import numpy as np
 import pandas as pd
 
 from jaguar_reid import layout
-from jaguar_reid.config import Config, declare_choices, load_config
-from jaguar_reid.data.cache import prepare_images
+from jaguar_reid.config import Config, load_config
+from jaguar_reid.data.csv_tables import DataError, read_train_csv, resolve_image_paths
 from jaguar_reid.data.dedup import duplicate_groups, hash_to_hex, hex_to_hash, phash
+from jaguar_reid.data.image_cache import prepare_images
 from jaguar_reid.data.images import read_rgba
-from jaguar_reid.data.tables import DataError, read_train_csv, resolve_image_paths
-from jaguar_reid.io_utils import atomic_path, run_main
+from jaguar_reid.io_utils import atomic_path
+from jaguar_reid.keys import choices
 
-STRATEGIES = declare_choices("folds.strategy", ("grouped", "closed"))
+STRATEGIES = choices("folds.strategy")
 FOLD_COLUMNS = ("filename", "ground_truth", "fold")  # and "group" (near-duplicates)
 
 
@@ -260,7 +261,3 @@ def main(argv: list[str]) -> None:
     print(f"{layout.folds_path(cfg)} ({cfg.folds.strategy}, {cfg.folds.n_folds} folds, "
           f"seed {cfg.folds.seed})")
     print(fold_summary(folds_df).to_string())
-
-
-if __name__ == "__main__":
-    run_main(main)

@@ -21,7 +21,7 @@ from typing import Any
 
 from jaguar_reid import layout
 from jaguar_reid.config import Config, config_digest, load_config, load_saved_config
-from jaguar_reid.io_utils import UserInputError, atomic_path, file_lock, read_json, run_main
+from jaguar_reid.io_utils import UserInputError, atomic_path, file_lock, read_json
 
 COLUMNS = ("time", "event", "experiment", "config_digest", "commit", "backbone", "img_size",
            "folds", "oof_map", "oof_pair_auc", "oof_map_post", "oof_pair_auc_post",
@@ -224,7 +224,3 @@ def main(argv: list[str]) -> None:
                              f"of {', '.join(columns)}")
     print(f"{path}: {len(rows)} runs, ranked by {column} (highest first, blanks last)")
     print(format_leaderboard(rank_rows(rows, column), columns))
-
-
-if __name__ == "__main__":
-    run_main(main)

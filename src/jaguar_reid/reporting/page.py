@@ -20,12 +20,12 @@ from pathlib import Path
 
 from jaguar_reid import layout
 from jaguar_reid.config import Config, load_config
-from jaguar_reid.io_utils import atomic_path, atomic_write_text, run_main
+from jaguar_reid.io_utils import atomic_path, atomic_write_text
 from jaguar_reid.reporting.analysis import analyse
-from jaguar_reid.reporting.leaderboard import record_run
 from jaguar_reid.reporting.plots import FIGURES, make_figures
 from jaguar_reid.reporting.reading import read_experiment
 from jaguar_reid.reporting.render import make_sections, render_html, render_markdown
+from jaguar_reid.reporting.runs import record_run
 
 
 def _write_figures(out: Path, figures: dict[str, bytes]) -> None:
@@ -78,7 +78,3 @@ def main(argv: list[str]) -> None:
     cfg = load_config(argv)
     index = build_report(cfg)
     print(f"wrote {index} (and summary.md, figures) for experiment {cfg.exp!r}")
-
-
-if __name__ == "__main__":
-    run_main(main)

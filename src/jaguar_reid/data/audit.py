@@ -20,16 +20,16 @@ import numpy as np
 
 from jaguar_reid import layout
 from jaguar_reid.config import load_config
-from jaguar_reid.data.cache import build_cache, empty_record, unusable_record
-from jaguar_reid.data.dedup import duplicate_groups, hex_to_hash
-from jaguar_reid.data.tables import (
+from jaguar_reid.data.csv_tables import (
     index_images,
     outside_root,
     pair_image_names,
     read_test_csv,
     read_train_csv,
 )
-from jaguar_reid.io_utils import atomic_path, atomic_write_json, atomic_write_text, run_main
+from jaguar_reid.data.dedup import duplicate_groups, hex_to_hash
+from jaguar_reid.data.image_cache import build_cache, empty_record, unusable_record
+from jaguar_reid.io_utils import atomic_path, atomic_write_json, atomic_write_text
 from jaguar_reid.plotting import pyplot
 from jaguar_reid.text import markdown_table
 
@@ -481,8 +481,3 @@ def main(argv: list[str]) -> None:
     path = write_report(records, groups, cross, out_dir)
     n_problems = sum(1 for r in records if r["problems"])
     print(f"data check: {len(records)} images, {n_problems} with problems -> {path}")
-
-
-if __name__ == "__main__":
-
-    run_main(main)

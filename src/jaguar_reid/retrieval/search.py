@@ -27,7 +27,7 @@ import numpy as np
 
 from jaguar_reid import layout
 from jaguar_reid.config import Config, experiment_names, load_config
-from jaguar_reid.data.tables import (
+from jaguar_reid.data.csv_tables import (
     pair_image_names,
     read_test_csv,
     read_train_csv,
@@ -38,9 +38,8 @@ from jaguar_reid.io_utils import (
     atomic_write_text,
     read_json,
     resolve_device,
-    run_main,
 )
-from jaguar_reid.retrieval.embed import (
+from jaguar_reid.retrieval.embedding import (
     combine_views,
     ensemble_embeddings,
     ensure_oof_views,
@@ -481,16 +480,12 @@ def load_choice(cfg: Config) -> tuple[PostSettings, str]:
     if cfg.post.use_tuned and path.is_file():
         saved = read_json(path)
         try:
-            return PostSettings.from_mapping(saved["settings"]), str(path)
+            return PostSettings.from_mapping(saved["settings"], source=str(path)), str(path)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{path}: not a choice saved by python -m jaguar_reid.tune ({exc}); "
                              "run it again or set post.use_tuned=false") from None
-    return PostSettings.from_mapping(cfg.post, views=cfg.embed.tta), "config (post.*, embed.tta)"
+    return PostSettings.from_config(cfg.post, cfg.embed.tta), "config (post.*, embed.tta)"
 
 
 def main(argv: list[str]) -> None:
     tune(load_config(argv))
-
-
-if __name__ == "__main__":
-    run_main(main)

@@ -17,27 +17,26 @@ from jaguar_reid import layout
 from jaguar_reid.config import (
     METRICS,
     Config,
-    declare_choices,
     load_config,
     load_saved_config,
 )
-from jaguar_reid.data.tables import DataError
+from jaguar_reid.data.csv_tables import DataError
 from jaguar_reid.io_utils import (
     atomic_write_json,
     atomic_write_text,
     read_json,
     resolve_device,
-    run_main,
 )
-from jaguar_reid.retrieval.embed import embed_all
+from jaguar_reid.keys import choices
+from jaguar_reid.retrieval.embedding import embed_all
 from jaguar_reid.retrieval.floor import FLOOR_NAME, Floor, below_floor
 from jaguar_reid.retrieval.metrics import identity_balanced_map, pair_roc_auc
 from jaguar_reid.text import markdown_table
 from jaguar_reid.training.model import RETRIEVAL_MODES
 
 FloorFn = Callable[[list[str]], np.ndarray]  # file names -> plain floor embeddings
-TUNE_METRICS = declare_choices("tune.metric", METRICS)
-MONITORS = declare_choices("train.monitor", METRICS)  # scored each epoch
+TUNE_METRICS = choices("tune.metric")
+MONITORS = choices("train.monitor")  # scored each epoch
 METRIC_NAMES = {"pair_auc": "pair ROC-AUC", "map": "identity-balanced mAP"}
 
 
@@ -187,7 +186,3 @@ def main(argv: list[str]) -> None:
     summary = score_experiment(layout.model_dir(cfg), out_dir=layout.work_dir(cfg),
                                floor=floor_for(cfg, resolve_device(cfg.device)))
     report_floor(f"experiment {cfg.exp!r} out of fold:", summary)
-
-
-if __name__ == "__main__":
-    run_main(main)

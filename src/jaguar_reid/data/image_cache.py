@@ -29,16 +29,16 @@ from tqdm import tqdm
 
 from jaguar_reid import layout
 from jaguar_reid.config import Config, load_config
-from jaguar_reid.data.dedup import hash_to_hex, phash
-from jaguar_reid.data.images import SIXTEEN_BIT_MODES, image_loader, mask_box, to_rgba
-from jaguar_reid.data.tables import (
+from jaguar_reid.data.csv_tables import (
     DataError,
     pair_image_names,
     read_test_csv,
     read_train_csv,
     resolve_image_paths,
 )
-from jaguar_reid.io_utils import atomic_path, atomic_write_text, file_lock, run_main
+from jaguar_reid.data.dedup import hash_to_hex, phash
+from jaguar_reid.data.images import SIXTEEN_BIT_MODES, image_loader, mask_box, to_rgba
+from jaguar_reid.io_utils import atomic_path, atomic_write_text, file_lock
 
 # 2: cached files are named after the source's path, not its stem alone.
 CACHE_VERSION = 2
@@ -267,8 +267,3 @@ def main(argv: list[str]) -> None:
                 "train images")
     build_cache(resolve_image_paths(files["root"], test_names, files["test"]), cfg, "test images")
     print(f"cache ready: {cache_dir(cfg)}")
-
-
-if __name__ == "__main__":
-
-    run_main(main)
