@@ -34,12 +34,12 @@ def time_experiment(cfg, exp: str, folds: list, names: list[str], device: str) -
     files = layout.data_files(cfg)
     for fold in folds:
         fold_cfg, weights = fold_config(cfg, exp, fold)
-        paths, load, _ = prepare_images(fold_cfg, names, files["test"], "test images")
+        images = prepare_images(fold_cfg, names, files.test, "test images")
         start = time.perf_counter()
         model = load_trained_model(fold_cfg, weights)
         load_s += time.perf_counter() - start
         start = time.perf_counter()
-        embed_views(model, paths, fold_cfg, device, load, tuple(cfg.embed.tta))
+        embed_views(model, images.paths, fold_cfg, device, images.load, tuple(cfg.embed.tta))
         embed_s += time.perf_counter() - start
     return {"exp": exp, "models": len(folds), "size": fold_cfg.data.img_size,
             "load_s": load_s, "embed_s": embed_s}
@@ -52,7 +52,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(__doc__)
     cfg = load_config(overrides)
     device = resolve_device(cfg.device)
-    names = pair_image_names(read_test_csv(layout.data_files(cfg)["test"]))
+    names = pair_image_names(read_test_csv(layout.data_files(cfg).test))
     rows = []
     for run in runs:
         exp, _, spec = run.partition(":")

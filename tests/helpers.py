@@ -60,7 +60,7 @@ def tiny_png(path: Path, seed: int, size: tuple[int, int] = (24, 16)) -> Path:
 
 def make_data(root: Path) -> Path:
     """12 train images of 4 identities, 3 test images, every ordered test pair."""
-    files = {key: root / name for key, name in layout.DATA_FILES.items()}
+    files = layout.DataFiles.under(root)
     train = [(f"train_{i:04d}.png", IDS[i % len(IDS)]) for i in range(12)]
     test = [f"test_{i:04d}.png" for i in range(1, 4)]
     for i, (name, _) in enumerate(train):
@@ -68,10 +68,10 @@ def make_data(root: Path) -> Path:
     for i, name in enumerate(test):
         tiny_png(root / "test" / "test" / name, 100 + i)
     pairs = [(q, g) for q in test for g in test if q != g]
-    files["train"].write_text(TRAIN_HEADER + "".join(f"{f},{g}\n" for f, g in train))
-    files["test"].write_text(
+    files.train.write_text(TRAIN_HEADER + "".join(f"{f},{g}\n" for f, g in train))
+    files.test.write_text(
         TEST_HEADER + "".join(f"{i},{q},{g}\n" for i, (q, g) in enumerate(pairs)))
-    files["sample"].write_text(
+    files.sample.write_text(
         SAMPLE_HEADER + "".join(f"{i},0.5\n" for i in range(len(pairs))))
     return root
 

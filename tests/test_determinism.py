@@ -40,7 +40,7 @@ def test_same_seed_same_folds_file(demo_dir, tmp_path, strategy):
 def test_other_seed_other_split_same_seed_same_split(demo_dir):
     cfg = load_config([f"data.dir={demo_dir}", "folds.strategy=closed", "folds.n_folds=4",
                        "folds.dup_threshold=-1"])
-    train_df = read_train_csv(layout.data_files(cfg)["train"])
+    train_df = read_train_csv(layout.data_files(cfg).train)
     split = make_folds(train_df, cfg)
     again = make_folds(train_df, load_config([f"data.dir={demo_dir}", "folds.strategy=closed",
                                               "folds.n_folds=4", "folds.dup_threshold=-1"]))
@@ -97,6 +97,6 @@ def test_two_trainings_give_the_same_weights_and_submission(demo_dir, tmp_path, 
             np.load(layout.submission_extra(sub_b, layout.EMBEDDINGS_EXTRA)) as eb:
         assert np.array_equal(ea["embeddings"], eb["embeddings"])
     sub = pd.read_csv(sub_a)
-    test_rows = pd.read_csv(layout.data_files(cfg_a)["test"])["row_id"]
+    test_rows = pd.read_csv(layout.data_files(cfg_a).test)["row_id"]
     assert sub["row_id"].tolist() == test_rows.tolist()
     assert sub["similarity"].nunique() > 1  # a real submission, not a constant

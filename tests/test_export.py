@@ -224,10 +224,10 @@ def _test_batch(fold_cfg) -> tuple[torch.Tensor, list[Path]]:
     from jaguar_reid.data.images import ImageDataset
 
     files = layout.data_files(fold_cfg)
-    names = pair_image_names(read_test_csv(files["test"]))
-    paths, load, _ = prepare_images(fold_cfg, names, files["test"], "test images")
-    dataset = ImageDataset(paths, None, build_transform(fold_cfg, train=False), load)
-    return torch.stack([dataset[i][0] for i in range(len(dataset))]), paths
+    names = pair_image_names(read_test_csv(files.test))
+    images = prepare_images(fold_cfg, names, files.test, "test images")
+    dataset = ImageDataset(images.paths, None, build_transform(fold_cfg, train=False), images.load)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))]), images.paths
 
 
 def test_onnx_embeddings_match_pytorch(trained, tmp_path, capsys):

@@ -380,6 +380,8 @@ def test_full_disk_at_submission_keeps_the_previous_file(tmp_path, monkeypatch, 
     exp = fake_experiment(args)
     submission.main(args)
     first = (exp / layout.SUBMISSION).read_bytes()
+    outputs = {p.name: p.read_bytes() for p in exp.glob(f"{layout.SUBMISSION[:-4]}*")}
+    assert len(outputs) >= 2  # the submission and its embeddings
     real_to_csv = pd.DataFrame.to_csv
 
     def to_csv(self, path=None, *a, **k):
@@ -391,8 +393,9 @@ def test_full_disk_at_submission_keeps_the_previous_file(tmp_path, monkeypatch, 
     err = cli_error(submission.main, [*args, "submit.retrieval=backbone"], capsys)
     reason = "no space left on the device" if code == errno.ENOSPC else "disk quota exceeded"
     assert err.startswith(f"error: {exp / layout.SUBMISSION}: the disk is full ({reason})")
-    assert f"the earlier {layout.SUBMISSION} is intact and the partial copy was removed" in err
+    assert "are all intact and the partial copies were removed" in err
     assert (exp / layout.SUBMISSION).read_bytes() == first
+    assert {p.name: p.read_bytes() for p in exp.glob(f"{layout.SUBMISSION[:-4]}*")} == outputs
     assert not temps(exp)
 
 

@@ -70,10 +70,10 @@ def test_pseudo_labels_keep_what_the_out_of_fold_curve_allows(closed, capsys):
     assert result["oof_images"] == len(confidence)
     # Kept: the test images at or above the threshold, each with a training identity.
     assert len(kept) == result["kept"] > 0 and (kept["confidence"] >= result["threshold"]).all()
-    train_ids = set(pd.read_csv(layout.data_files(load_config(args))["train"])["ground_truth"])
+    train_ids = set(pd.read_csv(layout.data_files(load_config(args)).train)["ground_truth"])
     assert set(kept["identity"]) <= train_ids
     assert list(kept["confidence"]) == sorted(kept["confidence"], reverse=True)
-    labels = pd.read_csv(layout.data_files(load_config(args))["test_labels"])
+    labels = pd.read_csv(layout.data_files(load_config(args)).test_labels)
     truth = dict(zip(labels["filename"], labels["ground_truth"], strict=True))
     right = np.mean([truth[f] == i for f, i in zip(kept["filename"], kept["identity"],
                                                    strict=True)])
@@ -139,7 +139,7 @@ def test_a_student_learns_the_ensembles_embedding_and_submits_alone(closed, caps
     assert len(cached) == 1 and "teacher embeddings" in out
     with np.load(cached[0]) as data:
         teacher_train, teacher_test = data["train"], data["test"]
-    n_test = len(pd.read_csv(layout.data_files(load_config(args))["test_labels"]))
+    n_test = len(pd.read_csv(layout.data_files(load_config(args)).test_labels))
     assert teacher_test.shape == (n_test, teacher_train.shape[1])
     assert np.allclose(np.linalg.norm(teacher_train, axis=1), 1.0, atol=1e-5)
     fold = layout.fold_dir(layout.model_dir(load_config(student)), layout.FULL)
@@ -153,12 +153,12 @@ def test_a_student_learns_the_ensembles_embedding_and_submits_alone(closed, caps
     from jaguar_reid.retrieval.teacher import teacher_embeddings
 
     cfg = load_config([*student, "exp=student2", "train.distill_loss=reg"])
-    train_names = pd.read_csv(layout.data_files(cfg)["train"])["filename"].tolist()
-    test_names = pair_image_names(read_test_csv(layout.data_files(cfg)["test"]))
+    train_names = pd.read_csv(layout.data_files(cfg).train)["filename"].tolist()
+    test_names = pair_image_names(read_test_csv(layout.data_files(cfg).test))
     again = teacher_embeddings(cfg, train_names, test_names, "cpu")
     assert "teacher embeddings" not in capsys.readouterr().out
     assert np.array_equal(again[0], teacher_train)
     result = submission.run(load_config([*student]))
-    assert result["rows"] == len(pd.read_csv(layout.data_files(load_config(args))["test"]))
+    assert result["rows"] == len(pd.read_csv(layout.data_files(load_config(args)).test))
     with pytest.raises(ConfigError, match="train.sampler"):
         load_config([*student, "train.sampler=pk"])

@@ -20,20 +20,43 @@ class UserInputError(ValueError):
     """A config, CSV or file a user gave that cannot be used; the message says which and why."""
 
 
+DEBUG_ENV = "JAGUAR_REID_DEBUG"  # set to 1: a user's mistake shows its whole traceback
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
+def user_message(exc: BaseException) -> str:
+    """One line for a user's mistake. An error raised in a DataLoader worker arrives wrapped in
+    the worker's traceback; its last line is the message the worker raised."""
+    if isinstance(exc, OSError) and exc.filename and exc.strerror and \
+            not isinstance(exc, UserInputError | FileNotFoundError):
+        return (f"{exc.filename}: {exc.strerror.lower()}; the folders written (output_dir, "
+                "and the files named by keys) must be writable folders with free space")
+    text = str(exc)
+    if _WORKER_TRACEBACK in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
+
+
 def run_main(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
-    """Run a command-line entry point: a user's mistake prints one clear line, not a traceback."""
+    """Run a command-line entry point: a user's mistake (a bad config, CSV or file, a folder
+    that cannot be written, a full disk) prints one clear line and exits 2, not a traceback;
+    `JAGUAR_REID_DEBUG=1` shows the traceback."""
     import sys
 
     try:
         main(sys.argv[1:] if argv is None else argv)
-    except (UserInputError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (UserInputError, OSError) as exc:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-# Read once, at import (os.umask can only be read by setting it, which is not thread-safe).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+# The process umask, read once at import (os.umask can only be read by setting it, which is
+# not thread-safe): what a plain write would give a new file.
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 
 
 class DiskFullError(UserInputError):
@@ -141,7 +164,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
             # with a private file of their own: the output gets the mode a plain write would
             # give it, or keeps the one of the file it replaces (some file systems have none).
             with suppress(OSError):
-                os.chmod(tmp, path.stat().st_mode & 0o7777 if existed else 0o666 & ~_UMASK)
+                os.chmod(tmp, path.stat().st_mode & 0o7777 if existed else 0o666 & ~UMASK)
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
@@ -169,8 +192,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def json_text(data: Any) -> str:
+    """`data` as the indented JSON every file here is written in (numpy values and paths
+    included)."""
+    return json.dumps(data, indent=2, default=_json_default) + "\n"
+
+
 def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+    atomic_write_text(path, json_text(data))
 
 
 def _json_default(value: Any) -> Any:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -199,10 +200,25 @@ def datacheck_dir(cfg: Any) -> Path:
     return work_root(cfg) / DATACHECK_DIR / Path(cfg.data.dir).resolve().name
 
 
-def data_files(cfg: Any) -> dict[str, Path]:
-    """The competition's files: `root` (data.dir) and each CSV inside it."""
-    root = Path(cfg.data.dir)
-    return {"root": root, **{key: root / name for key, name in DATA_FILES.items()}}
+@dataclass(frozen=True)
+class DataFiles:
+    """The competition's files: `root` (data.dir) and each CSV of `DATA_FILES` inside it."""
+
+    root: Path
+    train: Path
+    test: Path
+    sample: Path
+    test_labels: Path  # only a labelled local copy of the data has it
+
+    @classmethod
+    def under(cls, root: str | Path) -> DataFiles:
+        root = Path(root)
+        return cls(root, **{key: root / name for key, name in DATA_FILES.items()})
+
+
+def data_files(cfg: Any) -> DataFiles:
+    """The competition's files of `data.dir`."""
+    return DataFiles.under(cfg.data.dir)
 
 
 def folds_path(cfg: Any) -> Path:

@@ -4,8 +4,10 @@
 `submit.py` checks a model folder that has one before it computes or writes anything, so a
 copy that lost, truncated or changed a file on its way to another machine (an interrupted
 upload, a dataset version mixed with another) stops with the files named instead of
-submitting from damaged weights. A model folder without a manifest is read as it is. Files
-that the manifest does not list are ignored: a work folder may share the folder.
+submitting from damaged weights. An experiment read from elsewhere (`models=PATH`) must have
+one unless `models_verify=false`; the training output folder itself has none. Files that the
+manifest does not list are ignored: a work folder may share the folder. The manifest catches
+damage and mixed copies, not a deliberate edit: it is not signed.
 """
 
 from __future__ import annotations
@@ -87,12 +89,18 @@ def _problem(folder: Path, entry: Mapping[str, Any]) -> str | None:
     return None
 
 
-def verify_manifest(folder: str | Path) -> int | None:
+def verify_manifest(folder: str | Path, required: bool = False) -> int | None:
     """Check every file `folder/manifest.json` lists for its size and sha256; raise one
     `ManifestError` naming the folder and every bad file. Returns the number of files
-    checked, or None when the folder has no manifest (a plain experiment folder)."""
+    checked, or None when the folder has no manifest (a plain experiment folder), which is an
+    error when one is `required` (an experiment read from elsewhere: models=PATH)."""
     folder = Path(folder)
     path = folder / layout.MANIFEST
+    if not path.is_file() and required:
+        raise ManifestError(
+            f"{folder}: no {layout.MANIFEST}; an exported experiment carries one (python -m "
+            "jaguar_reid.export) and models=PATH reads only what it can check. A training "
+            "folder copied by hand has none: add models_verify=false to read it unchecked")
     if not path.is_file():
         return None
     files = _read(path)

@@ -27,7 +27,12 @@ from jaguar_reid import layout
 from jaguar_reid.config import Config, experiment_names, load_config
 from jaguar_reid.data.csv_tables import DataError, pair_image_names, read_test_csv, read_train_csv
 from jaguar_reid.io_utils import UserInputError, atomic_path, resolve_device
-from jaguar_reid.retrieval.embedding import combine_views, ensure_oof_views, finished_folds
+from jaguar_reid.retrieval.embedding import (
+    combine_views,
+    embed_fold,
+    ensure_oof_views,
+    require_finished_folds,
+)
 from jaguar_reid.retrieval.postprocess import identity_posteriors, mean_prototypes
 from jaguar_reid.retrieval.votes import (
     Curve,
@@ -36,7 +41,6 @@ from jaguar_reid.retrieval.votes import (
     fold_votes,
     precision_coverage,
 )
-from jaguar_reid.submission import embed_fold
 from jaguar_reid.text import markdown_table
 
 PRECISION_LEVELS = (1.0, 0.99, 0.98, 0.95, 0.9, 0.8)  # rows of the printed curve
@@ -61,7 +65,7 @@ def _same_classes(per_model: list[tuple[np.ndarray, np.ndarray]], where: str) ->
 
 
 def shared_folds(cfg: Config, exps: list[str]) -> list[int]:
-    folds = sorted(set.intersection(*(set(finished_folds(cfg, e)) for e in exps)))
+    folds = sorted(set.intersection(*(set(require_finished_folds(cfg, e)) for e in exps)))
     if not folds:
         raise PseudoError(f"experiments {', '.join(exps)} share no finished validation fold")
     return folds
@@ -75,18 +79,18 @@ def out_of_fold(cfg: Config, exps: list[str], folds: list[int], views: list[str]
         per_model = []
         for exp in exps:
             saved = ensure_oof_views(cfg, exp, fold, views, device)
-            if not saved["train"]:
+            if not saved.train:
                 raise PseudoError(
                     f"experiment {exp!r} fold {fold}: its validation identities have no "
                     "training images (grouped folds), so no pseudo-label can be checked "
                     "there; train the experiment on closed folds (folds.strategy=closed)")
-            per_model.append(_posteriors(combine_views(saved["val"], views),
-                                         combine_views(saved["train"], views),
-                                         saved["train_labels"], cfg.pseudo.scale))
+            per_model.append(_posteriors(combine_views(saved.val, views),
+                                         combine_views(saved.train, views),
+                                         saved.train_labels, cfg.pseudo.scale))
         classes = _same_classes(per_model, f"fold {fold}")
         label, conf = ensemble_votes([p for _, p in per_model])
         confidence.append(conf)
-        correct.append(classes[label] == saved["val_labels"])
+        correct.append(classes[label] == saved.val_labels)
     return np.concatenate(confidence), np.concatenate(correct)
 
 
@@ -94,7 +98,7 @@ def on_test(cfg: Config, exps: list[str], folds: list[int], views: list[str],
             device: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(test image names, identity, confidence) from every fold model of every experiment."""
     files = layout.data_files(cfg)
-    names = pair_image_names(read_test_csv(files["test"]))
+    names = pair_image_names(read_test_csv(files.test))
     per_fold, classes = [], None
     for fold in folds:
         per_model = []
@@ -103,9 +107,10 @@ def on_test(cfg: Config, exps: list[str], folds: list[int], views: list[str],
             # Prototypes from every training image: the fold's own training and validation
             # images, which out_of_fold has already embedded with this model.
             saved = ensure_oof_views(cfg, exp, fold, views, device)
-            every = np.concatenate([combine_views(saved[s], views) for s in ("train", "val")])
-            labels = np.concatenate([saved["train_labels"], saved["val_labels"]])
-            per_model.append(_posteriors(combine_views(got["test"], views), every, labels,
+            every = np.concatenate([combine_views(saved.train, views),
+                                    combine_views(saved.val, views)])
+            labels = np.concatenate([saved.train_labels, saved.val_labels])
+            per_model.append(_posteriors(combine_views(got.test, views), every, labels,
                                          cfg.pseudo.scale))
         classes = _same_classes(per_model, f"test, fold {fold}")
         per_fold.append([p for _, p in per_model])
@@ -131,7 +136,7 @@ def curve_table(curve: Curve, test_conf: np.ndarray, levels: tuple[float, ...]) 
 def real_precision(cfg: Config, kept: pd.DataFrame, names: list[str],
                    identity: np.ndarray) -> dict | None:
     """With test_labels.csv: precision of the kept pseudo-labels, and of every test image's."""
-    path = layout.data_files(cfg)["test_labels"]
+    path = layout.data_files(cfg).test_labels
     if not path.is_file():
         return None
     labels = read_train_csv(path)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from jaguar_reid import layout
+from jaguar_reid.commit import REMOVE, commit_together, finish_commits
 from jaguar_reid.config import (
     METRICS,
     Config,
@@ -32,18 +33,19 @@ from jaguar_reid.data.csv_tables import (
     read_train_csv,
     resolve_image_paths,
 )
-from jaguar_reid.io_utils import atomic_path, atomic_write_json, read_json, resolve_device
+from jaguar_reid.io_utils import atomic_path, json_text, read_json, resolve_device
 from jaguar_reid.keys import choices
 from jaguar_reid.manifest import verify_manifest
 from jaguar_reid.reporting.page import after_run
 from jaguar_reid.reporting.runs import tuned_scores
 from jaguar_reid.retrieval.embedding import (
+    FoldEmbeddings,
     combine_views,
     embed_fold,
     ensemble_embeddings,
     fold_config,
 )
-from jaguar_reid.retrieval.floor import FLOOR_NAME, Floor, below_floor
+from jaguar_reid.retrieval.floor import FLOOR_NAME, FloorEmbedder, below_floor
 from jaguar_reid.retrieval.fusion import FusionModel
 from jaguar_reid.retrieval.metrics import identity_balanced_map, pair_roc_auc, pairs_to_matrix
 from jaguar_reid.retrieval.postprocess import (
@@ -117,31 +119,35 @@ def score_submission(test_df: pd.DataFrame, similarity: np.ndarray,
     return {"map": identity_balanced_map(sim, labels), "pair_auc": pair_roc_auc(sim, labels)}
 
 
-def _fold_material(embedded: dict, settings: PostSettings) -> dict:
+# Fold models' embeddings by (experiment, fold), made once and scored under several settings.
+EmbeddedFolds = dict[tuple[str, int | str], FoldEmbeddings]
+
+
+def _fold_material(embedded: FoldEmbeddings, settings: PostSettings) -> dict:
     """A fold's embeddings with the settings' views combined, and its identity posteriors
     where the prototypes are blended in."""
-    out = {"test": combine_views(embedded["test"], settings.views)}
+    out = {"test": combine_views(embedded.test, settings.views)}
     if settings.needs_training_images:
-        out["train"] = combine_views(embedded["train"], settings.views)
+        out["train"] = combine_views(embedded.train, settings.views)
     if settings.proto_weight > 0:
         if settings.proto_source == "arcface":
-            if embedded["kind"] != "neck":
+            if embedded.kind != "neck":
                 raise ValueError(f"post.proto_source=arcface scores the neck embedding, but "
-                                 f"experiment {embedded['exp']!r} submits "
-                                 f"{embedded['kind']!r}; use post.proto_source=mean or "
+                                 f"experiment {embedded.exp!r} submits "
+                                 f"{embedded.kind!r}; use post.proto_source=mean or "
                                  "submit.retrieval=neck")
-            out["posterior"] = identity_posteriors(out["test"], embedded["head"],
-                                                   settings.proto_scale, embedded["subcenters"])
+            out["posterior"] = identity_posteriors(out["test"], embedded.head,
+                                                   settings.proto_scale, embedded.subcenters)
         else:
-            _, protos = mean_prototypes(out["train"], embedded["train_labels"])
+            _, protos = mean_prototypes(out["train"], embedded.train_labels)
             out["posterior"] = identity_posteriors(out["test"], protos, settings.proto_scale)
     return out
 
 
 def experiment_similarity(cfg: Config, exps: list[str], weights: list[float],
                           settings: PostSettings, folds: list, test_names: list[str],
-                          query: np.ndarray, gallery: np.ndarray, files: dict,
-                          device: str, embedded: dict | None = None,
+                          query: np.ndarray, gallery: np.ndarray, files: layout.DataFiles,
+                          device: str, embedded: EmbeddedFolds | None = None,
                           fusion: tuple[FusionModel, dict] | None = None
                           ) -> tuple[np.ndarray, np.ndarray]:
     """Post-processed similarity of every row, and the ensembled test embedding, from the
@@ -180,7 +186,7 @@ def experiment_similarity(cfg: Config, exps: list[str], weights: list[float],
 
 
 def local_verification(cfg: Config, names: list[str], query: np.ndarray, gallery: np.ndarray,
-                       similarity: np.ndarray, files: dict,
+                       similarity: np.ndarray, files: layout.DataFiles,
                        fusion: tuple[FusionModel, dict] | None,
                        device: str = "cpu") -> np.ndarray:
     """The rows' similarities fused with the inlier counts of each test image's top pairs,
@@ -198,7 +204,7 @@ def local_verification(cfg: Config, names: list[str], query: np.ndarray, gallery
     n = len(names)
     matrix = np.zeros((n, n))
     matrix[query, gallery] = similarity
-    paths = resolve_image_paths(Path(cfg.data.dir), names, files["test"])
+    paths = resolve_image_paths(Path(cfg.data.dir), names, files.test)
     print(f"local verification: {n} test images, top {cfg.local.top_b} each")
     inliers, verified = verify_shortlist(cfg, paths, matrix, device)
     return fused_similarity(model, similarity, inliers[query, gallery],
@@ -216,7 +222,7 @@ class Request:
     exps: list[str]
     weights: list[float]
     folds: list
-    files: dict
+    files: layout.DataFiles
     test_df: pd.DataFrame
     sample: pd.DataFrame
     names: list[str]
@@ -238,14 +244,15 @@ def prepare_request(cfg: Config) -> Request:
     exps = experiment_names(cfg)
     folds = parse_fold_spec(cfg.submit.folds, cfg.folds.n_folds, key="submit.folds")
     for exp in exps:  # an exported experiment is checked against its manifest first
-        verify_manifest(layout.model_dir(cfg, exp))
+        verify_manifest(layout.model_dir(cfg, exp), required=bool(cfg.models)
+                        and cfg.models_verify)
     for exp in exps:
         for fold in folds:
             fold_config(cfg, exp, fold)
-    test_df = read_test_csv(files["test"])
-    sample = read_sample_submission(files["sample"])
+    test_df = read_test_csv(files.test)
+    sample = read_sample_submission(files.sample)
     validate_submission(build_submission(test_df, np.zeros(len(test_df))), sample,
-                        files["sample"])
+                        files.sample)
     names = pair_image_names(test_df)
     query, gallery = pair_indices(test_df, names)
     return Request(cfg, exps, [float(w) for w in cfg.submit.weights] or [1.0] * len(exps),
@@ -272,14 +279,15 @@ def similarity_ensemble(req: Request) -> tuple[np.ndarray, np.ndarray, dict]:
 
 
 def embedding_ensemble(req: Request, tuned_doc: dict | None
-                       ) -> tuple[np.ndarray, np.ndarray, dict, list | None, dict | None]:
+                       ) -> tuple[np.ndarray, np.ndarray, dict, list | None,
+                              EmbeddedFolds | None]:
     """The experiments' embeddings ensembled, then one post-processing (the tuned choice);
     with `submit.score_steps`, every view any tuned step uses is embedded once."""
     settings, source = load_choice(req.cfg)
     print(f"post-processing from {source}: {settings.describe()}")
     fusion = load_fusion(source) if settings.local else None
     steps, embedded = None, None
-    if req.cfg.submit.score_steps and req.files["test_labels"].is_file() and tuned_doc:
+    if req.cfg.submit.score_steps and req.files.test_labels.is_file() and tuned_doc:
         steps = [r for r in tuned_doc["steps"] if not r.get("skipped")]
         every = [settings, *(PostSettings.from_mapping(r["settings"]) for r in steps)]
         embedded = _embed_all_steps(req.cfg, req.exps, req.folds, every, req.names,
@@ -291,26 +299,38 @@ def embedding_ensemble(req: Request, tuned_doc: dict | None
     return similarity, emb, used, steps, embedded
 
 
-def write_outputs(req: Request, sub: pd.DataFrame, emb: np.ndarray) -> Path:
-    """The submission, then its embeddings beside it (named after it, so a second submission
-    of the same experiment never replaces the first's extras). The submission first: a run
-    killed between leaves older embeddings beside the new file at worst, never new embeddings
-    beside a submission they did not make."""
+def commit_outputs(req: Request, sub: pd.DataFrame, emb: np.ndarray, result: dict) -> Path:
+    """The submission, its embeddings and its local scores (or the removal of an earlier
+    run's, when this run has none) put in place together, after everything was computed and
+    checked: a failure or a kill at any point leaves the earlier run's files all as they were,
+    or all of this run's (`commit`)."""
     out_path = layout.submission_path(req.cfg, req.name)
-    write_submission(sub, out_path)
-    extra = layout.submission_extra(out_path, layout.EMBEDDINGS_EXTRA)
-    with atomic_path(extra, suffix=".npz") as tmp:
-        np.savez(tmp, embeddings=emb, filenames=np.array(req.names))
+    if out_path.exists():
+        print(f"replacing {out_path}")
+    scores = layout.submission_extra(out_path, layout.SCORES_EXTRA)
+    writers = {
+        out_path: lambda tmp: sub.to_csv(tmp, index=False, float_format="%.7f"),
+        layout.submission_extra(out_path, layout.EMBEDDINGS_EXTRA): lambda tmp: _save_npz(
+            tmp, embeddings=emb, filenames=np.array(req.names)),
+        scores: (lambda tmp: tmp.write_text(json_text(result))) if "test" in result else REMOVE,
+    }
+    commit_together(writers, out_path.name)
     print(f"wrote {out_path} ({len(sub)} rows, experiments {', '.join(req.exps)}, folds "
           f"{', '.join(str(f) for f in req.folds)})")
     return out_path
 
 
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a file object: numpy adds no .npz to the name
+        np.savez(handle, **arrays)
+
+
 def local_scores(req: Request, result: dict, similarity: np.ndarray, tuned: Path,
-                 tuned_doc: dict | None, steps: list | None, embedded: dict | None) -> None:
+                 tuned_doc: dict | None, steps: list | None,
+                 embedded: EmbeddedFolds | None) -> None:
     """With `test_labels.csv`: the submission's leaderboard metric beside the out-of-fold
-    figures (and each tuned step's, with `submit.score_steps`), saved and printed."""
-    labels_df = read_train_csv(req.files["test_labels"])
+    figures (and each tuned step's, with `submit.score_steps`), into `result`."""
+    labels_df = read_train_csv(req.files.test_labels)
     result["test"] = score_submission(req.test_df, similarity, labels_df)
     oof = layout.read_path(req.cfg, layout.OOF_SCORES, req.name)
     oof_doc = read_json(oof) if oof.is_file() else {}
@@ -324,10 +344,6 @@ def local_scores(req: Request, result: dict, similarity: np.ndarray, tuned: Path
         if embedded is not None:
             result["steps"] = score_steps(req, steps, labels_df, embedded,
                                           tuned_doc.get("fusion"))
-    atomic_write_json(layout.submission_extra(result["submission"], layout.SCORES_EXTRA), result)
-    print(_cv_vs_test(result))
-    if "steps" in result:
-        print(_steps_table(result["steps"]))
 
 
 def test_floor(req: Request, labels_df: pd.DataFrame) -> dict | None:
@@ -340,13 +356,16 @@ def test_floor(req: Request, labels_df: pd.DataFrame) -> dict | None:
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
         print(f"plain floor skipped: its weights {cfg.model.weights} are not on this machine")
         return None
-    emb = Floor(cfg, req.device).embed(req.names, req.files["test"])
+    emb = FloorEmbedder(cfg, req.device).embed(req.names, req.files.test)
     similarity = cosine_to_unit(pair_cosine(emb, req.query, req.gallery))
     return score_submission(req.test_df, similarity, labels_df)
 
 
 def run(cfg: Config) -> dict:
     start = time.perf_counter()
+    submission = layout.submission_path(cfg, "+".join(experiment_names(cfg)))
+    if finish_commits(submission.parent, submission.name):  # a run killed while committing
+        print(f"completed the outputs of an interrupted submission beside {submission}")
     req = prepare_request(cfg)
     tuned = layout.read_path(cfg, layout.POST_CHOICE, req.name)  # the ensemble's choice
     tuned_doc = read_json(tuned) if tuned.is_file() else None
@@ -356,12 +375,17 @@ def run(cfg: Config) -> dict:
     else:
         similarity, emb, used, steps, embedded = embedding_ensemble(req, tuned_doc)
     sub = build_submission(req.test_df, similarity)
-    validate_submission(sub, req.sample, req.files["sample"])
-    out_path = write_outputs(req, sub, emb)
+    validate_submission(sub, req.sample, req.files.sample)
+    out_path = layout.submission_path(cfg, req.name)
     result: dict = {"submission": str(out_path), "rows": len(sub), "folds": req.folds,
                     "experiments": req.exps, "post": used}
-    if req.files["test_labels"].is_file():
+    if req.files.test_labels.is_file():
         local_scores(req, result, similarity, tuned, tuned_doc, steps, embedded)
+    commit_outputs(req, sub, emb, result)
+    if "test" in result:
+        print(_cv_vs_test(result))
+    if "steps" in result:
+        print(_steps_table(result["steps"]))
     # An ensemble's row is named a+b; its report would have no folds of its own to show.
     test = {**result["test"], "floor": result.get("floor")} if "test" in result else None
     after_run(Config({**cfg, "exp": req.name}), "submit", test_scores=test,
@@ -377,8 +401,8 @@ def run(cfg: Config) -> dict:
 
 
 def _embed_all_steps(cfg: Config, exps: list[str], folds: list,
-                     settings: list[PostSettings], names: list[str], files: dict,
-                     device: str) -> dict:
+                     settings: list[PostSettings], names: list[str], files: layout.DataFiles,
+                     device: str) -> EmbeddedFolds:
     """Every fold model's embeddings under every view any of `settings` uses."""
     views = tuple(dict.fromkeys(v for s in settings for v in s.views))
     with_train = any(s.needs_training_images for s in settings)
@@ -387,7 +411,7 @@ def _embed_all_steps(cfg: Config, exps: list[str], folds: list,
 
 
 def score_steps(req: Request, steps: list[dict], labels_df: pd.DataFrame,
-                embedded: dict, fusion: dict | None = None) -> list[dict]:
+                embedded: EmbeddedFolds, fusion: dict | None = None) -> list[dict]:
     """Every measured step of the tuned search applied to the local test: does what helped
     out of fold help on the test? `embedded`: `_embed_all_steps` for these steps; `fusion`:
     the tuned calibration of the local step, if it was tried."""

@@ -34,7 +34,7 @@ from jaguar_reid.data.csv_tables import (
     read_train_csv,
 )
 from jaguar_reid.data.image_cache import prepare_images
-from jaguar_reid.data.images import image_loader
+from jaguar_reid.data.images import ImageLoader, image_loader
 from jaguar_reid.data.preprocess import resolve_input
 from jaguar_reid.data.splits import keep_with_experiment, load_or_create_folds
 from jaguar_reid.io_utils import resolve_device
@@ -51,23 +51,23 @@ from jaguar_reid.training.loop import Extra, FoldHooks, train_fold
 from jaguar_reid.training.model import check_start_weights
 
 
-def prepare(cfg: Config) -> tuple[pd.DataFrame, list[Path], object, object]:
+def prepare(cfg: Config) -> tuple[pd.DataFrame, list[Path], ImageLoader, ImageLoader]:
     """Image cache and folds file (made once, then only read), and the image loaders."""
     files = layout.data_files(cfg)
-    train_df = read_train_csv(files["train"])
-    paths, load, records = prepare_images(cfg, train_df["filename"], files["train"],
-                                          "train images")
+    train_df = read_train_csv(files.train)
+    images = prepare_images(cfg, train_df["filename"], files.train, "train images")
+    records = images.records
     hashes = None if records is None else [r["phash"] for r in records]
     train_load = image_loader(cfg, cached=records is not None, train=True)
     folds_df = load_or_create_folds(cfg, train_df, hashes)
-    return folds_df, paths, load, train_load
+    return folds_df, images.paths, images.load, train_load
 
 
 def extra_images(cfg: Config, folds_df: pd.DataFrame) -> Extra | None:
     """The test images that join the training side: `data.pseudo`'s rows with their identity
     and, for a student (`train.teacher`), every other test image, unlabelled."""
     files = layout.data_files(cfg)
-    test_names = pair_image_names(read_test_csv(files["test"])) if (
+    test_names = pair_image_names(read_test_csv(files.test)) if (
         cfg.data.pseudo or cfg.train.teacher) else []
     names, identities = [], []
     if cfg.data.pseudo:
@@ -77,9 +77,9 @@ def extra_images(cfg: Config, folds_df: pd.DataFrame) -> Extra | None:
                                                  strict=True)):
             where = f"{cfg.data.pseudo}: row {i + 2}"
             if name not in known:
-                raise DataError(f"{where}: {name!r} is not a test image of {files['test']}")
+                raise DataError(f"{where}: {name!r} is not a test image of {files.test}")
             if identity not in trained:
-                raise DataError(f"{where}: identity {identity!r} is not in {files['train']}; "
+                raise DataError(f"{where}: identity {identity!r} is not in {files.train}; "
                                 "pseudo-labels name training identities")
         names, identities = list(pseudo["filename"]), list(pseudo["identity"])
     if cfg.train.teacher:
@@ -88,7 +88,7 @@ def extra_images(cfg: Config, folds_df: pd.DataFrame) -> Extra | None:
         identities += [None] * (len(names) - len(identities))
     if not names:
         return None
-    paths, _, _ = prepare_images(cfg, names, files["test"], "test images for training")
+    paths = prepare_images(cfg, names, files.test, "test images for training").paths
     return Extra(names, paths, identities)
 
 

@@ -134,7 +134,7 @@ def make_experiment(root: Path, folds=(0, 1), log_folds=(0,), extras=True, image
                     0, 255, 3)))
                 rows.append(f"{name},{label}")
     if images:
-        layout.data_files(cfg)["train"].write_text(
+        layout.data_files(cfg).train.write_text(
             "filename,ground_truth\n" + "\n".join(rows) + "\n")
     exp_dir = fake_experiment(
         cfg, folds, weights=None, val=val.__getitem__, exp_config=True,

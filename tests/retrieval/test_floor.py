@@ -15,7 +15,7 @@ from jaguar_reid import layout
 from jaguar_reid.config import load_config
 from jaguar_reid.data.csv_tables import read_train_csv, resolve_image_paths
 from jaguar_reid.retrieval import floor as floor_mod
-from jaguar_reid.retrieval.floor import Floor, below_floor
+from jaguar_reid.retrieval.floor import FloorEmbedder, below_floor
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 LITE0 = SHARED / "weights" / "tf_efficientnet_lite0.safetensors"
@@ -41,7 +41,7 @@ def test_random_init_floor_matches_the_plain_baseline(demo_dir, tmp_path):
                        f"output_dir={tmp_path}", "seed=7", "embed.batch_size=3"])
     names, paths = _images(demo_dir, 5)
     state = torch.get_rng_state()
-    got = Floor(cfg, "cpu").embed(names, layout.data_files(cfg)["train"])
+    got = FloorEmbedder(cfg, "cpu").embed(names, layout.data_files(cfg).train)
     assert torch.equal(torch.get_rng_state(), state)  # the floor leaves training's RNG alone
     torch.manual_seed(7)
     expected = _plain("resnet18", paths)
@@ -52,8 +52,8 @@ def test_floor_embeddings_are_kept_and_reused(demo_dir, tmp_path, monkeypatch):
     cfg = load_config(["model.backbone=resnet18", f"data.dir={demo_dir}",
                        f"output_dir={tmp_path}"])
     names, _ = _images(demo_dir, 6)
-    csv = layout.data_files(cfg)["train"]
-    first = Floor(cfg, "cpu").embed(names[:4], csv)
+    csv = layout.data_files(cfg).train
+    first = FloorEmbedder(cfg, "cpu").embed(names[:4], csv)
     calls = []
     real = floor_mod.embed_plain
 
@@ -61,7 +61,7 @@ def test_floor_embeddings_are_kept_and_reused(demo_dir, tmp_path, monkeypatch):
         calls.append(len(paths))
         return real(model, transform, paths, *args)
     monkeypatch.setattr(floor_mod, "embed_plain", counting)
-    again = Floor(cfg, "cpu").embed([names[5], *names[:4]], csv)
+    again = FloorEmbedder(cfg, "cpu").embed([names[5], *names[:4]], csv)
     assert calls == [1]  # only the new image was embedded
     assert np.array_equal(again[1:], first)
 
@@ -71,7 +71,7 @@ def test_pretrained_floor_matches_the_plain_baseline(demo_dir, tmp_path):
     cfg = load_config(["model.backbone=tf_efficientnet_lite0", f"model.weights={LITE0}",
                        f"data.dir={demo_dir}", f"output_dir={tmp_path}"])
     names, paths = _images(demo_dir, 4)
-    got = Floor(cfg, "cpu").embed(names, layout.data_files(cfg)["train"])
+    got = FloorEmbedder(cfg, "cpu").embed(names, layout.data_files(cfg).train)
     expected = _plain("tf_efficientnet_lite0", paths, pretrained=True,
                       pretrained_cfg_overlay={"file": str(LITE0)})
     assert np.allclose(got, expected, atol=1e-5)

@@ -115,7 +115,7 @@ def test_tune_then_submit_on_a_tiny_experiment(demo_dir, tmp_path, tiny_cfg_args
     submission.main([*args, "post.use_tuned=false", f"submit.file={tmp_path / 'raw.csv'}"])
     tuned = pd.read_csv(tmp_path / "tuned.csv")
     raw = pd.read_csv(tmp_path / "raw.csv")
-    test = pd.read_csv(layout.data_files(cfg)["test"])
+    test = pd.read_csv(layout.data_files(cfg).test)
     assert tuned["row_id"].tolist() == raw["row_id"].tolist() == test["row_id"].tolist()
     scores = json.loads(layout.submission_extra(tmp_path / "tuned.csv",
                                                 layout.SCORES_EXTRA).read_text())

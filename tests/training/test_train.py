@@ -79,7 +79,7 @@ def e2e(demo_dir, tmp_path_factory) -> SimpleNamespace:
     submission.main([*args, "submit.folds=full", f"submit.file={tmp / 'full.csv'}"])
     return SimpleNamespace(demo_dir=demo_dir, tmp=tmp, args=args, cfg=cfg, exp=exp,
                            skipped_stamps=(before, after), submit_out=printed.getvalue(),
-                           test=pd.read_csv(layout.data_files(cfg)["test"]))
+                           test=pd.read_csv(layout.data_files(cfg).test))
 
 
 @pytest.mark.slow

@@ -427,18 +427,18 @@ def collect_records(cfg) -> tuple[list[dict], np.ndarray, list[tuple[int, int, i
     near-duplicate groups of the train images and the cross-identity pairs."""
 
     files = layout.data_files(cfg)
-    train_df = read_train_csv(files["train"])
+    train_df = read_train_csv(files.train)
     names = {"train": list(train_df["filename"]),
-             "test": pair_image_names(read_test_csv(files["test"]))}
+             "test": pair_image_names(read_test_csv(files.test))}
     identity = dict(zip(train_df["filename"], train_df["ground_truth"], strict=True))
-    index = index_images(files["root"])
+    index = index_images(files.root)
     records: list[dict] = []
     for split, split_names in names.items():
         found = {n: index[Path(n).name] for n in split_names if index.get(Path(n).name)}
         # A link out of the data folder is reported, never decoded: the CSVs and the folder's
         # links are not trusted to choose what is read.
         escaped = {n: real for n in found
-                   if (real := outside_root(files["root"], found[n][0])) is not None}
+                   if (real := outside_root(files.root, found[n][0])) is not None}
         present = [n for n in split_names if n in found and n not in escaped]
         _, built = build_cache([found[n][0] for n in present], cfg, f"{split} images",
                                raise_on_error=False)

@@ -21,6 +21,7 @@ import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,13 @@ from jaguar_reid.data.csv_tables import (
     resolve_image_paths,
 )
 from jaguar_reid.data.dedup import hash_to_hex, phash
-from jaguar_reid.data.images import SIXTEEN_BIT_MODES, image_loader, mask_box, to_rgba
+from jaguar_reid.data.images import (
+    SIXTEEN_BIT_MODES,
+    ImageLoader,
+    image_loader,
+    mask_box,
+    to_rgba,
+)
 from jaguar_reid.io_utils import atomic_path, atomic_write_text, file_lock
 
 # 2: cached files are named after the source's path, not its stem alone.
@@ -244,15 +251,24 @@ def build_cache(paths: Sequence[Path], cfg: Config, desc: str = "cache",
     return cached, records
 
 
+@dataclass(frozen=True)
+class PreparedImages:
+    """The files to read for some images, in order, and the loader that reads them."""
+
+    paths: list[Path]
+    load: ImageLoader
+    records: list[dict] | None  # each image's cache record (`build_cache`); None without it
+
+
 def prepare_images(cfg: Config, names: Sequence[str], csv_path: str | Path,
-                   desc: str = "cache") -> tuple[list[Path], object, list[dict] | None]:
+                   desc: str = "cache") -> PreparedImages:
     """The files to read for `names` and the loader that reads them: cached files when
     `cache.enabled`, else the sources. Records come with the cache (None without it)."""
     sources = resolve_image_paths(Path(cfg.data.dir), names, csv_path)
     if not cfg.cache.enabled:
-        return sources, image_loader(cfg), None
+        return PreparedImages(sources, image_loader(cfg), None)
     cached, records = build_cache(sources, cfg, desc)
-    return cached, image_loader(cfg, cached=True), records
+    return PreparedImages(cached, image_loader(cfg, cached=True), records)
 
 
 def main(argv: list[str]) -> None:
@@ -261,9 +277,9 @@ def main(argv: list[str]) -> None:
 
     cfg = load_config(argv)
     files = layout.data_files(cfg)
-    train_names = read_train_csv(files["train"])["filename"]
-    test_names = pair_image_names(read_test_csv(files["test"]))
-    build_cache(resolve_image_paths(files["root"], train_names, files["train"]), cfg,
+    train_names = read_train_csv(files.train)["filename"]
+    test_names = pair_image_names(read_test_csv(files.test))
+    build_cache(resolve_image_paths(files.root, train_names, files.train), cfg,
                 "train images")
-    build_cache(resolve_image_paths(files["root"], test_names, files["test"]), cfg, "test images")
+    build_cache(resolve_image_paths(files.root, test_names, files.test), cfg, "test images")
     print(f"cache ready: {cache_dir(cfg)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -156,7 +157,15 @@ def load_cached(path: str | Path, alpha: str = "rgb",
     return Image.fromarray(fill_background(rgba, alpha, fill))
 
 
-def image_loader(cfg: Config, cached: bool = False, train: bool = False):
+class ImageLoader(Protocol):
+    """What `image_loader` makes: a file (and, in training, the item's seed, which drives the
+    random background blanking) to an RGB image. Every loader takes `seed` so the dataset
+    calls them all alike."""
+
+    def __call__(self, path: str | Path, seed: int | None = None) -> Image.Image: ...
+
+
+def image_loader(cfg: Config, cached: bool = False, train: bool = False) -> ImageLoader:
     """The image-loading callable for this config's alpha and resize settings (picklable for
     workers): from the preprocessing cache, or straight from the source files. `train` adds
     the background-blanking augmentation (cache only: it needs the kept alpha)."""
@@ -181,7 +190,7 @@ class ImageDataset(Dataset):
     random draw for that image (background blanking, augmentations)."""
 
     def __init__(self, paths: Sequence[Path], labels: Sequence[int] | None, transform,
-                 load=load_image) -> None:
+                 load: ImageLoader = load_image) -> None:
         self.paths = list(paths)
         self.load = load
         self.labels = list(labels) if labels is not None else [-1] * len(self.paths)

@@ -121,7 +121,7 @@ def near_duplicate_groups(train_df: pd.DataFrame, cfg: Config,
     Hashes come from the preprocessing cache; without it they are computed here, once."""
     if hashes is None:
         files = layout.data_files(cfg)
-        paths = resolve_image_paths(files["root"], train_df["filename"], files["train"])
+        paths = resolve_image_paths(files.root, train_df["filename"], files.train)
         hashes = [hash_to_hex(phash(read_rgba(p, cfg.data.max_pixels)[..., :3])) for p in paths]
     bits = np.stack([hex_to_hash(h) if h else np.zeros(64, bool) for h in hashes])
     groups, cross = duplicate_groups(bits, train_df["ground_truth"].to_numpy(),
@@ -204,14 +204,14 @@ def load_or_create_folds(cfg: Config, train_df: pd.DataFrame | None = None,
     """The split for this config: read from `folds/` when it exists (and still matches
     train.csv), else made once and written there."""
     if train_df is None:
-        train_df = read_train_csv(layout.data_files(cfg)["train"])
+        train_df = read_train_csv(layout.data_files(cfg).train)
     path = layout.folds_path(cfg)
     if path.is_file():
         return _read_checked(path, train_df, cfg.folds.n_folds)
     try:
         folds_df = make_folds(train_df, cfg, hashes)
     except ValueError as exc:
-        raise DataError(f"{layout.data_files(cfg)['train']}: {exc}") from exc
+        raise DataError(f"{layout.data_files(cfg).train}: {exc}") from exc
     with atomic_path(path) as tmp:
         folds_df.to_csv(tmp, index=False)
     print(f"wrote {path}")
@@ -251,11 +251,11 @@ def fold_summary(folds_df: pd.DataFrame) -> pd.DataFrame:
 
 def main(argv: list[str]) -> None:
     cfg = load_config(argv)
-    train_df = read_train_csv(layout.data_files(cfg)["train"])
+    train_df = read_train_csv(layout.data_files(cfg).train)
     hashes = None
     if cfg.cache.enabled and cfg.folds.dup_threshold >= 0 and not layout.folds_path(cfg).is_file():
-        _, _, records = prepare_images(cfg, train_df["filename"], layout.data_files(cfg)["train"],
-                                       "train images")
+        records = prepare_images(cfg, train_df["filename"], layout.data_files(cfg).train,
+                                 "train images").records
         hashes = [r["phash"] for r in records]
     folds_df = load_or_create_folds(cfg, train_df, hashes)
     print(f"{layout.folds_path(cfg)} ({cfg.folds.strategy}, {cfg.folds.n_folds} folds, "

@@ -20,7 +20,7 @@ from jaguar_reid import layout
 from jaguar_reid.config import Config, ConfigError, dump_config, load_saved_config
 from jaguar_reid.io_utils import read_json
 from jaguar_reid.reporting.runs import tuned_scores
-from jaguar_reid.retrieval.oof import collect_fold_scores, summarise
+from jaguar_reid.retrieval.oof import collect_fold_scores, summarise_folds
 
 # Long side of a retrieval-strip thumbnail in pixels (enough to tell rosettes apart).
 THUMB_PX = 160
@@ -180,7 +180,7 @@ def _read_oof(cfg: Config, exp_dir: Path, missing: list[str]) -> tuple[dict | No
     rows = _scores_from_embeddings(exp_dir, missing)
     source = ""
     if rows:
-        oof = summarise(rows)
+        oof = summarise_folds(rows)
         source = "computed from val_embeddings.npz (no oof_scores.json)"
     missing.append("oof_scores.json absent or unreadable (python -m jaguar_reid.scoring "
                    "exp=NAME writes it)" + ("; scores computed from the folds' embeddings"

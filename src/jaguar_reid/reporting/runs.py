@@ -100,9 +100,7 @@ def run_row(cfg: Config, event: str, test_scores: dict | None = None,
         "commit": short_commit(code_version()),
         "backbone": "+".join(dict.fromkeys(c.model.backbone for c in models)),
         "img_size": "+".join(dict.fromkeys(str(c.data.img_size) for c in models)),
-        # a submission's own folds; a training's: every fold the experiment has finished
-        "folds": ",".join(map(str, folds)) if folds is not None else ",".join(
-            map(str, layout.finished_folds(layout.model_dir(cfg), full=True))),
+        "folds": ",".join(map(str, folds if folds is not None else _scored_folds(cfg, oof_doc))),
         "oof_map": _metric(oof.get("map")),
         "oof_pair_auc": _metric(oof.get("pair_auc")),
         "oof_map_post": _metric(tuned.get("map")),
@@ -117,6 +115,15 @@ def run_row(cfg: Config, event: str, test_scores: dict | None = None,
         # which `post.use_tuned=false` does not use
         "post": post or "",
     }
+
+
+def _scored_folds(cfg: Config, oof_doc: dict) -> list:
+    """A training's folds: those whose scores the row holds (read from the same out-of-fold
+    file as its scores: another training of the same experiment may have finished a fold
+    since), and `full` when it is trained (it has no validation score)."""
+    scored = [entry["fold"] for entry in oof_doc.get("folds", [])]
+    full = layout.FULL in layout.finished_folds(layout.model_dir(cfg), full=True)
+    return [*scored, *([layout.FULL] if full else [])]
 
 
 # --------------------------------------------------------------------------- the file

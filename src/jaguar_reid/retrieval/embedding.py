@@ -4,6 +4,7 @@ ensemble of several fold models."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from jaguar_reid.config import (
 from jaguar_reid.data.augment import build_transform
 from jaguar_reid.data.csv_tables import DataError, read_train_csv
 from jaguar_reid.data.image_cache import prepare_images
-from jaguar_reid.data.images import ImageDataset, image_loader
+from jaguar_reid.data.images import ImageDataset, ImageLoader, image_loader
 from jaguar_reid.data.splits import experiment_folds
 from jaguar_reid.io_utils import (
     amp_dtype,
@@ -73,7 +74,8 @@ def apply_view(images: torch.Tensor, view: str) -> torch.Tensor:
 
 @torch.no_grad()
 def embed_views(model: torch.nn.Module, paths: Sequence[Path], cfg: Config, device: str,
-                load=None, views: Sequence[str] = ("orig",)) -> dict[str, dict[str, np.ndarray]]:
+                load: ImageLoader | None = None, views: Sequence[str] = ("orig",)
+                ) -> dict[str, dict[str, np.ndarray]]:
     """{view: {kind: (N, D) float32 L2-normalised}} for every retrieval embedding (`neck`,
     `backbone`, `both`; see `ReIDModel.embed`): one decode per image, one forward per view.
     Kept per view so that any set of views can be combined later (`combine_views`) without
@@ -128,7 +130,7 @@ def combine_views(per_view: dict[str, np.ndarray], views: Sequence[str]) -> np.n
 
 
 def embed_all(model: torch.nn.Module, paths: Sequence[Path], cfg: Config,
-              device: str, load=None) -> dict[str, np.ndarray]:
+              device: str, load: ImageLoader | None = None) -> dict[str, np.ndarray]:
     """Every retrieval embedding of the images with the views of `embed.tta` combined."""
     per_view = embed_views(model, paths, cfg, device, load, cfg.embed.tta)
     return {kind: combine_views({v: per_view[v][kind] for v in per_view}, cfg.embed.tta)
@@ -136,7 +138,7 @@ def embed_all(model: torch.nn.Module, paths: Sequence[Path], cfg: Config,
 
 
 def embed_images(model: torch.nn.Module, paths: Sequence[Path], cfg: Config,
-                 device: str, load=None) -> np.ndarray:
+                 device: str, load: ImageLoader | None = None) -> np.ndarray:
     """The retrieval embedding `model.retrieval` chose, (N, D) float32, L2-normalised."""
     return embed_all(model, paths, cfg, device, load)[cfg.model.retrieval]
 
@@ -212,55 +214,86 @@ def fold_config(cfg: Config, exp: str, fold: int | str) -> tuple[Config, Path]:
     return merged, weights
 
 
+@dataclass(frozen=True)
+class FoldEmbeddings:
+    """One fold model's embeddings of the test images (and of the training images, when
+    asked), every view kept apart, with what the prototypes need from the model."""
+
+    exp: str
+    kind: str  # the retrieval embedding the fold submits (`model.retrieval`)
+    test: dict[str, np.ndarray]  # {view: (N, D)}, in the order of the test names
+    head: np.ndarray  # the ArcFace head's weight
+    subcenters: int
+    train: dict[str, np.ndarray] | None = None  # {view: (M, D)}, in train.csv's order
+    train_labels: np.ndarray | None = None
+
+
 def embed_fold(cfg: Config, exp: str, fold: int | str, views: tuple[str, ...],
-                with_train: bool, test_names: list[str], files: dict, device: str) -> dict:
+               with_train: bool, test_names: list[str], files: layout.DataFiles,
+               device: str) -> FoldEmbeddings:
     """One fold model's test images (and training images, `with_train`) under every view,
     kept apart, with what the prototypes need from the model."""
     fold_cfg, weights = fold_config(cfg, exp, fold)
     # Test images are prepared the way this fold's model saw its training images.
-    paths, load, _ = prepare_images(fold_cfg, test_names, files["test"], "test images")
+    images = prepare_images(fold_cfg, test_names, files.test, "test images")
     model = load_trained_model(fold_cfg, weights)
-    print(f"embedding {len(paths)} test images with {weights}, views {', '.join(views)}")
+    print(f"embedding {len(images.paths)} test images with {weights}, views {', '.join(views)}")
     kind = fold_cfg.model.retrieval
-    test = {v: e[kind] for v, e in embed_views(model, paths, fold_cfg, device, load,
-                                               views).items()}
+    test = {v: e[kind] for v, e in embed_views(model, images.paths, fold_cfg, device,
+                                               images.load, views).items()}
     for emb in test.values():
         bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
         if len(bad):
             raise DataError(f"{weights}: the model's embedding of test image "
                             f"{test_names[bad[0]]!r} is not finite ({len(bad)} image(s)); the "
                             "weights are damaged or the fold diverged: train it again")
-    out = {"exp": exp, "kind": kind, "test": test, "train": None,
-           "head": model.head.weight.detach().float().cpu().numpy(),
-           "subcenters": fold_cfg.model.subcenters}
+    head = model.head.weight.detach().float().cpu().numpy()
+    train, train_labels = None, None
     if with_train:
-        train_df = read_train_csv(files["train"])
-        paths, load, _ = prepare_images(fold_cfg, train_df["filename"], files["train"],
-                                        "train images")
-        print(f"embedding {len(paths)} training images (closed-set extras)")
-        out["train"] = {v: e[kind] for v, e in embed_views(model, paths, fold_cfg, device,
-                                                           load, views).items()}
-        out["train_labels"] = train_df["ground_truth"].to_numpy().astype(str)
-    return out
+        train_df = read_train_csv(files.train)
+        images = prepare_images(fold_cfg, train_df["filename"], files.train, "train images")
+        print(f"embedding {len(images.paths)} training images (closed-set extras)")
+        train = {v: e[kind] for v, e in embed_views(model, images.paths, fold_cfg, device,
+                                                    images.load, views).items()}
+        train_labels = train_df["ground_truth"].to_numpy().astype(str)
+    return FoldEmbeddings(exp, kind, test, head, fold_cfg.model.subcenters, train,
+                          train_labels)
 
 
 VIEWS_VERSION = 2  # bumped whenever a view's definition changes: saved view embeddings go stale
 
 
-def read_oof_views(path: Path) -> dict:
-    """A fold's saved view embeddings: kind, views, val/train filenames and labels,
-    {view: (N, D)} for val and train, and the ArcFace head (weight, subcenters, classes)."""
+@dataclass(frozen=True)
+class OofViews:
+    """A fold's saved view embeddings (`ensure_oof_views`): its validation images, and its
+    training images where the folds are closed, each under every view."""
+
+    kind: str  # the retrieval embedding
+    views: list[str]
+    digest: str  # of the weights and VIEWS_VERSION: what the file was made from
+    val_labels: np.ndarray
+    val_filenames: np.ndarray
+    train_labels: np.ndarray  # empty unless the folds are closed
+    train_filenames: np.ndarray
+    val: dict[str, np.ndarray]  # {view: (N, D)}
+    train: dict[str, np.ndarray]  # {view: (M, D)}; empty unless the folds are closed
+    head_weight: np.ndarray  # the ArcFace head: weight, subcenters, the classes it scores
+    subcenters: int
+    classes: np.ndarray
+
+
+def read_oof_views(path: Path) -> OofViews:
+    """A fold's saved view embeddings, as `ensure_oof_views` wrote them."""
     with np.load(path, allow_pickle=False) as data:
         views = [str(v) for v in data["views"]]
-        out = {"kind": str(data["kind"]), "views": views, "digest": str(data["digest"]),
-               "val_labels": data["val_labels"], "val_filenames": data["val_filenames"],
-               "train_labels": data["train_labels"],
-               "train_filenames": data["train_filenames"],
-               "val": {v: data[f"val.{v}"] for v in views},
-               "train": {v: data[f"train.{v}"] for v in views if f"train.{v}" in data.files},
-               "head_weight": data["head_weight"], "subcenters": int(data["subcenters"]),
-               "classes": data["classes"]}
-    return out
+        return OofViews(
+            kind=str(data["kind"]), views=views, digest=str(data["digest"]),
+            val_labels=data["val_labels"], val_filenames=data["val_filenames"],
+            train_labels=data["train_labels"], train_filenames=data["train_filenames"],
+            val={v: data[f"val.{v}"] for v in views},
+            train={v: data[f"train.{v}"] for v in views if f"train.{v}" in data.files},
+            head_weight=data["head_weight"], subcenters=int(data["subcenters"]),
+            classes=data["classes"])
 
 
 def closed_share(folds_df, fold: int) -> float:
@@ -273,7 +306,7 @@ def closed_share(folds_df, fold: int) -> float:
 
 
 def ensure_oof_views(cfg: Config, exp: str, fold: int, views: Sequence[str],
-                     device: str) -> dict:
+                     device: str) -> OofViews:
     """The fold's validation images (and, with closed folds, its training images) embedded
     by the fold's model under every view asked, read from the work folder's
     `fold<k>/oof_views.npz` when it is there for the same weights (by content), kind and
@@ -285,8 +318,7 @@ def ensure_oof_views(cfg: Config, exp: str, fold: int, views: Sequence[str],
     digest = f"{weights_digest(cfg, weights)}:{VIEWS_VERSION}"
     if path.is_file():
         saved = read_oof_views(path)
-        if saved["digest"] == digest and saved["kind"] == kind and set(views) <= set(
-                saved["views"]):
+        if saved.digest == digest and saved.kind == kind and set(views) <= set(saved.views):
             return saved
     arrays = _embed_fold_views(fold_cfg, weights, exp, fold, views, device)
     arrays.update(kind=np.array(kind), views=np.array(views), digest=np.array(digest))
@@ -298,11 +330,10 @@ def ensure_oof_views(cfg: Config, exp: str, fold: int, views: Sequence[str],
 def _embed_fold_views(fold_cfg: Config, weights: Path, exp: str, fold: int,
                       views: list[str], device: str) -> dict[str, np.ndarray]:
     files = layout.data_files(fold_cfg)
-    train_df = read_train_csv(files["train"])
+    train_df = read_train_csv(files.train)
     folds_df = experiment_folds(fold_cfg, layout.model_dir(fold_cfg, exp), train_df)
     is_val = (folds_df["fold"] == fold).to_numpy()
-    paths, load, _ = prepare_images(fold_cfg, train_df["filename"], files["train"],
-                                    "train images")
+    images = prepare_images(fold_cfg, train_df["filename"], files.train, "train images")
     model = load_trained_model(fold_cfg, weights)
     splits = {"val": np.flatnonzero(is_val)}
     if closed_share(folds_df, fold) >= 0.5:  # the training images: closed-set extras
@@ -317,8 +348,8 @@ def _embed_fold_views(fold_cfg: Config, weights: Path, exp: str, fold: int,
         if split in splits:
             print(f"{exp} fold {fold}: embedding {len(idx)} {split} images, views "
                   f"{', '.join(views)}")
-            per_view = embed_views(model, [paths[i] for i in idx], fold_cfg, device, load,
-                                   views)
+            per_view = embed_views(model, [images.paths[i] for i in idx], fold_cfg, device,
+                                   images.load, views)
             for view in views:
                 arrays[f"{split}.{view}"] = per_view[view][kind]
     arrays["head_weight"] = model.head.weight.detach().float().cpu().numpy()
@@ -329,7 +360,7 @@ def _embed_fold_views(fold_cfg: Config, weights: Path, exp: str, fold: int,
     return arrays
 
 
-def finished_folds(cfg: Config, exp: str) -> list[int]:
+def require_finished_folds(cfg: Config, exp: str) -> list[int]:
     """The finished validation folds of an experiment's model folder; an error when none."""
     exp_dir = layout.model_dir(cfg, exp)
     folds = layout.finished_folds(exp_dir)
@@ -347,8 +378,8 @@ def main(argv: list[str]) -> None:
     device = resolve_device(cfg.device)
     views = [*cfg.embed.tta, *cfg.tune.views]
     for exp in experiment_names(cfg):
-        for fold in finished_folds(cfg, exp):
+        for fold in require_finished_folds(cfg, exp):
             saved = ensure_oof_views(cfg, exp, fold, views, device)
-            print(f"{layout.oof_views_path(cfg, exp, fold)}: {len(saved['val_labels'])} "
-                  f"validation, {len(saved['train_labels'])} training images, views "
-                  f"{', '.join(saved['views'])}")
+            print(f"{layout.oof_views_path(cfg, exp, fold)}: {len(saved.val_labels)} "
+                  f"validation, {len(saved.train_labels)} training images, views "
+                  f"{', '.join(saved.views)}")

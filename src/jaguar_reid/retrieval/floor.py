@@ -70,7 +70,7 @@ def embed_plain(model: torch.nn.Module, transform, paths: Sequence[Path], device
     return np.concatenate(out) if out else np.zeros((0, width), np.float32)
 
 
-class Floor:
+class FloorEmbedder:
     """Floor embeddings of images named in a CSV of `data.dir`, computed where missing and
     kept by file name."""
 
@@ -95,7 +95,7 @@ class Floor:
         if missing:
             if self._model is None:
                 self._model = floor_model(self.cfg)
-            paths = resolve_image_paths(layout.data_files(self.cfg)["root"], missing, csv_path)
+            paths = resolve_image_paths(layout.data_files(self.cfg).root, missing, csv_path)
             new = embed_plain(*self._model, paths, self.device, self.cfg.embed.batch_size,
                               self.cfg.data.max_pixels)
             self._known = self._save(dict(zip(missing, new, strict=True)))

@@ -29,7 +29,7 @@ from jaguar_reid.io_utils import (
 )
 from jaguar_reid.keys import choices
 from jaguar_reid.retrieval.embedding import embed_all
-from jaguar_reid.retrieval.floor import FLOOR_NAME, Floor, below_floor
+from jaguar_reid.retrieval.floor import FLOOR_NAME, FloorEmbedder, below_floor
 from jaguar_reid.retrieval.metrics import identity_balanced_map, pair_roc_auc
 from jaguar_reid.text import markdown_table
 from jaguar_reid.training.model import RETRIEVAL_MODES
@@ -92,7 +92,7 @@ def collect_fold_scores(exp_dir: Path, floor: FloorFn | None = None) -> list[dic
     return rows
 
 
-def summarise(rows: list[dict]) -> dict:
+def summarise_folds(rows: list[dict]) -> dict:
     mean = {m: float(np.nanmean([r[m] for r in rows])) for m in METRICS}
     summary = {"folds": rows, "mean": mean}
     for key, mean_key in (("untrained", "untrained_mean"), ("floor", "floor_mean")):
@@ -151,7 +151,7 @@ def score_experiment(exp_dir: str | Path, quiet: bool = False,
     if not rows:
         raise FileNotFoundError(f"{exp_dir}: no finished validation folds "
                                 "(fold<k>/metrics.json and val_embeddings.npz)")
-    summary = summarise(rows)
+    summary = summarise_folds(rows)
     table = format_table(summary)
     atomic_write_json(out_dir / layout.OOF_SCORES, summary)
     atomic_write_text(out_dir / layout.OOF_SCORES_MD,
@@ -166,8 +166,8 @@ def floor_for(cfg: Config, device: str) -> FloorFn | None:
     """File names of train.csv -> their plain floor embeddings (`floor.enabled`), else None."""
     if not cfg.floor.enabled:
         return None
-    floor = Floor(cfg, device)
-    return lambda names: floor.embed(names, layout.data_files(cfg)["train"])
+    floor = FloorEmbedder(cfg, device)
+    return lambda names: floor.embed(names, layout.data_files(cfg).train)
 
 
 def report_floor(what: str, summary: dict) -> None:

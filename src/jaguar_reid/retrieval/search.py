@@ -40,10 +40,11 @@ from jaguar_reid.io_utils import (
     resolve_device,
 )
 from jaguar_reid.retrieval.embedding import (
+    OofViews,
     combine_views,
     ensemble_embeddings,
     ensure_oof_views,
-    finished_folds,
+    require_finished_folds,
 )
 from jaguar_reid.retrieval.fusion import FusionModel, cross_fitted, fit_fusion
 from jaguar_reid.retrieval.metrics import identity_balanced_map, pair_roc_auc
@@ -60,8 +61,8 @@ from jaguar_reid.text import markdown_table
 
 
 @dataclass
-class FoldData:
-    """One fold's out-of-fold material, every view kept apart."""
+class TuningFold:
+    """One fold's out-of-fold material for the search, every view kept apart."""
 
     fold: int
     labels: np.ndarray
@@ -95,10 +96,10 @@ def test_density(cfg: Config) -> tuple[int, str]:
     if cap >= 0:
         return cap, "tune.per_identity" if cap else "every validation image"
     files = layout.data_files(cfg)
-    if not files["test"].is_file() or not files["train"].is_file():
-        return 0, f"every validation image ({files['test']} not found)"
-    n_test = len(pair_image_names(read_test_csv(files["test"])))
-    n_ids = read_train_csv(files["train"])["ground_truth"].nunique()
+    if not files.test.is_file() or not files.train.is_file():
+        return 0, f"every validation image ({files.test} not found)"
+    n_test = len(pair_image_names(read_test_csv(files.test)))
+    n_ids = read_train_csv(files.train)["ground_truth"].nunique()
     cap = max(2, round(n_test / max(1, n_ids)))
     return cap, (f"the test's density: {n_test} test images / {n_ids} training identities "
                  f"= {n_test / max(1, n_ids):.1f}")
@@ -109,7 +110,7 @@ def choice_name(cfg: Config) -> str:
     return "+".join(experiment_names(cfg))
 
 
-def load_folds(cfg: Config, device: str, cap: int = 0) -> list[FoldData]:
+def load_folds(cfg: Config, device: str, cap: int = 0) -> list[TuningFold]:
     """Every experiment's fold material, combined per view the way submit.py combines them;
     each fold scored on subsets of at most `cap` images per identity (0: all)."""
     exps = experiment_names(cfg)
@@ -117,39 +118,40 @@ def load_folds(cfg: Config, device: str, cap: int = 0) -> list[FoldData]:
         raise ValueError("submit.ensemble=similarity averages each experiment's own tuned "
                          "similarity: tune each experiment on its own (python -m jaguar_reid.tune "
                          "exp=NAME), or use submit.ensemble=mean|concat to tune the ensemble")
-    per_exp = {exp: set(finished_folds(cfg, exp)) for exp in exps}
+    per_exp = {exp: set(require_finished_folds(cfg, exp)) for exp in exps}
     folds = sorted(set.intersection(*per_exp.values()))
     if not folds:
         raise FileNotFoundError(f"experiments {', '.join(exps)} share no finished fold")
     views = list(dict.fromkeys(["orig", *cfg.embed.tta, *cfg.tune.views]))
+
+    def combine(parts: list[np.ndarray]) -> np.ndarray:
+        if len(parts) == 1:
+            return parts[0]
+        return ensemble_embeddings(parts, cfg.submit.ensemble, cfg.submit.weights)
+
     out = []
     for fold in folds:
-        saved = [ensure_oof_views(cfg, exp, fold, views, device) for exp in exps]
+        saved: list[OofViews] = [ensure_oof_views(cfg, exp, fold, views, device)
+                                 for exp in exps]
         first = saved[0]
         for exp, other in zip(exps[1:], saved[1:], strict=True):
-            if not np.array_equal(other["val_filenames"], first["val_filenames"]):
+            if not np.array_equal(other.val_filenames, first.val_filenames):
                 raise ValueError(f"fold {fold}: experiment {exp!r} validated on other images "
                                  f"than {exps[0]!r}; an ensemble needs the same folds file")
-
-        def combine(split: str, view: str, saved: list[dict] = saved) -> np.ndarray:
-            parts = [s[split][view] for s in saved]
-            if len(parts) == 1:
-                return parts[0]
-            return ensemble_embeddings(parts, cfg.submit.ensemble, cfg.submit.weights)
-
-        train = {v: combine("train", v) for v in views if all(v in s["train"] for s in saved)}
+        val = {v: combine([s.val[v] for s in saved]) for v in views}
+        train = {v: combine([s.train[v] for s in saved]) for v in views
+                 if all(v in s.train for s in saved)}
         head = None
-        if len(exps) == 1 and first["kind"] == "neck" and len(first["classes"]):
-            head = (first["head_weight"], first["subcenters"], first["classes"])
-        out.append(FoldData(fold, first["val_labels"], {v: combine("val", v) for v in views},
-                            train, first["train_labels"], head,
-                            filenames=first["val_filenames"]))
+        if len(exps) == 1 and first.kind == "neck" and len(first.classes):
+            head = (first.head_weight, first.subcenters, first.classes)
+        out.append(TuningFold(fold, first.val_labels, val, train, first.train_labels, head,
+                              filenames=first.val_filenames))
     for fd in out:
         fd.subsets = per_identity_subsets(fd.labels, cap, cfg.tune.draws, (cfg.seed, fd.fold))
     return out
 
 
-def fold_similarity(fd: FoldData, s: PostSettings, cfg: Config, device: str,
+def fold_similarity(fd: TuningFold, s: PostSettings, cfg: Config, device: str,
                     subset: np.ndarray | None = None) -> np.ndarray:
     """(N, N) post-processed similarity of one fold's validation images (those of `subset`:
     the gallery is then that subset, as a test gallery would be)."""
@@ -197,9 +199,9 @@ class LocalPairs:
         return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
 
 
-def local_pairs(folds: list[FoldData], s: PostSettings, cfg: Config, device: str) -> LocalPairs:
+def local_pairs(folds: list[TuningFold], s: PostSettings, cfg: Config, device: str) -> LocalPairs:
     """Inlier counts of each scored subset's shortlist under the settings `s` (local off)."""
-    root, train_csv = Path(cfg.data.dir), layout.data_files(cfg)["train"]
+    root, train_csv = Path(cfg.data.dir), layout.data_files(cfg).train
     blocks = []
     for fd in folds:
         paths = resolve_image_paths(root, [str(f) for f in fd.filenames], train_csv)
@@ -210,7 +212,7 @@ def local_pairs(folds: list[FoldData], s: PostSettings, cfg: Config, device: str
     return LocalPairs(blocks)
 
 
-def evaluate_local(pairs: LocalPairs, cfg: Config) -> dict:
+def score_local(pairs: LocalPairs, cfg: Config) -> dict:
     """Scores of the fused similarity, each fold's pairs fused by a calibration fitted on the
     other folds' pairs only (cross-fitting: a fold never scores its own fit)."""
     groups, sim, inl, ver, same = pairs.flat()
@@ -230,7 +232,8 @@ def evaluate_local(pairs: LocalPairs, cfg: Config) -> dict:
                      for f, v in per_fold.items()])
 
 
-def evaluate(folds: list[FoldData], s: PostSettings, cfg: Config, device: str) -> dict:
+def score_settings(folds: list[TuningFold], s: PostSettings, cfg: Config, device: str) -> dict:
+    """Scores of the settings `s` (local off): each fold's mean over its scored subsets."""
     per_fold = []
     for fd in folds:
         scores = []
@@ -293,7 +296,7 @@ class Search:
                           "per_fold": result["per_fold"]})
 
 
-def search(folds: list[FoldData], cfg: Config, score: Callable[[PostSettings], dict]
+def search(folds: list[TuningFold], cfg: Config, score: Callable[[PostSettings], dict]
            ) -> tuple[PostSettings, list[dict]]:
     """The tuned settings and one row per step (see the module's docstring)."""
     t = cfg.tune
@@ -406,11 +409,11 @@ def tune(cfg: Config, quiet: bool = False) -> dict:
         nonlocal evaluations
         evaluations += 1
         if not s.local:
-            return evaluate(folds, s, cfg, device)
+            return score_settings(folds, s, cfg, device)
         base = replace(s, local=False)
         if base not in pairs:
             pairs[base] = local_pairs(folds, base, cfg, device)
-        return evaluate_local(pairs[base], cfg)
+        return score_local(pairs[base], cfg)
 
     sizes = [len(fd.subsets[0]) for fd in folds]
     scored_on = (f"at most {cap} images per identity ({why}), {cfg.tune.draws} draw(s) per "

@@ -59,9 +59,9 @@ def _ensemble(cfg: Config, test_names: Sequence[str], device: str
     for exp in teacher_names(cfg):
         per_fold = [embed_fold(cfg, exp, f, views, True, list(test_names), files, device)
                     for f in teacher_folds(cfg, exp)]
-        trains.append(ensemble_embeddings([combine_views(g["train"], views) for g in per_fold],
+        trains.append(ensemble_embeddings([combine_views(g.train, views) for g in per_fold],
                                           mode))
-        tests.append(ensemble_embeddings([combine_views(g["test"], views) for g in per_fold],
+        tests.append(ensemble_embeddings([combine_views(g.test, views) for g in per_fold],
                                          mode))
     if len(trains) == 1:
         return trains[0], tests[0]

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -214,11 +215,17 @@ def load_init(cfg: Config, fold: int | str, model: ReIDModel, classes: list[str]
         raise ConfigError(f"train.init={cfg.train.init}: fold {fold} was trained on "
                           f"{len(theirs or [])} identities, this fold trains on {len(classes)} "
                           "other ones; start from an experiment trained on the same folds file")
+    weights = directory / layout.MODEL_WEIGHTS
     try:
-        model.load_state_dict(load_file(str(directory / layout.MODEL_WEIGHTS)))
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"train.init={cfg.train.init}: {weights} cannot be read ({exc}); "
+                          "train that fold again") from None
+    try:
+        model.load_state_dict(state)
     except RuntimeError as exc:
-        raise ConfigError(f"train.init={cfg.train.init}: {directory / layout.MODEL_WEIGHTS} "
-                          f"does not fit model.backbone={cfg.model.backbone!r}: "
+        raise ConfigError(f"train.init={cfg.train.init}: {weights} does not fit "
+                          f"model.backbone={cfg.model.backbone!r}: "
                           f"{str(exc).splitlines()[0]}") from None
 
 

@@ -11,6 +11,7 @@ than the pretrained features it sits on.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -173,15 +174,100 @@ class ArcFace(nn.Module):
         return self.s * cosine.scatter(1, labels.unsqueeze(1), phi)
 
 
-def _check_weights_only(path: Path) -> None:
-    """Refuse a pickled file that holds anything but tensors and plain containers, before any
-    loader (whatever its version's defaults) unpickles it: a .pth can carry code."""
+def read_weights_file(path: Path, key: str = "model.weights") -> dict[str, torch.Tensor]:
+    """The tensors of a local weights file (.safetensors, or a .pth / .bin read with
+    `weights_only`: a pickle can carry code and never runs here), unwrapped from a training
+    checkpoint's `state_dict` / `model` entry; anything else is one line naming the file."""
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"model.weights: {path} cannot be read as plain weights "
-                         f"(torch.load weights_only=True refused it: {type(exc).__name__}); "
-                         "convert it to .safetensors, or to a state dict of tensors") from None
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not weights, a pickle of objects: all one answer
+        reason = (str(exc).splitlines() or [""])[0][:120]
+        raise WeightsError(f"{key}: {path} cannot be read as plain weights "
+                           f"({type(exc).__name__}: {reason}); give a .safetensors file, or a "
+                           ".pth / .bin holding a state dict of tensors") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise WeightsError(f"{key}: {path} holds no state dict of tensors (got "
+                           f"{type(state).__name__}); give the backbone's weights file")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _classifier_keys(backbone: nn.Module) -> set[str]:
+    """The keys of the classifier timm's pretrained config names: a pretrained file holds them,
+    the backbone built without a classifier does not; they are the only keys dropped."""
+    names = (getattr(backbone, "pretrained_cfg", None) or {}).get("classifier") or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return {f"{name}.{part}" for name in names for part in ("weight", "bias")}
+
+
+def _listed(keys: Sequence[str]) -> str:
+    return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+
+def _converted(backbone: nn.Module, state: dict, path: Path, name: str) -> dict:
+    """timm's own conversion for the architecture (`checkpoint_filter_fn`: original key names,
+    position embeddings resampled to data.img_size), as timm's loader runs it."""
+    filter_fn = getattr(sys.modules[type(backbone).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return state
+    try:
+        return filter_fn(state, backbone)
+    except Exception as exc:  # a file the conversion cannot read is another model's
+        raise WeightsError(f"model.weights: {path} does not fit model.backbone={name!r} "
+                           f"(timm's conversion failed: {type(exc).__name__})") from None
+
+
+_TOKEN_NORM, _HEAD_NORM = ("norm.weight", "norm.bias"), ("fc_norm.weight", "fc_norm.bias")
+_TOLD: set[str] = set()  # files whose moved head norm was already said
+
+
+def _head_norm_moved(missing: list[str], unexpected: list[str], path: Path
+                     ) -> tuple[list[str], list[str]]:
+    """The one mismatch accepted beside the classifier: a ViT fine-tuned with average pooling
+    (EVA-02's in1k weights) keeps its last LayerNorm after pooling (`fc_norm`), while this
+    model pools the tokens itself and normalises them first (`norm`). As timm's loader does,
+    `norm` starts as a plain LayerNorm (weight 1, bias 0) and `fc_norm` is left out: said, not
+    silent."""
+    if set(_TOKEN_NORM) <= set(missing) and set(_HEAD_NORM) <= set(unexpected):
+        if str(path) not in _TOLD:
+            _TOLD.add(str(path))
+            print(f"model.weights: {path} normalises after average pooling (fc_norm); this "
+                  "model pools the tokens itself: its token norm starts as a plain LayerNorm, "
+                  "fc_norm is not used")
+        return ([k for k in missing if k not in _TOKEN_NORM],
+                [k for k in unexpected if k not in _HEAD_NORM])
+    return missing, unexpected
+
+
+def load_start_weights(backbone: nn.Module, path: Path, name: str) -> None:
+    """Load a local weights file into `backbone` (built without classifier), strictly: every
+    tensor of the backbone comes from the file, and the file holds nothing else but the
+    classifier (and a pooled head's norm, `_head_norm_moved`); a file of another architecture,
+    partial or mis-shaped, is one line naming the file (timm's loader would warn and keep
+    random weights for what did not fit)."""
+    state = _converted(backbone, read_weights_file(path), path, name)
+    state = {k: v for k, v in state.items() if k not in _classifier_keys(backbone)}
+    try:
+        result = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # same names, other shapes
+        lines = str(exc).splitlines()
+        detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0])
+        raise WeightsError(f"model.weights: {path} does not fit model.backbone={name!r}: "
+                           f"{detail[:200]}") from None
+    missing, unexpected = _head_norm_moved(list(result.missing_keys),
+                                           list(result.unexpected_keys), path)
+    if missing or unexpected:
+        raise WeightsError(
+            f"model.weights: {path} does not fit model.backbone={name!r}: {len(missing)} of its "
+            f"{len(backbone.state_dict())} tensors missing ({_listed(missing)}), "
+            f"{len(unexpected)} unexpected ({_listed(unexpected)}); are these the weights of "
+            "another model?")
 
 
 def create_backbone(cfg: Config, global_pool: str = "", own_size: bool = False) -> nn.Module:
@@ -190,16 +276,11 @@ def create_backbone(cfg: Config, global_pool: str = "", own_size: bool = False) 
     preference; at `data.img_size`, or at the backbone's own input size with `own_size`."""
     kwargs: dict = {"num_classes": 0, "global_pool": global_pool}
     weights = cfg.model.weights
-    if weights:
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"model.weights: file not found: {weights}")
-        if path.suffix != ".safetensors":
-            _check_weights_only(path)
-        # timm's own loader: drops the classifier, adapts position embeddings to img_size.
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
-    else:
-        kwargs["pretrained"] = bool(cfg.model.pretrained)
+    path = Path(weights) if weights else None
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"model.weights: file not found: {weights}")
+    # A local file is loaded below, strictly: timm's own loader accepts a partial match.
+    kwargs["pretrained"] = bool(cfg.model.pretrained) and path is None
     try:
         size = {} if own_size else {"img_size": cfg.data.img_size}
         backbone = timm.create_model(cfg.model.backbone, **size, **kwargs)
@@ -208,6 +289,8 @@ def create_backbone(cfg: Config, global_pool: str = "", own_size: bool = False) 
         backbone = timm.create_model(cfg.model.backbone, **kwargs)
     except RuntimeError as exc:
         raise RuntimeError(f"model.backbone={cfg.model.backbone!r}: {exc}") from exc
+    if path is not None:
+        load_start_weights(backbone, path, cfg.model.backbone)
     return backbone
 
 

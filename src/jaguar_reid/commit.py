@@ -1,0 +1,92 @@
+"""Several output files put in place together or not at all.
+
+Each file is written beside its target under a temporary name first; a failure there (a full
+disk, a writer's error) removes every temporary file and leaves all the previous files as
+they were. Only then is a journal written (`.<name>.commit.json`, atomically) listing each
+temporary file and its target, the temporary files renamed over their targets (renames take
+no space), and the journal removed. A run killed between two renames leaves the journal:
+`finish_commits` (run before the next write of the same folder) completes the renames, so
+the folder never keeps files from two runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from contextlib import suppress
+from pathlib import Path
+
+from jaguar_reid.io_utils import UMASK, atomic_write_json, explain_disk_full
+
+Writer = Callable[[Path], None]  # writes one file at the path it is given
+# A target whose writer is REMOVE is deleted by the commit: an earlier run's file that this
+# run does not make (its scores, when this run has no labels to score with) must not stay.
+REMOVE = None
+
+
+def _journal(folder: Path, name: str) -> Path:
+    return folder / f".{name}.commit.json"
+
+
+def _temporary(target: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}",
+                                dir=target.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _write_all(writers: Mapping[Path, Writer | None]) -> dict[Path, Path]:
+    """Every file at a temporary path beside its target; on any failure none is left."""
+    written: dict[Path, Path] = {}
+    names = ", ".join(target.name for target in writers)
+    kept = f"the earlier files ({names}) are all intact and the partial copies were removed"
+    try:
+        for target, write in writers.items():
+            if write is REMOVE:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with explain_disk_full(target, kept):
+                tmp = written[target] = _temporary(target)
+                write(tmp)
+                with suppress(OSError):
+                    os.chmod(tmp, target.stat().st_mode & 0o7777 if target.exists()
+                             else 0o666 & ~UMASK)
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+    except BaseException:
+        for tmp in written.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def commit_together(writers: Mapping[Path, Writer | None], name: str) -> None:
+    """Write every target of `writers` (target -> writer, or REMOVE) as one unit named `name`
+    (the journal's name, in the first target's folder)."""
+    if not writers:
+        return
+    written = _write_all(writers)
+    journal = _journal(next(iter(writers)).parent, name)
+    steps = [[str(written[p]) if p in written else None, str(p)] for p in writers]
+    atomic_write_json(journal, {"renames": steps})
+    _apply(journal)
+
+
+def _apply(journal: Path) -> None:
+    for tmp, target in json.loads(journal.read_text())["renames"]:
+        if tmp is None:
+            Path(target).unlink(missing_ok=True)
+        elif Path(tmp).exists():
+            os.replace(tmp, target)
+    journal.unlink()
+
+
+def finish_commits(folder: str | Path, name: str) -> bool:
+    """Complete a commit a killed run left in `folder` (True when there was one)."""
+    journal = _journal(Path(folder), name)
+    if not journal.is_file():
+        return False
+    _apply(journal)
+    return True
