@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from jaguar_reid import layout, submission, train
 from jaguar_reid.config import ConfigError, load_config
+from jaguar_reid.manifest import ManifestError
 from tests.helpers import set_writable, snapshot
 
 pytestmark = pytest.mark.slow
@@ -55,6 +56,10 @@ def test_copied_and_read_only_experiment_submits_the_same_bytes(demo_dir, tmp_pa
     try:
         moved = [*_args(tiny_cfg_args, demo_dir, work, tmp_path / "nowhere.csv"),
                  f"models={models}", "submit.folds=0..1", "report.enabled=true"]
+        # A folder copied by hand carries no manifest: read only when the user says so.
+        with pytest.raises(ManifestError, match="no manifest.json.*models_verify=false"):
+            submission.main(moved)
+        moved.insert(-3, "models_verify=false")
         submission.main(moved)
         assert snapshot(models.parent) == before  # nothing changed, nothing added
     finally:
@@ -62,7 +67,7 @@ def test_copied_and_read_only_experiment_submits_the_same_bytes(demo_dir, tmp_pa
     assert (layout.work_dir(load_config(moved)) / layout.SUBMISSION).read_bytes() == original
     assert (layout.report_dir(load_config(moved)) / "index.html").is_file()
     # A folder holding <exp>/ works the same as the experiment folder itself.
-    assert layout.model_dir(load_config([*moved[:-3], f"models={models.parent}"])) == models
+    assert layout.model_dir(load_config([*moved[:-4], f"models={models.parent}"])) == models
 
 
 def test_copied_folder_skips_finished_folds(demo_dir, tmp_path, tiny_cfg_args, capsys):

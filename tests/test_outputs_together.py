@@ -108,4 +108,5 @@ def test_a_trainings_row_names_the_folds_it_scored(tmp_path):
         "folds": [{"fold": 1, "map": 0.5, "pair_auc": 0.7}],
         "mean": {"map": 0.5, "pair_auc": 0.7}})
     row = run_row(load_config(args), "train")
-    assert (row["folds"], row["oof_map"]) == ("1", "0.500000")  # not 0,1: fold 0 holds no score here
+    # not 0,1: fold 0 holds no score here
+    assert (row["folds"], row["oof_map"]) == ("1", "0.500000")

@@ -114,10 +114,6 @@ class Folds:
     n_folds: int = key(5, RECIPE, "folds of the split", ge=2)
     strategy: str = key("grouped", RECIPE, "grouped: identity-disjoint | closed: every "
                         "identity in every fold", choices=("grouped", "closed"))
-    models_verify: bool = key(True, RUNTIME, "with models=PATH the experiment must carry its "
-                              "export's manifest.json, every file's size and sha256 checked "
-                              "(damaged or mixed copies; not a deliberate edit: it is unsigned); "
-                              "false: read a folder without one")
     seed: int = key(42, RECIPE, "seed of the split")
     file: str = key("", RUNTIME, "empty: folds/<data folder name>_<strategy>_<n>f_s<seed>.csv")
     dup_threshold: int = key(10, RECIPE, "near-duplicates (pHash bits apart, of 64) share a "
@@ -492,6 +488,10 @@ class Settings:
     models: str = key("", RUNTIME, "where trained folds are read (submit.py, tune, report): an "
                       "experiment folder, or a folder of <exp>/ folders (read-only is fine); "
                       "empty: <output_dir>/<exp>/")
+    models_verify: bool = key(True, RUNTIME, "with models=PATH the experiment must carry its "
+                              "export's manifest.json, every file's size and sha256 checked "
+                              "(damaged or mixed copies; not a deliberate edit: it is unsigned); "
+                              "false: read a folder without one")
     seed: int = key(42, RECIPE, "seed of training (batches, augmentations, initialisation)")
     fold: str = key("all", RUNTIME, "train.sh: 0 | 0..4 | 0,2 | full (all images, no "
                     "validation) | all")

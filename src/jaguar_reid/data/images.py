@@ -1,15 +1,23 @@
-"""Images: decoding (any mode, 16-bit too), alpha-mask modes, loaders and the dataset."""
+"""Images: decoding (any mode, 16-bit too, upright by EXIF), alpha-mask modes, loaders and
+the dataset.
+
+`decode_image` is the one decoder: the cache, the cache-free loader, the floor, local
+features, folds and the data check all read a source image through it, so they see the same
+upright pixels, the same mask, and refuse the same files with the same one-line error."""
 
 from __future__ import annotations
 
+import struct
+import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFilter, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from jaguar_reid.config import Config, ConfigError
@@ -18,14 +26,62 @@ from jaguar_reid.data.preprocess import mean_colour, square_window
 from jaguar_reid.keys import choices
 
 ALPHA_MODES = choices("data.alpha")
-
-
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+GRAYSCALE_MODES = ("L", "LA", "La", "1")
+# The shortest side a source image may have: no photograph is narrower. The one minimum of the
+# pipeline, applied with data.max_pixels (the other bound) wherever a source is decoded.
+MIN_SIDE = 8
+MASK_LEVEL = 127  # alpha above this is inside the mask
+# Bumped when decoding gives other pixels for the same bytes (2: EXIF orientation applied, an
+# empty mask made the whole image): every cache of decoded pixels names it in its key.
+DECODER_VERSION = 2
+_ORIENTATION = int(ExifTags.Base.Orientation)
+# Pillow's format plugins raise these on a malformed file (struct and zlib errors escape
+# some of them); each is the file's problem, never a traceback.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
+                  struct.error, zlib.error)
+
+
+class ImageError(DataError):
+    """A source image that cannot be used: `<path>: <problem>`, the problem's kind before its
+    first ':' (missing, unreadable, truncated, absurd dimensions). One argument builds it, as
+    a DataLoader worker's error is rebuilt in the main process."""
+
+    def __init__(self, message: str, problem: str | None = None) -> None:
+        super().__init__(message)
+        self.problem = message if problem is None else problem
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something a usable image needed, and what the pipeline did about it."""
+
+    problem: str  # "grayscale", "EXIF orientation 6", "empty mask", ...
+    action: str   # "converted to RGB", "EXIF orientation 6 applied", "whole image used"
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedImage:
+    """A source image as every reader sees it."""
+
+    rgba: np.ndarray  # (H, W, 4) uint8, upright; alpha 255 everywhere where no mask is usable
+    mode: str  # the file's own mode (RGBA, L, I;16, CMYK, P, ...)
+    mask_fraction: float | None  # share of pixels inside the file's mask; None: no alpha
+    findings: tuple[Finding, ...]
+
+
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1..8) a photo asks to be shown at; 1 (as stored) when absent."""
+    value = img.getexif().get(_ORIENTATION, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def to_rgba(img: Image.Image) -> np.ndarray:
-    """A loaded PIL image as (H, W, 4) uint8; alpha is 255 everywhere when it has none.
-    16-bit, grayscale and palette images are converted."""
+    """A loaded PIL image as (H, W, 4) uint8, upright by its EXIF orientation (Pillow's
+    `exif_transpose`); alpha is 255 everywhere when it has none. 16-bit, grayscale, CMYK and
+    palette images are converted."""
+    if orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)
     if img.mode in SIXTEEN_BIT_MODES:
         # Pillow's 8-bit conversion clips 16-bit values; rescale instead.
         arr = np.asarray(img, dtype=np.float64)
@@ -34,33 +90,103 @@ def to_rgba(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGBA"))
 
 
-def read_rgba(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
-    """Any image file as (H, W, 4) uint8 (see `to_rgba`). An image of more than `max_pixels`
-    pixels (`data.max_pixels`) is refused before it is decoded: a small file can claim
-    gigapixels (a decompression bomb)."""
+def _size_problem(width: int, height: int, max_pixels: int | None) -> str | None:
+    """Why a source of this size is refused unread, or None (no check without max_pixels)."""
+    if max_pixels is None:
+        return None
+    if width * height > max_pixels:
+        return (f"absurd dimensions: {width}x{height} pixels, more than data.max_pixels="
+                f"{max_pixels}; refused unread (decompression bomb guard)")
+    if min(width, height) < MIN_SIDE:
+        return f"absurd dimensions: {width}x{height} pixels, a side under {MIN_SIDE}"
+    return None
+
+
+def _failure(path: Path, exc: BaseException) -> str:
+    """The problem a decoding failure means, in one line without the path (the message
+    starts with it) and without a folder name deciding the kind."""
+    if isinstance(exc, FileNotFoundError):
+        return "missing"
+    if isinstance(exc, Image.DecompressionBombError):
+        # Pillow's own guard, on open, far above its pixel limit; not an OSError.
+        return f"absurd dimensions: {exc}"
+    if path.is_file() and path.stat().st_size == 0:
+        return "unreadable: empty file (0 bytes)"
+    text = str(exc).replace(repr(str(path)), "").replace(str(path), "")
+    text = " ".join(text.split()).strip(" :") or type(exc).__name__
+    if isinstance(exc, UnidentifiedImageError):
+        return f"unreadable: {text} (not an image format Pillow reads)"
+    kind = "truncated" if "truncated" in text.lower() else "unreadable"
+    return f"{kind}: {text}"
+
+
+def _findings(mode: str, turned: int, alpha: str) -> tuple[Finding, ...]:
+    """What a usable image of file `mode`, EXIF orientation `turned` and mask state `alpha`
+    (mask | empty | none) needed."""
+    found = []
+    if turned != 1:
+        found.append(Finding(f"EXIF orientation {turned}",
+                             f"EXIF orientation {turned} applied"))
+    if mode in GRAYSCALE_MODES:
+        found.append(Finding("grayscale", "converted to RGB"))
+    elif mode in SIXTEEN_BIT_MODES:
+        found.append(Finding("16-bit", "rescaled to 8-bit RGB"))
+    elif mode == "CMYK":
+        found.append(Finding("CMYK", "converted to RGB"))
+    if alpha != "mask":
+        found.append(Finding("empty mask" if alpha == "empty" else "no alpha",
+                             "whole image used"))
+    return tuple(found)
+
+
+def _with_usable_mask(rgba: np.ndarray, has_alpha: bool) -> tuple[np.ndarray, str]:
+    """(rgba, mask state): an empty mask (no alpha above MASK_LEVEL) is the whole image,
+    here once, so no later step (crop, fill, square window, keypoint mask) can paint or cut
+    the whole picture away."""
+    if not has_alpha:
+        return rgba, "none"
+    if (rgba[..., 3] > MASK_LEVEL).any():
+        return rgba, "mask"
+    whole = np.array(rgba)
+    whole[..., 3] = 255
+    return whole, "empty"
+
+
+def decode_image(path: str | Path, max_pixels: int | None = None) -> DecodedImage:
+    """A source image file decoded for every reader (see `DecodedImage`); `ImageError`
+    naming the file when it cannot be used. `max_pixels` (data.max_pixels) marks a source
+    image: one of more pixels, or a side under `MIN_SIDE`, is refused before it is decoded (a
+    small file can claim gigapixels: a decompression bomb). Without it (a file the pipeline
+    wrote, or a test's) sizes are not checked."""
     path = Path(path)
     try:
         with Image.open(path) as img:
-            width, height = img.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise DataError(f"{path}: {width}x{height} pixels, more than data.max_pixels="
-                                f"{max_pixels}; refused unread (decompression bomb guard)")
-            img.load()
-            return to_rgba(img)
-    except Image.DecompressionBombError as exc:
-        # Pillow's own guard, on open, far above its pixel limit; not an OSError.
-        raise DataError(f"{path}: refused unread: {exc}") from exc
-    except DataError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable image: {exc}") from exc
+            problem = _size_problem(*img.size, max_pixels)
+            if problem is None:
+                img.load()
+                mode, turned = img.mode, orientation(img)
+                has_alpha = img.has_transparency_data
+                rgba = to_rgba(img)
+    except (Image.DecompressionBombError, *_DECODE_ERRORS) as exc:
+        problem = _failure(path, exc)
+    if problem is not None:
+        raise ImageError(f"{path}: {problem}", problem)
+    fraction = float((rgba[..., 3] > MASK_LEVEL).mean()) if has_alpha else None
+    rgba, alpha = _with_usable_mask(rgba, has_alpha)
+    return DecodedImage(rgba, mode, fraction, _findings(mode, turned, alpha))
+
+
+def read_rgba(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+    """Any image file as (H, W, 4) uint8, as `decode_image` gives it."""
+    return decode_image(path, max_pixels).rgba
 
 
 def mask_box(alpha: np.ndarray, margin: float) -> tuple[int, int, int, int] | None:
     """(top, bottom, left, right) of the mask (alpha > 127), grown by `margin` x its size on
     each side and clipped to the image; None for an empty mask."""
-    rows = np.flatnonzero((alpha > 127).any(axis=1))
-    cols = np.flatnonzero((alpha > 127).any(axis=0))
+    inside = alpha > MASK_LEVEL
+    rows = np.flatnonzero(inside.any(axis=1))
+    cols = np.flatnonzero(inside.any(axis=0))
     if len(rows) == 0:
         return None
     top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
@@ -75,7 +201,7 @@ def fill_background(rgba: np.ndarray, mode: str, fill: tuple[int, int, int] = (1
     replaces it by a strong blur of the image (the animal stays sharp, the scene's colours
     stay); other modes keep the RGB. `blur_radius` is a fraction of the image's long side."""
     rgb = rgba[..., :3]
-    background = rgba[..., 3] <= 127
+    background = rgba[..., 3] <= MASK_LEVEL
     if mode not in ("crop_fill", "crop_blur") or not background.any():
         return rgb
     out = rgb.copy()
