@@ -77,7 +77,8 @@ LEADERBOARD = "leaderboard.csv"
 CACHE_DIR = "cache"
 DATACHECK_DIR = "datacheck"
 FLOOR_DIR = "floor"                  # plain frozen floor embeddings, by backbone and weights
-WEIGHT_DIGESTS = "weight_digests.json"  # in the cache folder: content digests of weight files
+SOURCE_IDS = "source_ids.json"      # in the cache folder: files' content digests, by stat
+CACHE_INDEX = "index.json"           # in a preprocessing cache's folder: each content's record
 
 # The competition's files inside data.dir.
 DATA_FILES = {"train": "train.csv", "test": "test.csv", "sample": "sample_submission.csv",

@@ -55,9 +55,10 @@ def test_hit_miss_and_rebuild(tmp_path, counted):
 
     make_rgba(paths[1], 99)  # a changed source: new bytes and mtime
     os.utime(paths[1], ns=(1, 1))
-    cache.build_cache(paths, cfg)
+    rebuilt, _ = cache.build_cache(paths, cfg)
     assert counted == ["img_1.png"]
-    assert read_rgba(files[1])[..., 0].max() == 99
+    assert read_rgba(rebuilt[1])[..., 0].max() == 99  # entries are named by content
+    assert rebuilt[1] != files[1] and rebuilt[0] == files[0]
 
     counted.clear()
     other = cfg_for(tmp_path, "data.img_size=32")  # other settings: another folder
@@ -103,7 +104,7 @@ def test_bad_images_are_errors_naming_the_file(tmp_path):
         cache.build_cache([tmp_path / "ok.png", tmp_path / "junk.png", tmp_path / "thin.png"],
                           cfg)
     _, records = cache.build_cache([tmp_path / "thin.png"], cfg, raise_on_error=False)
-    assert records[0]["problems"] == ["absurd dimensions: 3x500"]
+    assert records[0]["problems"] == ["absurd dimensions: 3x500 pixels, a side under 8"]
     assert records[0]["action"] == "error"
 
 

@@ -283,3 +283,37 @@ def test_paths_accepts_str(tmp_path: Path):
     records, groups, cross = clean_dataset()
     path = write_report(records, groups, cross, str(tmp_path / "r"))
     assert path.exists()
+
+
+def test_command_line_reports_a_turned_photo_and_an_empty_mask(tmp_path: Path):
+    """A JPEG stored sideways (EXIF orientation 6) and an RGBA image with no pixel inside its
+    mask are findings, each with what every reader does about it."""
+    import pandas as pd
+
+    from jaguar_reid.data.audit import main
+
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), np.uint8)).save(
+        data / "train" / "turned.jpg", exif=exif)
+    empty = rng.integers(0, 255, (30, 30, 4), np.uint8)
+    empty[..., 3] = 0
+    Image.fromarray(empty, "RGBA").save(data / "train" / "empty.png")
+    pd.DataFrame({"filename": ["turned.jpg", "empty.png"],
+                  "ground_truth": ["a", "b"]}).to_csv(data / "train.csv", index=False)
+    pd.DataFrame({"row_id": [0], "query_image": ["turned.jpg"],
+                  "gallery_image": ["empty.png"]}).to_csv(data / "test.csv", index=False)
+    args = [f"data.dir={data}", f"output_dir={tmp_path / 'out'}", "cache.workers=1"]
+    main(args)
+    report_dir = layout.datacheck_dir(load_config(args))
+    summary = json.loads((report_dir / "summary.json").read_text())
+    found = {(p["filename"], p["problem"], p["action"]) for p in summary["problems"]}
+    assert ("turned.jpg", "EXIF orientation: 6", "EXIF orientation 6 applied; whole image used"
+            ) in found
+    assert ("empty.png", "empty mask", "whole image used") in found
+    # Sizes as seen: the turned photo (stored 60 x 40) stands upright.
+    assert (summary["width"]["max"], summary["height"]["max"]) == (40, 60)
+    assert "EXIF orientation 6 applied" in (report_dir / "report.md").read_text()

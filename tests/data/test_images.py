@@ -41,12 +41,12 @@ def test_grayscale_and_16_bit_are_converted(tmp_path):
 
 def test_unreadable_and_truncated_images_name_the_file(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    with pytest.raises(DataError, match=r"bad\.png: unreadable image"):
+    with pytest.raises(DataError, match=r"bad\.png: unreadable: cannot identify image file"):
         load_image(tmp_path / "bad.png")
     Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "full.png")
     data = (tmp_path / "full.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
-    with pytest.raises(DataError, match=r"cut\.png: unreadable image"):
+    with pytest.raises(DataError, match=r"cut\.png: truncated: image file is truncated"):
         load_image(tmp_path / "cut.png")
 
 

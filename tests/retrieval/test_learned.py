@@ -148,11 +148,15 @@ def test_disk_mask_drops_the_background(images):
     assert f.xy[:, 0].min() >= SIZE[1] // 2 + 4
 
 
-def test_disk_fully_transparent_image_has_no_keypoints(tmp_path):
-    rgba = np.zeros((40, 48, 4), np.uint8)
+def test_disk_fully_transparent_image_is_the_whole_image(images, tmp_path):
+    """An empty mask means the whole image, as everywhere else (`images.decode_image`)."""
+    rgba = np.asarray(Image.open(images["base"]).convert("RGBA")).copy()
+    rgba[..., 3] = 0
     f = disk_features(_png(tmp_path / "empty.png", rgba), None)
-    assert len(f) == 0 and f.descriptors.shape == (0, learned.DISK_DIM)
-    assert f.image_size == (40, 48)
+    rgba[..., 3] = 255
+    whole = disk_features(_png(tmp_path / "whole.png", rgba), None)
+    assert len(f) > 0 and f.image_size == whole.image_size
+    np.testing.assert_array_equal(f.xy, whole.xy)
 
 
 def test_disk_coordinates_are_in_the_original_image(images, tmp_path):

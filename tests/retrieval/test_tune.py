@@ -13,7 +13,7 @@ from jaguar_reid import layout
 from jaguar_reid.config import load_config
 from jaguar_reid.retrieval.postprocess import PostSettings
 from jaguar_reid.retrieval.search import per_identity_subsets, search
-from tests.helpers import fake_experiment
+from tests.helpers import fake_experiment, make_data
 
 
 def scripted(score_of):
@@ -167,17 +167,20 @@ def test_per_identity_subsets_mimic_a_sparse_test_gallery():
 
 def views_experiment(out, exp, emb, labels, kind="neck"):
     """Two finished folds whose out-of-fold view embeddings are already saved (no model)."""
-    from jaguar_reid.retrieval.embedding import VIEWS_VERSION
-    from jaguar_reid.training.digest import weights_digest
+    from jaguar_reid.retrieval.embedding import fold_config, views_digest
 
-    cfg = load_config([f"output_dir={out}", f"exp={exp}", f"model.retrieval={kind}"])
-    exp_dir = fake_experiment(cfg, folds=(0, 1),
-                              weights=b"not read: the views below are up to date",
-                              val=lambda fold: {"embeddings": emb[fold]["orig"], "labels": labels})
+    data = out / "data"  # the images the saved views stand for (their content is digested)
+    if not data.is_dir():
+        make_data(data)
+    cfg = load_config([f"output_dir={out}", f"exp={exp}", f"model.retrieval={kind}",
+                       f"data.dir={data}"])
+    fake_experiment(cfg, folds=(0, 1), weights=b"not read: the views below are up to date",
+                    val=lambda fold: {"embeddings": emb[fold]["orig"], "labels": labels})
     for fold in (0, 1):
-        digest = weights_digest(cfg, layout.fold_dir(exp_dir, fold) / layout.MODEL_WEIGHTS)
+        fold_cfg, weights = fold_config(cfg, exp, fold)
         np.savez(layout.oof_views_path(cfg, exp, fold), kind=np.array(kind),
-                 views=np.array(list(emb[fold])), digest=np.array(f"{digest}:{VIEWS_VERSION}"),
+                 views=np.array(list(emb[fold])),
+                 digest=np.array(views_digest(cfg, fold_cfg, weights)),
                  val_filenames=np.array([f"f{i}" for i in range(len(labels))]),
                  val_labels=labels, train_filenames=np.array([], dtype=str),
                  train_labels=np.array([], dtype=str), head_weight=np.zeros((1, 1)),
@@ -203,7 +206,7 @@ def test_tuning_an_ensemble_of_experiments(tmp_path):
     views_experiment(tmp_path, "b", b, labels)
     grid = ["tune.views=[flip]", "tune.qe_k=[1]", "tune.qe_alpha=[0.0]", "tune.dba=[false]",
             "tune.k1=[3]", "tune.k2=[1]", "tune.lambda=[0.3]", "tune.blend=[0.5]",
-            "tune.per_identity=0", "data.dir=nowhere", "device=cpu"]
+            "tune.per_identity=0", f"data.dir={tmp_path / 'data'}", "device=cpu"]
     base = [f"output_dir={tmp_path}", *grid]
     ensemble = load_config([*base, "exps=a,b", "submit.weights=[3,1]"])
     both = tune(ensemble, quiet=True)

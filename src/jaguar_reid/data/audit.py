@@ -1,9 +1,11 @@
 """Data-check report: what the competition data looks like and every problem found in it.
 
-`src/cache.py` decodes each image once and hands back one record per image (size, mode, mask
-coverage, pHash, problems, and what the pipeline did about them). This module turns those
-records, plus the near-duplicate groups and cross-identity pairs from `src/dedup.py`, into
-`report.md` (with figures) and `summary.json`. No image is decoded here.
+`image_cache` decodes each image once (through `images.decode_image`, as every reader does)
+and hands back one record per image (size as seen, upright, mode, mask coverage, pHash,
+problems, and what the pipeline did about them: an EXIF orientation applied, an empty mask
+taken for the whole image, ...). This module turns those records, plus the near-duplicate
+groups and cross-identity pairs from `dedup`, into `report.md` (with figures) and
+`summary.json`. No image is decoded here.
 
 Every record with a problem is listed in the report with its action: a data check that drops
 problems silently is worse than none, because it makes a broken dataset look clean.

@@ -3,9 +3,10 @@
 The jaguar images are ~3000 x 2000 RGBA PNGs; decoding them is the slowest thing a training
 epoch would do. The cache keeps each image cropped to its mask (when the alpha mode crops)
 and shrunk so its long side is `cache.size`, alpha kept, so the background can still be filled
-or blanked at load time. It lives in `<output_dir>/cache/<digest of the settings>/`; an
-`index.json` there records each source's size and mtime, so a changed source or changed
-settings rebuild only what changed.
+or blanked at load time. It lives in `<output_dir>/cache/<digest of the settings>/`, each
+entry named by the source's content (`source_ids`: the sha256 of its bytes), so a changed
+source, or another data folder holding the same file names, never gets another's pixels, and
+changed settings rebuild only what changed; `layout.CACHE_INDEX` there holds each content's record.
 
     python -m jaguar_reid.cache [config=...] [data.dir=...]  # build (or refresh): train, test
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from jaguar_reid import layout
@@ -39,18 +40,18 @@ from jaguar_reid.data.csv_tables import (
 )
 from jaguar_reid.data.dedup import hash_to_hex, phash
 from jaguar_reid.data.images import (
-    SIXTEEN_BIT_MODES,
+    DECODER_VERSION,
+    ImageError,
     ImageLoader,
+    cut_box,
+    decode_image,
     image_loader,
-    mask_box,
-    to_rgba,
 )
+from jaguar_reid.data.source_ids import content_ids
 from jaguar_reid.io_utils import atomic_path, atomic_write_text, file_lock
 
-# 2: cached files are named after the source's path, not its stem alone.
-CACHE_VERSION = 2
-# Dimensions no photograph has: a side this short, or more pixels than data.max_pixels.
-_MIN_SIDE = 8
+# 3: entries named by the source's content, not its path.
+CACHE_VERSION = 3
 
 
 def cache_size(cfg: Config) -> int:
@@ -59,16 +60,15 @@ def cache_size(cfg: Config) -> int:
 
 
 def cache_settings(cfg: Config) -> dict:
-    return {"version": CACHE_VERSION, "crop": cfg.data.alpha != "rgb",
-            "crop_margin": cfg.data.crop_margin, "size": cache_size(cfg),
-            "max_pixels": cfg.data.max_pixels}
+    return {"version": CACHE_VERSION, "decoder": DECODER_VERSION,
+            "crop": cfg.data.alpha != "rgb", "crop_margin": cfg.data.crop_margin,
+            "size": cache_size(cfg), "max_pixels": cfg.data.max_pixels}
 
 
-def cached_name(src: str | Path) -> str:
-    """The cache's file for a source image: its stem (readable) and a digest of its full
-    path, so `train/0001.png` and `test/0001.png` (or `a.png` and `a.jpg`) never share one."""
-    digest = hashlib.sha256(str(Path(src).resolve()).encode()).hexdigest()[:10]
-    return f"{Path(src).stem}-{digest}.png"
+def cached_name(content_id: str) -> str:
+    """The cache's file for a source of this content (`source_ids`): identical bytes share
+    it, whatever their names; other bytes never do."""
+    return f"{content_id[:32]}.png"
 
 
 def cache_dir(cfg: Config) -> Path:
@@ -90,46 +90,6 @@ def unusable_record(record: dict, problem: str) -> dict:
     return record
 
 
-def _decode(src: str, record: dict, max_pixels: int) -> tuple[np.ndarray, bool] | None:
-    """(RGBA array, whether the file has alpha), with size and mode in `record`; None when
-    the image cannot be used (the record then says why)."""
-    try:
-        with Image.open(src) as img:
-            width, height = img.size
-            record.update(width=width, height=height, mode=img.mode)
-            if width * height > max_pixels or min(width, height) < _MIN_SIDE:
-                unusable_record(record, f"absurd dimensions: {width}x{height}")
-                return None
-            img.load()
-            has_alpha = "A" in img.mode or (img.mode == "P" and "transparency" in img.info)
-            return to_rgba(img), has_alpha
-    except Image.DecompressionBombError as exc:
-        # Pillow's own guard fires on open for images far above its pixel limit.
-        unusable_record(record, f"absurd dimensions: {exc}")
-    except FileNotFoundError:
-        unusable_record(record, "missing")
-    except OSError as exc:
-        # Pillow's message quotes the path: a folder named `truncated/` must not decide.
-        message = str(exc).replace(str(src), "")
-        kind = "truncated" if "truncated" in message.lower() else "unreadable"
-        unusable_record(record, f"{kind}: {exc}")
-    except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        unusable_record(record, f"unreadable: {exc}")
-    return None
-
-
-def _cut_to_mask(rgba: np.ndarray, has_alpha: bool, margin: float,
-                 problems: list[str], actions: list[str]) -> np.ndarray:
-    """The mask's box (plus margin); the whole image, said so, without a usable mask."""
-    box = mask_box(rgba[..., 3], margin) if has_alpha else None
-    if box is None:
-        problems.append("empty mask" if has_alpha else "no alpha")
-        actions.append("whole image used")
-        return rgba
-    top, bottom, left, right = box
-    return rgba[top:bottom, left:right]
-
-
 def _write_resized(rgba: np.ndarray, dst: str, size: int) -> None:
     """PNG of `rgba` with its long side at most `size` (Lanczos), written atomically."""
     image = Image.fromarray(np.ascontiguousarray(rgba), mode="RGBA")
@@ -144,30 +104,26 @@ def _write_resized(rgba: np.ndarray, dst: str, size: int) -> None:
 
 def process_image(src: str, dst: str, crop: bool, margin: float, size: int,
                   max_pixels: int) -> dict:
-    """Decode `src`, write its cached form to `dst`, and return its record.
+    """Decode `src` (`images.decode_image`, as every reader does), write its cached form to
+    `dst`, and return its record.
 
     A problem that leaves no usable image (unreadable, truncated, absurd dimensions) is
     recorded with action "error" and nothing is written; the caller decides what to do.
     """
     record = empty_record(Path(src))
-    decoded = _decode(src, record, max_pixels)
-    if decoded is None:
-        return record
-    rgba, has_alpha = decoded
-    problems: list[str] = record["problems"]
-    actions: list[str] = []
-    mode = record["mode"]
-    if mode in ("L", "LA", "1"):
-        problems.append("grayscale")
-        actions.append("converted to RGB")
-    if mode in SIXTEEN_BIT_MODES:
-        problems.append("16-bit")
-        actions.append("rescaled to 8-bit RGB")
-    record["mask_fraction"] = float((rgba[..., 3] > 127).mean()) if has_alpha else None
-    record["phash"] = hash_to_hex(phash(rgba[..., :3]))
-    out = _cut_to_mask(rgba, has_alpha, margin, problems, actions) if crop else rgba
-    _write_resized(out, dst, size)
-    record["action"] = "; ".join(actions)
+    try:
+        image = decode_image(src, max_pixels)
+    except ImageError as exc:
+        if exc.size is not None:
+            record.update(width=exc.size[0], height=exc.size[1])
+        return unusable_record(record, exc.problem)
+    height, width = image.rgba.shape[:2]
+    record.update(width=width, height=height, mode=image.mode,
+                  mask_fraction=image.mask_fraction,
+                  phash=hash_to_hex(phash(image.rgba[..., :3])),
+                  problems=[f.problem for f in image.findings],
+                  action="; ".join(f.action for f in image.findings))
+    _write_resized(cut_box(image.rgba, "crop", margin) if crop else image.rgba, dst, size)
     return record
 
 
@@ -176,8 +132,9 @@ def _process_star(args: tuple) -> dict:
 
 
 def _read_index(path: Path) -> dict:
-    """The cache's index; one that cannot be read (edited by hand, another tool's file) only
-    costs a rebuild, said so, because every entry can be made again from the sources."""
+    """The cache's index (content id -> {"record": ...}); one that cannot be read (edited by
+    hand, another tool's file) only costs a rebuild, said so, because every entry can be made
+    again from the sources."""
     if not path.is_file():
         return {}
     try:
@@ -186,62 +143,78 @@ def _read_index(path: Path) -> dict:
         print(f"note: {path} is unreadable ({exc}); rebuilding the cache")
         return {}
     if not isinstance(index, dict) or not all(
-            isinstance(e, dict) and "stamp" in e and isinstance(e.get("record"), dict)
-            for e in index.values()):
+            isinstance(e, dict) and isinstance(e.get("record"), dict) for e in index.values()):
         print(f"note: {path} is not a cache index; rebuilding the cache")
         return {}
     return index
 
 
+def _jobs(paths: Sequence[Path], ids: list[str | None], index: dict, directory: Path,
+          settings: dict) -> dict[str, tuple]:
+    """The decodes to run, one per content not cached yet (two names of one content: one)."""
+    jobs: dict[str, tuple] = {}
+    for src, content in zip(paths, ids, strict=True):
+        if content is None or content in jobs:
+            continue
+        dst = directory / cached_name(content)
+        entry = index.get(content)
+        if entry is None or not (dst.is_file() or entry["record"]["action"] == "error"):
+            jobs[content] = (str(src), str(dst), settings["crop"], settings["crop_margin"],
+                             settings["size"], settings["max_pixels"])
+    return jobs
+
+
+def _run(jobs: dict[str, tuple], workers: int, desc: str) -> dict[str, dict]:
+    """Each job's record, by content id, decoded in `workers` processes."""
+    progress = {"total": len(jobs), "desc": desc, "disable": None, "mininterval": 1.0}
+    args = list(jobs.values())
+    if workers > 1 and len(args) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(tqdm(pool.map(_process_star, args, chunksize=4), **progress))
+    else:
+        results = list(tqdm(map(_process_star, args), **progress))
+    return {content: {"record": record}
+            for content, record in zip(jobs, results, strict=True)}
+
+
+def _record(src: Path, content: str | None, index: dict) -> dict:
+    """The record of `src` (its own name and path on its content's record)."""
+    if content is None:
+        return unusable_record(empty_record(Path(src)), "missing")
+    stored = index[content]["record"]
+    return {**stored, "problems": list(stored["problems"]), "filename": Path(src).name,
+            "path": str(src)}
+
+
 def build_cache(paths: Sequence[Path], cfg: Config, desc: str = "cache",
                 raise_on_error: bool = True) -> tuple[list[Path], list[dict]]:
-    """Cached file and record for each source path (in order), building only what is missing
-    or stale. With `raise_on_error`, an image that cannot be used stops with an error naming
-    every such file."""
+    """Cached file and record for each source path (in order), building only what is missing:
+    entries are found by content (`source_ids`), so a rewritten source is decoded again. A
+    missing source's "cached file" is the source path itself. With `raise_on_error`, an image
+    that cannot be used stops with an error naming every such file."""
     directory = cache_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
-    index_path = directory / "index.json"
+    index_path = directory / layout.CACHE_INDEX
     index = _read_index(index_path)
     settings = cache_settings(cfg)
     atomic_write_text(directory / "settings.json", json.dumps(settings, indent=2) + "\n")
-
-    cached = [directory / cached_name(p) for p in paths]
-    todo = []
-    for src, dst in zip(paths, cached, strict=True):
-        key = str(Path(src).resolve())
-        try:
-            stat = os.stat(src)
-            stamp = [stat.st_size, stat.st_mtime_ns]
-        except FileNotFoundError:
-            stamp = None
-        entry = index.get(key)
-        fresh = (entry is not None and stamp is not None and entry["stamp"] == stamp
-                 and (dst.is_file() or entry["record"]["action"] == "error"))
-        if not fresh:
-            todo.append((key, stamp, (str(src), str(dst), settings["crop"],
-                                      settings["crop_margin"], settings["size"],
-                                      settings["max_pixels"])))
-    if todo:
-        workers = cfg.cache.workers or os.cpu_count() or 1
-        jobs = [job for _, _, job in todo]
-        progress = {"total": len(todo), "desc": f"{desc}: {directory}", "disable": None,
-                    "mininterval": 1.0}
-        if workers > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                results = list(tqdm(pool.map(_process_star, jobs, chunksize=4), **progress))
-        else:
-            results = list(tqdm(map(_process_star, jobs), **progress))
-        ours = {key: {"stamp": stamp, "record": record}
-                for (key, stamp, _), record in zip(todo, results, strict=True)}
+    workers = cfg.cache.workers or os.cpu_count() or 1
+    # A source rewritten between its hashing and its decoding is filed under its old digest;
+    # its stamp moved, so the next build hashes it again and decodes the new bytes.
+    ids = content_ids(cfg, paths, workers)
+    jobs = _jobs(paths, ids, index, directory, settings)
+    if jobs:
+        ours = _run(jobs, workers, f"{desc}: {directory}")
         # Another process (a training beside a submission) may have added entries since we
         # read the index: merge into the latest under a lock, so neither loses the other's.
         with file_lock(directory / "index.lock"):
             index = {**index, **_read_index(index_path), **ours}
             atomic_write_text(index_path, json.dumps(index) + "\n")
-        print(f"{desc}: {len(todo)} image(s) decoded into {directory}, "
-              f"{len(paths) - len(todo)} already cached")
-
-    records = [index[str(Path(p).resolve())]["record"] for p in paths]
+        print(f"{desc}: {len(jobs)} image(s) decoded into {directory}, "
+              f"{len(paths) - len(jobs)} already cached")
+    cached = [Path(src) if c is None else directory / cached_name(c)
+              for src, c in zip(paths, ids, strict=True)]
+    records = [_record(src, c, index) for src, c in zip(paths, ids, strict=True)]
     errors = [r for r in records if r["action"] == "error"]
     if errors and raise_on_error:
         shown = "; ".join(f"{r['path']}: {r['problems'][0]}" for r in errors[:5])

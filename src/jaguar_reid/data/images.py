@@ -47,16 +47,18 @@ class ImageError(DataError):
     first ':' (missing, unreadable, truncated, absurd dimensions). One argument builds it, as
     a DataLoader worker's error is rebuilt in the main process."""
 
-    def __init__(self, message: str, problem: str | None = None) -> None:
+    def __init__(self, message: str, problem: str | None = None,
+                 size: tuple[int, int] | None = None) -> None:
         super().__init__(message)
         self.problem = message if problem is None else problem
+        self.size = size  # (width, height) of an image refused for its dimensions
 
 
 @dataclass(frozen=True)
 class Finding:
     """Something a usable image needed, and what the pipeline did about it."""
 
-    problem: str  # "grayscale", "EXIF orientation 6", "empty mask", ...
+    problem: str  # "grayscale", "EXIF orientation: 6", "empty mask", ...
     action: str   # "converted to RGB", "EXIF orientation 6 applied", "whole image used"
 
 
@@ -125,8 +127,7 @@ def _findings(mode: str, turned: int, alpha: str) -> tuple[Finding, ...]:
     (mask | empty | none) needed."""
     found = []
     if turned != 1:
-        found.append(Finding(f"EXIF orientation {turned}",
-                             f"EXIF orientation {turned} applied"))
+        found.append(Finding(f"EXIF orientation: {turned}", f"EXIF orientation {turned} applied"))
     if mode in GRAYSCALE_MODES:
         found.append(Finding("grayscale", "converted to RGB"))
     elif mode in SIXTEEN_BIT_MODES:
@@ -161,16 +162,17 @@ def decode_image(path: str | Path, max_pixels: int | None = None) -> DecodedImag
     path = Path(path)
     try:
         with Image.open(path) as img:
-            problem = _size_problem(*img.size, max_pixels)
-            if problem is None:
-                img.load()
-                mode, turned = img.mode, orientation(img)
-                has_alpha = img.has_transparency_data
-                rgba = to_rgba(img)
+            refused = _size_problem(*img.size, max_pixels)
+            if refused is not None:
+                raise ImageError(f"{path}: {refused}", refused, img.size)
+            img.load()
+            mode, turned, has_alpha = img.mode, orientation(img), img.has_transparency_data
+            rgba = to_rgba(img)
+    except ImageError:
+        raise
     except (Image.DecompressionBombError, *_DECODE_ERRORS) as exc:
         problem = _failure(path, exc)
-    if problem is not None:
-        raise ImageError(f"{path}: {problem}", problem)
+        raise ImageError(f"{path}: {problem}", problem) from exc
     fraction = float((rgba[..., 3] > MASK_LEVEL).mean()) if has_alpha else None
     rgba, alpha = _with_usable_mask(rgba, has_alpha)
     return DecodedImage(rgba, mode, fraction, _findings(mode, turned, alpha))
@@ -242,7 +244,7 @@ def _squared(rgba: np.ndarray, square: tuple[int, int, int] | None,
     return square_window(rgba, box, square)
 
 
-def _cut_box(rgba: np.ndarray, alpha: str, margin: float) -> np.ndarray:
+def cut_box(rgba: np.ndarray, alpha: str, margin: float) -> np.ndarray:
     """The crop modes' cut to the mask's box (what the cache stores for them)."""
     box = None if alpha == "rgb" else mask_box(rgba[..., 3], margin)
     if box is None:
@@ -262,7 +264,7 @@ def load_image(path: str | Path, alpha: str = "rgb", margin: float = 0.05,
     rgba = read_rgba(path, max_pixels)
     if square is None:
         return Image.fromarray(apply_alpha(rgba, alpha, margin, tuple(fill)))
-    window = _squared(_cut_box(rgba, alpha, margin), square, margin if alpha == "rgb" else None)
+    window = _squared(cut_box(rgba, alpha, margin), square, margin if alpha == "rgb" else None)
     return Image.fromarray(fill_background(window, alpha, tuple(fill)))
 
 

@@ -22,9 +22,10 @@ from jaguar_reid.config import (
     with_recipe_of,
 )
 from jaguar_reid.data.augment import build_transform
-from jaguar_reid.data.csv_tables import DataError, read_train_csv
+from jaguar_reid.data.csv_tables import DataError, read_train_csv, resolve_image_paths
 from jaguar_reid.data.image_cache import prepare_images
-from jaguar_reid.data.images import ImageDataset, ImageLoader, image_loader
+from jaguar_reid.data.images import DECODER_VERSION, ImageDataset, ImageLoader, image_loader
+from jaguar_reid.data.source_ids import ids_digest, require_ids
 from jaguar_reid.data.splits import experiment_folds
 from jaguar_reid.io_utils import (
     amp_dtype,
@@ -270,7 +271,7 @@ class OofViews:
 
     kind: str  # the retrieval embedding
     views: list[str]
-    digest: str  # of the weights and VIEWS_VERSION: what the file was made from
+    digest: str  # of the weights, the images' content and the versions: what it was made from
     val_labels: np.ndarray
     val_filenames: np.ndarray
     train_labels: np.ndarray  # empty unless the folds are closed
@@ -315,7 +316,7 @@ def ensure_oof_views(cfg: Config, exp: str, fold: int, views: Sequence[str],
     kind = fold_cfg.model.retrieval
     views = list(dict.fromkeys(["orig", *views]))
     path = layout.oof_views_path(cfg, exp, fold)
-    digest = f"{weights_digest(cfg, weights)}:{VIEWS_VERSION}"
+    digest = views_digest(cfg, fold_cfg, weights)
     if path.is_file():
         saved = read_oof_views(path)
         if saved.digest == digest and saved.kind == kind and set(views) <= set(saved.views):
@@ -325,6 +326,17 @@ def ensure_oof_views(cfg: Config, exp: str, fold: int, views: Sequence[str],
     with atomic_path(path, suffix=".npz") as tmp:
         np.savez(tmp, **arrays)
     return read_oof_views(path)
+
+
+def views_digest(cfg: Config, fold_cfg: Config, weights: Path) -> str:
+    """What saved view embeddings were made from: the weights and the images by their
+    content (another round's same-named files, or a file rewritten in place, are embedded
+    again), the decoder and the views' definitions."""
+    files = layout.data_files(fold_cfg)
+    names = read_train_csv(files.train)["filename"]
+    sources = resolve_image_paths(Path(fold_cfg.data.dir), names, files.train)
+    images = ids_digest(require_ids(cfg, sources))
+    return f"{weights_digest(cfg, weights)}:{VIEWS_VERSION}:{DECODER_VERSION}:{images}"
 
 
 def _embed_fold_views(fold_cfg: Config, weights: Path, exp: str, fold: int,

@@ -8,8 +8,9 @@ mode, normalisation settings) is used, so a loss the pipeline's input causes sho
 it; epoch 0 of a training log cannot show that, since it shares that input.
 
 Embeddings are computed once per backbone and image and kept in
-`<output_dir>/floor/<key>.npz` (by file name), so every fold and experiment of one backbone
-shares them.
+`<output_dir>/floor/<key>.npz` by the image's content (`data.source_ids`: the sha256 of its
+bytes, never its name: the competition's two rounds share file names), so every fold and
+experiment of one backbone shares them and a rewritten image is embedded again.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from PIL import Image
 from jaguar_reid import layout
 from jaguar_reid.config import Config
 from jaguar_reid.data.csv_tables import resolve_image_paths
-from jaguar_reid.data.images import read_rgba
+from jaguar_reid.data.images import DECODER_VERSION, read_rgba
+from jaguar_reid.data.source_ids import require_ids
 from jaguar_reid.io_utils import atomic_path, file_lock
 from jaguar_reid.training.digest import weights_digest
 from jaguar_reid.training.model import create_backbone
 
-FLOOR_VERSION = 1  # bumped when the recipe changes: saved floor embeddings go stale
+FLOOR_VERSION = 2  # bumped when the recipe changes (2: rows by content, not file name)
 FLOOR_NAME = "plain frozen floor (timm eval transform, average pool, cosine)"
 
 
@@ -41,7 +43,7 @@ def floor_key(cfg: Config) -> str:
     """What decides the floor's embeddings: the backbone and its starting weights."""
     weights = weights_digest(cfg, cfg.model.weights) if cfg.model.weights else (
         "timm-hub" if cfg.model.pretrained else f"random-seed{cfg.seed}")
-    text = json.dumps([FLOOR_VERSION, cfg.model.backbone, weights])
+    text = json.dumps([FLOOR_VERSION, DECODER_VERSION, cfg.model.backbone, weights])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -72,7 +74,7 @@ def embed_plain(model: torch.nn.Module, transform, paths: Sequence[Path], device
 
 class FloorEmbedder:
     """Floor embeddings of images named in a CSV of `data.dir`, computed where missing and
-    kept by file name."""
+    kept by the images' content."""
 
     def __init__(self, cfg: Config, device: str) -> None:
         self.cfg, self.device = cfg, device
@@ -84,22 +86,23 @@ class FloorEmbedder:
         if not self.path.is_file():
             return {}
         with np.load(self.path, allow_pickle=False) as data:
-            return dict(zip(data["names"].tolist(), data["embeddings"], strict=True))
+            return dict(zip(data["ids"].tolist(), data["embeddings"], strict=True))
 
     def embed(self, names: Sequence[str], csv_path: Path) -> np.ndarray:
         """(N, D) floor embeddings of `names` (file names as `csv_path` gives them)."""
-        names = [str(n) for n in names]
+        paths = resolve_image_paths(layout.data_files(self.cfg).root, [str(n) for n in names],
+                                    csv_path)
+        ids = require_ids(self.cfg, paths)
         if self._known is None:
             self._known = self._read()
-        missing = list(dict.fromkeys(n for n in names if n not in self._known))
-        if missing:
+        todo = {c: p for c, p in zip(ids, paths, strict=True) if c not in self._known}
+        if todo:
             if self._model is None:
                 self._model = floor_model(self.cfg)
-            paths = resolve_image_paths(layout.data_files(self.cfg).root, missing, csv_path)
-            new = embed_plain(*self._model, paths, self.device, self.cfg.embed.batch_size,
-                              self.cfg.data.max_pixels)
-            self._known = self._save(dict(zip(missing, new, strict=True)))
-        return np.stack([self._known[n] for n in names]).astype(np.float32)
+            new = embed_plain(*self._model, list(todo.values()), self.device,
+                              self.cfg.embed.batch_size, self.cfg.data.max_pixels)
+            self._known = self._save(dict(zip(todo, new, strict=True)))
+        return np.stack([self._known[c] for c in ids]).astype(np.float32)
 
     def _save(self, new: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Add `new` to the file under its lock (another run may have added rows); returns
@@ -108,7 +111,7 @@ class FloorEmbedder:
         with file_lock(self.path.with_name(self.path.name + ".lock")):
             merged = {**self._read(), **new}
             with atomic_path(self.path, suffix=".npz") as tmp:
-                np.savez(tmp, names=np.array(list(merged)),
+                np.savez(tmp, ids=np.array(list(merged)),
                          embeddings=np.stack(list(merged.values())))
         return merged
 

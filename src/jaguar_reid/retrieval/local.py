@@ -162,10 +162,11 @@ def _read_working(path: str | Path, max_side: int, max_pixels: int | None
 def read_for_features(path: str | Path, max_side: int = MAX_SIDE,
                       max_pixels: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """An image file as (gray uint8 (h, w), mask uint8 (h, w) or None) at the working size:
-    longer side at most `max_side` (INTER_AREA, never upscaled). The mask is 255 where
-    alpha > 127 and 0 elsewhere, or None when no pixel's alpha is below 255. Unreadable files
-    raise `DataError` naming them (`read_rgba`; `max_pixels` is its decompression-bomb
-    guard)."""
+    longer side at most `max_side` (INTER_AREA, never upscaled). The file is decoded as every
+    reader decodes it (`images.decode_image`: upright by its EXIF orientation, so keypoints,
+    mask and embeddings see the same pixels; an empty mask is the whole image). The mask is
+    255 where alpha > 127 and 0 elsewhere, or None when no pixel's alpha is below 255.
+    Unusable files raise `DataError` naming them (`max_pixels`: the source checks)."""
     gray, mask, _ = _read_working(path, max_side, max_pixels)
     return gray, mask
 

@@ -5,8 +5,10 @@ images and the test images under `embed.tta`; folds are combined the way submit.
 them (`submit.ensemble`: mean, or concat, whose cosine is the mean of the models' cosines),
 then experiments the same way. The result is computed once and kept in
 `<output_dir>/cache/teacher/<key>.npz`, the key made of what decides it (the teachers'
-training digests, views, ensemble mode, data folder and image names): every fold of a student,
-and every student of the same teachers, reads it.
+training digests, views, ensemble mode, the decoder's version, and the images' content in
+order: `data.source_ids`, never their names or folder, which another round's data or a file
+rewritten in place can share): every fold of a student, and every student of the same
+teachers, reads it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import numpy as np
 
 from jaguar_reid import layout
 from jaguar_reid.config import Config
+from jaguar_reid.data.csv_tables import resolve_image_paths
+from jaguar_reid.data.images import DECODER_VERSION
+from jaguar_reid.data.source_ids import ids_digest, require_ids
 from jaguar_reid.io_utils import atomic_path
 from jaguar_reid.retrieval.embedding import combine_views, embed_fold, ensemble_embeddings
 from jaguar_reid.training.digest import experiments_digest
@@ -42,11 +47,19 @@ def teacher_folds(cfg: Config, exp: str) -> list[int | str]:
     return folds
 
 
+def _content(cfg: Config, names: Sequence[str], csv_path: Path) -> str:
+    """One digest of the images' content, in order."""
+    paths = resolve_image_paths(layout.data_files(cfg).root, list(names), csv_path)
+    return ids_digest(require_ids(cfg, paths))
+
+
 def cache_key(cfg: Config, train_names: Sequence[str], test_names: Sequence[str]) -> str:
+    files = layout.data_files(cfg)
     decided = {"teachers": experiments_digest(cfg, ",".join(teacher_names(cfg))),
                "views": [str(v) for v in cfg.embed.tta],
-               "ensemble": cfg.submit.ensemble, "data": str(Path(cfg.data.dir).resolve()),
-               "train": list(train_names), "test": list(test_names)}
+               "ensemble": cfg.submit.ensemble, "decoder": DECODER_VERSION,
+               "train": _content(cfg, train_names, files.train),
+               "test": _content(cfg, test_names, files.test)}
     return hashlib.sha256(json.dumps(decided).encode()).hexdigest()[:16]
 
 

@@ -4,10 +4,12 @@ files, inlier counts of each query's top-B pairs, and the fused similarity.
 `retrieval.local` (features and matching) and `retrieval.fusion` (the calibration) are pure;
 this module gives them files, caches and a config:
 
-* **Features** are computed once per image file and settings and kept in the cache folder,
-  `<cache>/local/features-<digest>/<key>.npz`, the key naming the file by its resolved path,
-  size and modification time (a changed image is read again), the digest naming the feature
-  keys of `local.*`. Every fold, experiment and tuning run reuses them.
+* **Features** are computed once per image and settings and kept in the cache folder,
+  `<cache>/local/features-<digest>/<key>.npz`, the key naming the image by its content
+  (`data.source_ids`: the sha256 of its bytes; never its path, size or mtime, which a rewrite
+  in place or another data folder with the same names can share), the digest naming the
+  feature keys of `local.*` and the decoder's version. Every fold, experiment and tuning run
+  reuses them; a rewritten image is read again.
 * **Inlier counts** are kept per unordered pair of image keys in
   `<cache>/local/pairs-<digest>.npz` (digest: the feature and the matching keys), merged and
   rewritten atomically after each batch of new pairs, so a run that dies loses only the pairs
@@ -30,6 +32,8 @@ import numpy as np
 
 from jaguar_reid import layout
 from jaguar_reid.config import Config
+from jaguar_reid.data.images import DECODER_VERSION
+from jaguar_reid.data.source_ids import content_ids, require_ids
 from jaguar_reid.io_utils import atomic_path
 from jaguar_reid.keys import choices
 from jaguar_reid.retrieval import fusion, learned, local
@@ -49,20 +53,13 @@ def _digest(values: dict) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _file_digest(path: str) -> str:
-    """A weight file known by its content (a renamed copy is the same model); read once per
-    file version, not at every call (tuning asks for it once per fold and draw)."""
-    stat = Path(path).stat()
-    return _content_digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=8)
-def _content_digest(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+def _file_digest(cfg: Config, path: str) -> str:
+    """A weight file known by its content (a renamed copy is the same model), its digest
+    remembered as an image's is (`data.source_ids`): read once per file version."""
+    (digest,) = content_ids(cfg, [path])
+    if digest is None:
+        raise FileNotFoundError(f"{path}: local weights file not found")
+    return digest[:16]
 
 
 def check_learned(cfg: Config) -> None:
@@ -74,16 +71,17 @@ def check_learned(cfg: Config) -> None:
 
 
 def feature_settings(cfg: Config) -> dict:
-    out = {k: cfg.local[k] for k in FEATURE_KEYS} | {"version": local.FEATURE_FILE_VERSION}
+    out = {k: cfg.local[k] for k in FEATURE_KEYS} | {"version": local.FEATURE_FILE_VERSION,
+                                                     "decoder": DECODER_VERSION}
     if cfg.local.extractor == "disk":
-        out["weights"] = _file_digest(cfg.local.weights)
+        out["weights"] = _file_digest(cfg, cfg.local.weights)
     return out
 
 
 def match_settings(cfg: Config) -> dict:
     out = feature_settings(cfg) | {k: cfg.local[k] for k in MATCH_KEYS}
     if cfg.local.matcher == "lightglue":
-        out["matcher_weights"] = _file_digest(cfg.local.matcher_weights)
+        out["matcher_weights"] = _file_digest(cfg, cfg.local.matcher_weights)
     return out
 
 
@@ -109,20 +107,18 @@ def matcher(cfg: Config, device: str = "cpu") -> Callable[..., tuple[np.ndarray,
     return functools.partial(local.inlier_matches, ratio=cfg.local.ratio, **geometry)
 
 
-def image_key(path: str | Path) -> str:
-    """A file named by its resolved path, size and modification time."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    return hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+def image_keys(cfg: Config, paths: Sequence[Path]) -> list[str]:
+    """Each file named by its content (`data.source_ids`), shortened for file names."""
+    return [digest[:32] for digest in require_ids(cfg, paths)]
 
 
 def features_for(cfg: Config, paths: Sequence[Path], device: str = "cpu",
                  keys: Sequence[str] | None = None) -> list[local.LocalFeatures]:
     """Local features of each file, from the cache where present (computed and saved where
-    not). `keys`: the files' `image_key`s when the caller has them already."""
+    not). `keys`: the files' `image_keys` when the caller has them already."""
     folder = layout.cache_root(cfg) / LOCAL_DIR / f"features-{_digest(feature_settings(cfg))}"
     folder.mkdir(parents=True, exist_ok=True)
-    keys = [image_key(p) for p in paths] if keys is None else keys
+    keys = image_keys(cfg, paths) if keys is None else keys
     out = []
     for path, key in zip(paths, keys, strict=True):
         file = folder / f"{key}.npz"
@@ -167,7 +163,7 @@ def verify_shortlist(cfg: Config, paths: Sequence[Path], similarity: np.ndarray,
     check_learned(cfg)
     n = len(paths)
     rows, cols = local.shortlist_pairs(similarity, cfg.local.top_b)
-    keys = [image_key(p) for p in paths]
+    keys = image_keys(cfg, paths)
     feats = features_for(cfg, paths, device, keys)
     match = None
     if cfg.local.matcher == "lightglue":

@@ -19,12 +19,11 @@ from pathlib import Path
 import pandas as pd
 
 from jaguar_reid.config import Config, config_digest, to_plain
-from jaguar_reid.io_utils import atomic_write_json, file_lock, read_json
+from jaguar_reid.data.source_ids import content_ids
+from jaguar_reid.io_utils import read_json
 from jaguar_reid.keys import SPECS
 from jaguar_reid.layout import (
     FOLD_METRICS,
-    WEIGHT_DIGESTS,
-    cache_root,
     finished_folds,
     fold_dir,
     model_dir,
@@ -213,19 +212,9 @@ def experiments_digest(cfg: Config, names: str) -> list[str]:
 
 
 def weights_digest(cfg: Config, path: str | Path) -> str:
-    """sha256 of a file's bytes, remembered in `<output_dir>/cache/weight_digests.json` by
-    (path, size, modification time): 1.2 GB of EVA-02 L weights is read once, not per run."""
-    path = Path(path)
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    index = cache_root(cfg) / WEIGHT_DIGESTS
-    known = read_json(index) if index.is_file() else {}
-    if key in known:
-        return known[key]
-    value = file_sha256(path)
-    index.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(index.with_name(index.name + ".lock")):
-        merged = read_json(index) if index.is_file() else {}
-        merged[key] = value
-        atomic_write_json(index, merged)
-    return value
+    """sha256 of a file's bytes, remembered by the file's stamp (`data.source_ids`): 1.2 GB of
+    EVA-02 L weights is read once, not per run, and a file rewritten in place is read again."""
+    (digest,) = content_ids(cfg, [path])
+    if digest is None:
+        raise FileNotFoundError(f"{path}: weights file not found")
+    return digest
