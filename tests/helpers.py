@@ -203,3 +203,40 @@ def set_writable(root: Path, writable: bool) -> None:
     for path in [root, *root.rglob("*")]:
         mode = path.stat().st_mode
         path.chmod(mode | stat.S_IWUSR if writable else mode & ~bits)
+
+
+# --------------------------------------------------------------------------- synthetic coats
+
+COAT_BACKGROUND = 170
+
+
+def spots(seed: int, size: tuple[int, int] = (320, 400), count: int = 120) -> np.ndarray:
+    """A grayscale coat: dark ellipses of random size and angle on a noisy light ground."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    height, width = size
+    noise = rng.normal(0, 6, size)
+    img = np.clip(COAT_BACKGROUND + noise, 0, 255).astype(np.uint8)
+    for _ in range(count):
+        centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        axes = (int(rng.integers(3, 14)), int(rng.integers(3, 14)))
+        cv2.ellipse(img, centre, axes, float(rng.uniform(0, 180)), 0, 360,
+                    int(rng.integers(0, 90)), -1)
+    return img
+
+
+def warp(img: np.ndarray, angle_deg: float = 17.0, scale: float = 0.9) -> np.ndarray:
+    """Rotated, scaled and seen in slight perspective: the same coat from another camera."""
+    import cv2
+
+    height, width = img.shape[:2]
+    affine = cv2.getRotationMatrix2D((width / 2, height / 2), angle_deg, scale)
+    homography = np.vstack([affine, [2e-4, 0, 1]])
+    return cv2.warpPerspective(img, homography, (width, height), borderValue=COAT_BACKGROUND)
+
+
+def coat_png(path: Path, array: np.ndarray) -> Path:
+    """A coat saved as a PNG at `path`."""
+    Image.fromarray(array).save(path)
+    return path

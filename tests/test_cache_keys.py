@@ -22,7 +22,7 @@ from jaguar_reid.data.image_cache import build_cache
 from jaguar_reid.data.images import read_rgba
 from jaguar_reid.retrieval import floor as floor_mod
 from jaguar_reid.retrieval import local, teacher, verify
-from tests.retrieval.test_local import spots, warp
+from tests.helpers import spots, warp
 
 NAMES = ("x.png", "y.png")
 
@@ -178,4 +178,22 @@ def test_teacher_embeddings_key(tmp_path, shortcut):
     assert key(two) != first  # the same names in another round
     assert key(one) == first
     rewrite_in_place(one / "train" / "x.png", spots(4))
+    assert key(one) != first
+
+
+def test_tuning_views_key(tmp_path, shortcut):
+    """Saved out-of-fold view embeddings stand for the weights and the images by content."""
+    from jaguar_reid.retrieval.embedding import fold_config, views_digest
+    from tests.helpers import fake_experiment
+
+    one, two = rounds(tmp_path)
+
+    def key(data: Path) -> str:
+        cfg = cfg_for(data, tmp_path / "out", "exp=v", "folds.n_folds=2")
+        fake_experiment(cfg, folds=(0,), weights=b"weights: only their bytes are read")
+        return views_digest(cfg, *fold_config(cfg, "v", 0))
+
+    first = key(one)
+    assert key(one) == first and key(two) != first  # same names, other pixels
+    rewrite_in_place(one / "train" / NAMES[0], spots(5))
     assert key(one) != first

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -33,35 +32,12 @@ from jaguar_reid.retrieval.local import (
     sift_features,
     verify_pairs,
 )
-from tests.helpers import SHARED
+from tests.helpers import SHARED, coat_png, spots, warp
 
 DOGS = SHARED / "datasets" / "dogfacenet-reid"
-BACKGROUND = 170
 
 
 # --------------------------------------------------------------------------- synthetic images
-
-
-def spots(seed: int, size: tuple[int, int] = (320, 400), count: int = 120) -> np.ndarray:
-    """A grayscale coat: dark ellipses of random size and angle on a noisy light ground."""
-    rng = np.random.default_rng(seed)
-    height, width = size
-    noise = rng.normal(0, 6, size)
-    img = np.clip(BACKGROUND + noise, 0, 255).astype(np.uint8)
-    for _ in range(count):
-        centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
-        axes = (int(rng.integers(3, 14)), int(rng.integers(3, 14)))
-        cv2.ellipse(img, centre, axes, float(rng.uniform(0, 180)), 0, 360,
-                    int(rng.integers(0, 90)), -1)
-    return img
-
-
-def warp(img: np.ndarray, angle_deg: float = 17.0, scale: float = 0.9) -> np.ndarray:
-    """Rotated, scaled and seen in slight perspective: the same coat from another camera."""
-    height, width = img.shape[:2]
-    affine = cv2.getRotationMatrix2D((width / 2, height / 2), angle_deg, scale)
-    homography = np.vstack([affine, [2e-4, 0, 1]])
-    return cv2.warpPerspective(img, homography, (width, height), borderValue=BACKGROUND)
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +45,6 @@ def coat() -> dict[str, LocalFeatures]:
     base = spots(1)
     return {"base": sift_features(base), "warped": sift_features(warp(base)),
             "other": sift_features(spots(2))}
-
-
-def _png(path: Path, array: np.ndarray) -> Path:
-    Image.fromarray(array).save(path)
-    return path
 
 
 # --------------------------------------------------------------------------- matching
@@ -153,7 +124,7 @@ def test_mask_restricts_keypoints(tmp_path):
     height, width = rgb.shape[:2]
     alpha = np.zeros((height, width), np.uint8)
     alpha[:, : width // 2] = 255  # the right half is background
-    path = _png(tmp_path / "half.png", np.dstack([rgb, alpha]))
+    path = coat_png(tmp_path / "half.png", np.dstack([rgb, alpha]))
     gray, mask = read_for_features(path, max_side=1000)
     assert gray.shape == mask.shape == (height, width)
     np.testing.assert_array_equal(mask, np.where(alpha > 127, 255, 0))
@@ -171,8 +142,8 @@ def test_mask_restricts_keypoints(tmp_path):
 
 def test_opaque_alpha_gives_no_mask(tmp_path):
     rgb = cv2.cvtColor(spots(3, (60, 80)), cv2.COLOR_GRAY2RGB)
-    opaque = _png(tmp_path / "opaque.png", np.dstack([rgb, np.full((60, 80), 255, np.uint8)]))
-    plain = _png(tmp_path / "plain.jpg", rgb)
+    opaque = coat_png(tmp_path / "opaque.png", np.dstack([rgb, np.full((60, 80), 255, np.uint8)]))
+    plain = coat_png(tmp_path / "plain.jpg", rgb)
     for path in (opaque, plain):
         gray, mask = read_for_features(path)
         assert mask is None and gray.dtype == np.uint8 and gray.shape == (60, 80)
@@ -182,13 +153,13 @@ def test_resize_bounds_the_longer_side_and_never_upscales(tmp_path):
     rgba = np.dstack([cv2.cvtColor(spots(4, (200, 300)), cv2.COLOR_GRAY2RGB),
                       np.full((200, 300), 255, np.uint8)])
     rgba[:10, :10, 3] = 0
-    path = _png(tmp_path / "wide.png", rgba)
+    path = coat_png(tmp_path / "wide.png", rgba)
     gray, mask = read_for_features(path, max_side=150)
     assert gray.shape == mask.shape == (100, 150)
     assert mask[0, 0] == 0 and mask[-1, -1] == 255
     gray, _ = read_for_features(path, max_side=1000)
     assert gray.shape == (200, 300)
-    tall = _png(tmp_path / "tall.png", spots(4, (300, 120)))
+    tall = coat_png(tmp_path / "tall.png", spots(4, (300, 120)))
     assert read_for_features(tall, max_side=100)[0].shape == (100, 40)
 
 
@@ -202,7 +173,7 @@ def test_coordinates_are_original_pixels_at_any_working_size(tmp_path):
     img = np.full((height, width), 200.0)
     for cx, cy in centres:
         img -= 150 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 9.0**2))
-    path = _png(tmp_path / "blobs.png", img.clip(0, 255).astype(np.uint8))
+    path = coat_png(tmp_path / "blobs.png", img.clip(0, 255).astype(np.uint8))
     for max_side in (480, 240, 160):
         features = image_features(path, max_side=max_side)
         assert features.image_size == (height, width)
@@ -420,7 +391,7 @@ def test_real_photo_matches_its_warped_copy_not_another_dog(tmp_path):
     other = next(row for row in labels if row["ground_truth"] != first["ground_truth"])
     photo = DOGS / "test" / first["filename"]
     rgb = np.asarray(Image.open(photo).convert("RGB"))
-    copy = _png(tmp_path / "copy.png", warp(rgb, angle_deg=12.0, scale=1.0))
+    copy = coat_png(tmp_path / "copy.png", warp(rgb, angle_deg=12.0, scale=1.0))
     a, b = image_features(photo), image_features(copy)
     c = image_features(DOGS / "test" / other["filename"])
     assert len(a) > 100

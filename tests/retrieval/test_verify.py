@@ -9,7 +9,7 @@ import pytest
 
 from jaguar_reid.config import load_config
 from jaguar_reid.retrieval import local, verify
-from tests.retrieval.test_local import _png, spots, warp
+from tests.helpers import coat_png, spots, warp
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def coats(tmp_path):
     """Two coats, each with a warped second photo: images 0, 1 one animal, 2, 3 another."""
     a, b = spots(1), spots(2)
     arrays = [a, warp(a), b, warp(b, angle_deg=-11.0, scale=1.05)]
-    paths = [_png(tmp_path / f"img{i}.png", arr) for i, arr in enumerate(arrays)]
+    paths = [coat_png(tmp_path / f"img{i}.png", arr) for i, arr in enumerate(arrays)]
     cfg = load_config([f"output_dir={tmp_path / 'out'}", "local.top_b=1",
                        "local.max_keypoints=256"])
     return cfg, paths
@@ -63,7 +63,7 @@ def test_caches_are_reused_and_a_changed_image_is_read_again(coats, monkeypatch)
     verify.verify_shortlist(cfg, paths, sim)
     assert calls == {"features": 0, "match": 0}  # known by content, not by mtime
     stat = paths[3].stat()
-    _png(paths[3], warp(spots(3)))  # image 3 rewritten in place, its mtime restored
+    coat_png(paths[3], warp(spots(3)))  # image 3 rewritten in place, its mtime restored
     os.utime(paths[3], ns=(stat.st_atime_ns, stat.st_mtime_ns))
     verify.verify_shortlist(cfg, paths, sim)
     assert calls["features"] == 1 and calls["match"] >= 1
