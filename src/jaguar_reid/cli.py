@@ -10,6 +10,7 @@ sections it reads. `jaguar-reid <step> [key=value ...]` (the console script) run
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import textwrap
 from collections.abc import Callable
@@ -117,6 +118,15 @@ def _main_of(step: Step) -> Callable[[list[str]], object]:
     return importlib.import_module(step.module).main
 
 
+def _say(text: str) -> None:
+    """Print help; a reader that closes the pipe early (`| head`) ends it quietly."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def run_step(name: str, argv: list[str] | None = None) -> None:
     """Run step `name` with `argv` (default: the process's arguments): --help and
     --print-config answered here, a user's mistake one line on stderr and exit 2."""
@@ -125,7 +135,7 @@ def run_step(name: str, argv: list[str] | None = None) -> None:
     if step.own_parser:
         run_main(_main_of(step), argv)
     elif {"-h", "--help"} & set(argv):
-        print(step_help(name))
+        _say(step_help(name))
     elif "--print-config" in argv:
         run_main(lambda args: _print_config(step, args),
                  [a for a in argv if a != "--print-config"])
@@ -137,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     """The `jaguar-reid` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(steps_help())
+        _say(steps_help())
         return
     if argv[0] not in STEPS:
         print(f"error: unknown step {argv[0]!r}; one of {', '.join(STEPS)} "

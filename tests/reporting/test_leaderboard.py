@@ -30,7 +30,8 @@ def make_cfg(root: Path, exp: str = "exp1", folds=(0, 2), postprocess: bool = Tr
     exp_dir = fake_experiment(cfg, folds, weights=None)
     fake_experiment(cfg, (1,), weights=None, finished=False)  # started, never finished
     atomic_write_json(layout.work_dir(cfg) / layout.OOF_SCORES, {
-        "folds": [], "mean": {"pair_auc": 0.912345678, "map": 0.712345678}})
+        "folds": [{"fold": f} for f in folds],  # the folds scored, as scoring writes them
+        "mean": {"pair_auc": 0.912345678, "map": 0.712345678}})
     if postprocess:
         atomic_write_json(exp_dir / layout.POST_CHOICE, {"metric": "map", "settings": {},
                           "steps": [{"step": "raw", "map": 0.7, "pair_auc": 0.9},

@@ -190,7 +190,8 @@ def test_report_is_built_at_the_end_of_a_submission(e2e, tmp_path):
     from jaguar_reid import submission
 
     args = pipeline_args(e2e.demo_dir, e2e.tmp, output_dir=tmp_path / "out")
-    submission.main([*args, f"models={e2e.exp}", "submit.folds=0..1", "report.enabled=true",
+    submission.main([*args, f"models={e2e.exp}", "models_verify=false", "submit.folds=0..1",
+                     "report.enabled=true",
                      f"submit.file={tmp_path / 'r.csv'}"])
     index = layout.report_dir(load_config(args)) / "index.html"
     assert "Worst queries" in index.read_text()
