@@ -304,6 +304,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"key 'train.batch_size' ({cfg.train.batch_size}) must be a multiple of "
                           f"train.pk_k ({cfg.train.pk_k}) with train.sampler=pk")
     experiment_names(cfg)
+    if cfg.submit.weights and not any(cfg.submit.weights):
+        raise ConfigError(f"key 'submit.weights' gives every experiment weight 0: "
+                          f"{cfg.submit.weights}; give at least one a positive weight")
     if cfg.submit.weights and len(cfg.submit.weights) != len(experiment_names(cfg)):
         raise ConfigError(f"key 'submit.weights' has {len(cfg.submit.weights)} weight(s) for "
                           f"{len(experiment_names(cfg))} experiment(s) of exps="
@@ -341,6 +344,8 @@ def experiment_names(cfg: Config) -> list[str]:
     for name in names:
         if "/" in name or name in (".", ".."):
             raise ConfigError(f"key 'exps': {name!r} is not a plain experiment folder name")
+    if not names:
+        raise ConfigError(f"key 'exps' names no experiment: {cfg.exps!r}; e.g. exps=a,b")
     if len(set(names)) != len(names):
         raise ConfigError(f"key 'exps' names an experiment twice: {cfg.exps!r}")
     return names

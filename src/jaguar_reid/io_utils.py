@@ -212,8 +212,18 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+class DamagedFileError(UserInputError):
+    """A file the pipeline wrote that no longer reads as what it wrote."""
+
+
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file; one that is not (emptied, truncated, edited by hand) is one line naming
+    it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DamagedFileError(f"{path}: not valid JSON ({exc}); it was damaged or edited: "
+                               "make it again with the step that wrote it") from None
 
 
 def resolve_device(name: str) -> str:

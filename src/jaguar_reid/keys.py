@@ -114,7 +114,7 @@ class Folds:
     n_folds: int = key(5, RECIPE, "folds of the split", ge=2)
     strategy: str = key("grouped", RECIPE, "grouped: identity-disjoint | closed: every "
                         "identity in every fold", choices=("grouped", "closed"))
-    seed: int = key(42, RECIPE, "seed of the split")
+    seed: int = key(42, RECIPE, "seed of the split", ge=0, le=2**32 - 1)
     file: str = key("", RUNTIME, "empty: folds/<data folder name>_<strategy>_<n>f_s<seed>.csv")
     dup_threshold: int = key(10, RECIPE, "near-duplicates (pHash bits apart, of 64) share a "
                              "fold; -1: off", ge=-1)
@@ -167,7 +167,8 @@ class Train:
 
     epochs: int = key(20, RECIPE, "0: no training (the untouched backbone as each fold's "
                       "model)", ge=0)
-    batch_size: int = key(4, RECIPE, "images per step per GPU", ge=1)
+    batch_size: int = key(4, RECIPE, "images per step per GPU; at least 2: BatchNorm needs two",
+                          ge=2)
     grad_accum: int = key(4, RECIPE, "optimiser step every grad_accum batches", ge=1)
     lr: float = key(2.0e-5, RECIPE, "backbone learning rate", ge=0)
     head_lr: float = key(1.0e-3, RECIPE, "GeM, neck and ArcFace head: fresh layers learn "
@@ -492,7 +493,8 @@ class Settings:
                               "export's manifest.json, every file's size and sha256 checked "
                               "(damaged or mixed copies; not a deliberate edit: it is unsigned); "
                               "false: read a folder without one")
-    seed: int = key(42, RECIPE, "seed of training (batches, augmentations, initialisation)")
+    seed: int = key(42, RECIPE, "seed of training (batches, augmentations, initialisation)",
+                    ge=0, le=2**32 - 1)
     fold: str = key("all", RUNTIME, "train.sh: 0 | 0..4 | 0,2 | full (all images, no "
                     "validation) | all")
     device: str = key(AUTO, RUNTIME, "auto (CUDA when present) | cpu | cuda | cuda:1")

@@ -89,6 +89,8 @@ def launch_data_parallel(argv: Sequence[str], n_proc: int) -> None:
            f"--nproc_per_node={n_proc}", "-m", TRAIN_MODULE, *argv]
     print(f"launching {n_proc} data-parallel processes: {' '.join(cmd[1:])}", flush=True)
     result = subprocess.run(cmd, check=False, env=_child_env())
+    if result.returncode == 2:  # a user's mistake, said by the processes in one line
+        raise SystemExit(2)
     if result.returncode:
         raise RuntimeError(f"data-parallel training failed (exit code {result.returncode}); "
                            "see the messages above")

@@ -42,6 +42,7 @@ from jaguar_reid.data.augment import build_transform
 from jaguar_reid.data.images import ImageDataset
 from jaguar_reid.data.sampler import TrainBatchSampler
 from jaguar_reid.io_utils import (
+    UserInputError,
     amp_dtype,
     atomic_path,
     atomic_write_json,
@@ -74,6 +75,11 @@ SELECT = choices("train.select")  # weights kept as model.safetensors
 # `map` of the chosen `model.retrieval`, and `<metric>_<kind>` of every kind.
 Evaluate = Callable[[torch.nn.Module, list[Path], np.ndarray],
                     tuple[dict[str, np.ndarray], dict[str, float]]]
+
+
+class TrainingDiverged(UserInputError, FloatingPointError):
+    """The loss is no longer finite: a setting to change (learning rate, precision, weights);
+    the last checkpoint is kept."""
 
 
 @dataclass
@@ -435,7 +441,7 @@ def backward_step(run: Run, parts: Parts, step_module: torch.nn.Module, images: 
         loss = distill_loss(emb, targets, labels, run.cfg.train.distill_loss,
                             run.cfg.train.distill_margin)
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"fold {run.fold} epoch {epoch}: loss is {loss.item()}; "
+        raise TrainingDiverged(f"fold {run.fold} epoch {epoch}: loss is {loss.item()}; "
                                  "lower train.lr or turn off train.amp")
     scaled = loss / run.cfg.train.grad_accum
     (parts.scaler.scale(scaled) if parts.scaler else scaled).backward()

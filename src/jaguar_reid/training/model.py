@@ -252,6 +252,10 @@ def load_start_weights(backbone: nn.Module, path: Path, name: str) -> None:
     partial or mis-shaped, is one line naming the file (timm's loader would warn and keep
     random weights for what did not fit)."""
     state = _converted(backbone, read_weights_file(path), path, name)
+    broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if broken:
+        raise WeightsError(f"model.weights: {path} holds NaN or infinite values in "
+                           f"{len(broken)} tensor(s) ({_listed(broken)}); the file is damaged")
     state = {k: v for k, v in state.items() if k not in _classifier_keys(backbone)}
     try:
         result = backbone.load_state_dict(state, strict=False)
