@@ -61,3 +61,41 @@ def test_an_emptied_postprocess_choice_stops_submit_in_one_line(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and "\n" not in err
     assert err.startswith(f"error: {choice}: not valid JSON")
+
+
+def test_a_number_yaml_reads_as_text_is_taken_as_the_number(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("base: default.yaml\ntrain:\n  lr: 1e-3\n  epochs: '3'\n")
+    cfg = load_config([f"config={path}"])
+    assert (cfg.train.lr, cfg.train.epochs) == (0.001, 3)
+    path.write_text("train:\n  epochs: 1.5\n")
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config([f"config={path}"])
+
+
+def test_a_folder_where_an_output_belongs_is_named(tmp_path):
+    from jaguar_reid import commit
+
+    (tmp_path / "submission.csv").mkdir()
+    with pytest.raises(commit.CommitError, match=r"submission\.csv: cannot be put in place"):
+        commit.commit_together({tmp_path / "submission.csv": lambda p: p.write_text("x")},
+                               "submission.csv")
+
+
+@pytest.mark.slow
+def test_an_overwrite_unfinishes_the_fold_before_writing_anything(tmp_path, monkeypatch):
+    from jaguar_reid import train
+    from jaguar_reid.training import loop
+
+    args = [*TINY_ARGS, *base_args(make_data(tmp_path / "data"), tmp_path,
+                                   "train.batch_size=4", "fold=0")]
+    train.main(args)
+    fold = layout.fold_dir(layout.model_dir(load_config(args)), 0)
+    assert layout.is_finished(fold)
+
+    def killed(*_args, **_kwargs):
+        raise KeyboardInterrupt  # the retraining dies before its first epoch ends
+    monkeypatch.setattr(loop, "build_parts", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*args, "train.overwrite=true"])
+    assert not layout.is_finished(fold)  # never the earlier metrics beside a new log

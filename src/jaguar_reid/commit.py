@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from contextlib import suppress
 from pathlib import Path
 
-from jaguar_reid.io_utils import UMASK, atomic_write_json, explain_disk_full
+from jaguar_reid.io_utils import UMASK, UserInputError, atomic_write_json, explain_disk_full
 
 Writer = Callable[[Path], None]  # writes one file at the path it is given
 # A target whose writer is REMOVE is deleted by the commit: an earlier run's file that this
@@ -76,11 +76,19 @@ def commit_together(writers: Mapping[Path, Writer | None], name: str) -> None:
 
 def _apply(journal: Path) -> None:
     for tmp, target in json.loads(journal.read_text())["renames"]:
-        if tmp is None:
-            Path(target).unlink(missing_ok=True)
-        elif Path(tmp).exists():
-            os.replace(tmp, target)
+        try:
+            if tmp is None:
+                Path(target).unlink(missing_ok=True)
+            elif Path(tmp).exists():
+                os.replace(tmp, target)
+        except OSError as exc:
+            raise CommitError(f"{target}: cannot be put in place ({exc.strerror}); the new "
+                              f"files wait beside it: move it away and run again") from None
     journal.unlink()
+
+
+class CommitError(UserInputError):
+    """A target that cannot be replaced (a folder where a file belongs)."""
 
 
 def finish_commits(folder: str | Path, name: str) -> bool:

@@ -123,6 +123,14 @@ def _type_name(spec: Key) -> str:
     return f"auto or {name}" if spec.auto and spec.kind is not str else name
 
 
+def _number_text(text: str, kind: type) -> Any:
+    """A number written as text (`1e-3`, which YAML 1.1 leaves a string), else the text."""
+    try:
+        return kind(text.strip())
+    except ValueError:
+        return text
+
+
 def _scalar(value: Any, kind: type) -> Any:
     """`value` as `kind`, or _UNSET when it is not one (ints pass as floats; a YAML number
     passes as text, since `fold: 0` or `exp: 001` mean text)."""
@@ -130,6 +138,8 @@ def _scalar(value: Any, kind: type) -> Any:
         return value if isinstance(value, bool) else _UNSET
     if isinstance(value, bool):
         return _UNSET
+    if isinstance(value, str) and kind in (int, float):
+        value = _number_text(value, kind)  # YAML 1.1 reads `1e-3` as text
     if kind is int:
         return value if isinstance(value, int) else _UNSET
     if kind is float:

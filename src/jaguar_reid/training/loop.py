@@ -230,9 +230,11 @@ def load_init(cfg: Config, fold: int | str, model: ReIDModel, classes: list[str]
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((line for line in lines if "size mismatch" in line or "key(s)" in line),
+                      lines[0])
         raise ConfigError(f"train.init={cfg.train.init}: {weights} does not fit "
-                          f"model.backbone={cfg.model.backbone!r}: "
-                          f"{str(exc).splitlines()[0]}") from None
+                          f"model.backbone={cfg.model.backbone!r}: {detail[:200]}") from None
 
 
 def build_parts(run: Run, train_load) -> Parts:
@@ -565,6 +567,10 @@ def _train(run: Run, train_load) -> dict:
     resume = read_resume(run)
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
+        if run.cfg.train.overwrite:
+            # Unfinished before anything new is written: a run killed while retraining
+            # leaves a fold to resume, never the earlier metrics beside a new log.
+            run.path(layout.FOLD_METRICS).unlink(missing_ok=True)
     seed_everything(run.cfg.seed)
     parts = build_parts(run, train_load)
     state = restore(run, parts, resume) if resume is not None else None

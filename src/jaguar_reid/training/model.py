@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -182,7 +183,9 @@ def read_weights_file(path: Path, key: str = "model.weights") -> dict[str, torch
         if path.suffix == ".safetensors":
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # its protocol notice is no concern of the user's
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, not weights, a pickle of objects: all one answer
         reason = (str(exc).splitlines() or [""])[0][:120]
         raise WeightsError(f"{key}: {path} cannot be read as plain weights "
@@ -431,7 +434,7 @@ def load_trained_model(cfg: Config, weights_path: str | Path) -> ReIDModel:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
         raise WeightsError(f"{weights_path}: unreadable weights file ({exc}); train the fold "
-                           "again") from None
+                           "again with train.overwrite=true (it counts as finished)") from None
     if "head.weight" not in state or "head.margins" not in state:
         raise WeightsError(f"{weights_path}: not a model saved by this pipeline (no head "
                            "weights)")
