@@ -99,3 +99,21 @@ def test_an_overwrite_unfinishes_the_fold_before_writing_anything(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         train.main([*args, "train.overwrite=true"])
     assert not layout.is_finished(fold)  # never the earlier metrics beside a new log
+
+
+def test_train_init_naming_its_own_experiment_is_refused():
+    with pytest.raises(ConfigError, match="train.init' names this experiment"):
+        load_config(["exp=e", "train.init=e"])
+
+
+def test_weights_that_are_a_folder_are_named(tmp_path):
+    cfg = load_config(["config=configs/demo.yaml", f"model.weights={tmp_path}"])
+    with pytest.raises(WeightsError, match="is a folder; expected a weights file"):
+        create_backbone(cfg)
+
+
+def test_models_naming_no_folder_says_so(tmp_path):
+    from jaguar_reid.manifest import ManifestError, verify_manifest
+
+    with pytest.raises(ManifestError, match="no such experiment folder"):
+        verify_manifest(tmp_path / "nowhere", required=True)

@@ -298,6 +298,9 @@ def validate(cfg: Config) -> None:
     if cfg.model.dynamic_margin and cfg.model.arcface_m_min > cfg.model.arcface_m:
         raise ConfigError(f"key 'model.arcface_m_min' ({cfg.model.arcface_m_min}) must not exceed "
                           f"model.arcface_m ({cfg.model.arcface_m}), the rarest identity's margin")
+    if cfg.train.init and cfg.train.init.strip() == cfg.exp:
+        raise ConfigError(f"key 'train.init' names this experiment ({cfg.exp!r}): a fold cannot "
+                          "start from itself; train into a new exp=NAME")
     _validate_pseudo_and_student(cfg)
     _validate_losses(cfg)
     if cfg.train.sampler == "pk" and cfg.train.batch_size % cfg.train.pk_k:

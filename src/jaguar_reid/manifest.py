@@ -96,6 +96,9 @@ def verify_manifest(folder: str | Path, required: bool = False) -> int | None:
     error when one is `required` (an experiment read from elsewhere: models=PATH)."""
     folder = Path(folder)
     path = folder / layout.MANIFEST
+    if required and not folder.is_dir():
+        raise ManifestError(f"{folder}: no such experiment folder (models=PATH names the "
+                            "experiment's folder, or a folder holding <exp>/ folders)")
     if not path.is_file() and required:
         raise ManifestError(
             f"{folder}: no {layout.MANIFEST}; an exported experiment carries one (python -m "

@@ -18,7 +18,7 @@ import pandas as pd
 
 from jaguar_reid import layout
 from jaguar_reid.config import Config, ConfigError, dump_config, load_saved_config
-from jaguar_reid.io_utils import read_json
+from jaguar_reid.io_utils import DamagedFileError, read_json
 from jaguar_reid.reporting.runs import tuned_scores
 from jaguar_reid.retrieval.oof import collect_fold_scores, summarise_folds
 
@@ -67,7 +67,7 @@ def read_json_part(path: Path, missing: list[str]) -> dict | None:
         return None
     try:
         data = read_json(path)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, DamagedFileError) as exc:
         missing.append(f"{path}: unreadable ({exc}); left out")
         return None
     if not isinstance(data, dict):

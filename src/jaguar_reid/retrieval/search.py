@@ -484,7 +484,7 @@ def load_choice(cfg: Config) -> tuple[PostSettings, str]:
         saved = read_json(path)
         try:
             return PostSettings.from_mapping(saved["settings"], source=str(path)), str(path)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{path}: not a choice saved by python -m jaguar_reid.tune ({exc}); "
                              "run it again or set post.use_tuned=false") from None
     return PostSettings.from_config(cfg.post, cfg.embed.tta), "config (post.*, embed.tta)"

@@ -284,6 +284,8 @@ def create_backbone(cfg: Config, global_pool: str = "", own_size: bool = False) 
     kwargs: dict = {"num_classes": 0, "global_pool": global_pool}
     weights = cfg.model.weights
     path = Path(weights) if weights else None
+    if path is not None and path.is_dir():
+        raise WeightsError(f"model.weights: {weights} is a folder; expected a weights file")
     if path is not None and not path.is_file():
         raise FileNotFoundError(f"model.weights: file not found: {weights}")
     # A local file is loaded below, strictly: timm's own loader accepts a partial match.
