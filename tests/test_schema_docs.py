@@ -177,9 +177,12 @@ def declaration_problems(spec: schema.Key, max_doc: int = MAX_DOC) -> list[str]:
     for label, value in (("default", spec.default),
                          *((("neutral", spec.neutral),) if spec.has_neutral else ())):
         try:
-            schema.coerce(spec, value)
+            checked = schema.coerce(spec, value)
         except schema.BadValue as exc:
             problems.append(f"{label} {value!r} fails its own checks: {exc}")
+            continue
+        if checked != value or type(checked) is not type(value):  # "3" for an int, say
+            problems.append(f"{label} {value!r} is not of the key's type ({checked!r})")
     return problems
 
 
