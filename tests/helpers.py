@@ -240,3 +240,17 @@ def coat_png(path: Path, array: np.ndarray) -> Path:
     """A coat saved as a PNG at `path`."""
     Image.fromarray(array).save(path)
     return path
+
+
+def bomb_png(path: Path, width: int = 20000, height: int = 20000) -> Path:
+    """A PNG of a few dozen bytes whose header claims width x height pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path

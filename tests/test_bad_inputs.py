@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -48,23 +46,13 @@ from tests.helpers import (
     TEST_HEADER,
     TRAIN_HEADER,
     base_args,
+    bomb_png,
     fake_experiment,
     make_data,
     tiny_png,
 )
 
 # --------------------------------------------------------------------------- helpers
-
-
-def bomb_png(path: Path, width: int, height: int) -> Path:
-    """A PNG of a few dozen bytes whose header claims width x height pixels."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
-    return path
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ through the cache or without it, in the main process or a DataLoader worker."""
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from jaguar_reid.io_utils import user_message
 from jaguar_reid.keys import choices
 from jaguar_reid.retrieval import local
 from jaguar_reid.retrieval.floor import embed_plain
+from tests.helpers import bomb_png
 
 SIZE = (24, 16)  # (width, height): under the cache's size, so cached pixels are not resized
 MAX_PIXELS = 5000
@@ -45,13 +44,7 @@ def with_orientation(path: Path, stored: np.ndarray, value: int, **save) -> Path
 
 def bomb(path: Path, width: int = 20000, height: int = 20000) -> Path:
     """A PNG of a few dozen bytes whose header claims width x height pixels."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (struct.pack(">I", len(body)) + kind + body
-                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
-    return path
+    return bomb_png(path, width, height)
 
 
 # --------------------------------------------------------------------------- EXIF orientation
