@@ -22,7 +22,6 @@ from jaguar_reid.schema import (
     RUNTIME,
     Key,
     coerce,
-    collect,
     key,
     section,
 )
@@ -133,8 +132,7 @@ class _SettingsWithToy(keys.Settings):
 
 @pytest.fixture
 def with_toy(monkeypatch):
-    specs = {keys._public(n): Key(**{**s.__dict__, "name": keys._public(n)})
-             for n, s in collect(_SettingsWithToy).items()}
+    specs = keys.specs_of(_SettingsWithToy)
     monkeypatch.setattr(keys, "SPECS", specs)
     monkeypatch.setattr(digest, "SPECS", specs)
     return specs
@@ -154,8 +152,7 @@ def test_a_new_key_is_one_declaration(with_toy):
 def test_a_new_recipe_key_at_its_neutral_value_leaves_every_digest_unchanged(monkeypatch):
     runs = ([], ["config=configs/demo.yaml"], ["train.lr=0.1", "loss.arcface=2"])
     before = [_digest(load_config(list(a))) for a in runs]
-    specs = {keys._public(n): Key(**{**s.__dict__, "name": keys._public(n)})
-             for n, s in collect(_SettingsWithToy).items()}
+    specs = keys.specs_of(_SettingsWithToy)
     monkeypatch.setattr(keys, "SPECS", specs)
     monkeypatch.setattr(digest, "SPECS", specs)
     assert [_digest(load_config(list(a))) for a in runs] == before

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
-from contextlib import suppress
 from pathlib import Path
 
-from jaguar_reid.io_utils import UMASK, UserInputError, atomic_write_json, explain_disk_full
+from jaguar_reid.io_utils import (
+    UserInputError,
+    atomic_write_json,
+    explain_disk_full,
+    settle,
+    temporary_beside,
+)
 
 Writer = Callable[[Path], None]  # writes one file at the path it is given
 # A target whose writer is REMOVE is deleted by the commit: an earlier run's file that this
@@ -28,13 +32,6 @@ REMOVE = None
 
 def _journal(folder: Path, name: str) -> Path:
     return folder / f".{name}.commit.json"
-
-
-def _temporary(target: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}",
-                                dir=target.parent)
-    os.close(fd)
-    return Path(name)
 
 
 def _write_all(writers: Mapping[Path, Writer | None]) -> dict[Path, Path]:
@@ -48,13 +45,9 @@ def _write_all(writers: Mapping[Path, Writer | None]) -> dict[Path, Path]:
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             with explain_disk_full(target, kept):
-                tmp = written[target] = _temporary(target)
+                tmp = written[target] = temporary_beside(target, target.suffix)
                 write(tmp)
-                with suppress(OSError):
-                    os.chmod(tmp, target.stat().st_mode & 0o7777 if target.exists()
-                             else 0o666 & ~UMASK)
-                with open(tmp, "rb+") as handle:
-                    os.fsync(handle.fileno())
+                settle(tmp, target)
     except BaseException:
         for tmp in written.values():
             tmp.unlink(missing_ok=True)

@@ -151,26 +151,46 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     existed = path.exists()
     kept = f"the earlier {path.name} is intact" if existed else f"no {path.name} was written"
     with explain_disk_full(path, kept):
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}",
-                                        dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+        tmp = temporary_beside(path, suffix)
     try:
         # A full disk is judged inside, before the partial file is removed (its size is what
         # filled the disk); the finally below removes it.
         with explain_disk_full(path, kept + " and the partial copy was removed"):
             yield tmp
-            # mkstemp makes the file private (0600), and some writers (safetensors) replace it
-            # with a private file of their own: the output gets the mode a plain write would
-            # give it, or keeps the one of the file it replaces (some file systems have none).
-            with suppress(OSError):
-                os.chmod(tmp, path.stat().st_mode & 0o7777 if existed else 0o666 & ~UMASK)
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
+            settle(tmp, path)
             os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def temporary_beside(path: Path, suffix: str = "") -> Path:
+    """An empty temporary file beside `path` (`.<name>.*.tmp<suffix>`), for writing it."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def settle(tmp: Path, path: Path) -> None:
+    """A written temporary file made ready to replace `path`: the mode a plain write would
+    give it, or the one of the file it replaces (mkstemp makes it private, 0600, and some
+    writers, safetensors, replace it with a private file of their own; some file systems
+    have no modes), and its bytes on disk."""
+    with suppress(OSError):
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~UMASK)
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+_SAID: set[str] = set()
+
+
+def say_once(text: str) -> None:
+    """Print a note once per process (a note about a file or experiment that many folds or
+    steps read)."""
+    if text not in _SAID:
+        _SAID.add(text)
+        print(text)
 
 
 def remove_stray_temps(directory: str | Path, names: Iterable[str]) -> list[Path]:

@@ -529,15 +529,16 @@ def _public(name: str) -> str:
     return ".".join(_RENAMED.get(p, p) for p in parts)
 
 
-def _specs() -> dict[str, Key]:
+def specs_of(root: type) -> dict[str, Key]:
+    """Every key declared under `root` by its public dotted name (`post.lambda`)."""
     out = {}
-    for name, spec in collect(Settings).items():
+    for name, spec in collect(root).items():
         public = _public(name)
         out[public] = Key(**{**spec.__dict__, "name": public})
     return out
 
 
-SPECS: dict[str, Key] = _specs()  # every key by its dotted name, in declaration order
+SPECS: dict[str, Key] = specs_of(Settings)  # every key by its dotted name, in declaration order
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(n.split(".")[0] for n in SPECS if "." in n))
 
 

@@ -391,13 +391,20 @@ def render_image(rng: np.random.Generator, pattern: np.ndarray, flank: str, widt
                                  resample=Image.Resampling.BILINEAR)
         if np.count_nonzero(np.asarray(warped.getchannel("A")) >= 128) >= 0.67 * full_area:
             break
+    return _photograph(rng, warped, tuple(pos), width, height)
+
+
+def _photograph(rng: np.random.Generator, warped: Image.Image, pos: tuple, width: int,
+                height: int) -> np.ndarray:
+    """The placed animal on a background, maybe partly hidden, lit, blurred and noisy: the
+    RGBA photo, alpha 255 where the animal is visible."""
     warped_np = np.asarray(warped, dtype=np.float32)
     soft = warped_np[..., 3:4] / 255.0
     photo = np.asarray(make_background(rng, width, height), dtype=np.float32)
     photo = photo * (1 - soft) + warped_np[..., :3] * soft
     mask = warped_np[..., 3] >= 128
     if rng.random() < 0.3:
-        occ = np.asarray(_draw_occluders(rng, width, height, tuple(pos)), dtype=np.float32)
+        occ = np.asarray(_draw_occluders(rng, width, height, pos), dtype=np.float32)
         occ_a = occ[..., 3:4] / 255.0
         photo = photo * (1 - occ_a) + occ[..., :3] * occ_a
         mask &= occ[..., 3] < 128

@@ -33,6 +33,7 @@ from jaguar_reid.io_utils import (
     loader_workers,
     read_json,
     resolve_device,
+    say_once,
 )
 from jaguar_reid.keys import choices
 from jaguar_reid.training.digest import weights_digest
@@ -188,9 +189,6 @@ def ensemble_embeddings(embeddings: Sequence[np.ndarray], mode: str = "mean",
 # --------------------------------------------------------------------------- fold models
 
 
-_SAID: set[str] = set()  # notes already printed by this process
-
-
 def fold_config(cfg: Config, exp: str, fold: int | str) -> tuple[Config, Path]:
     """The config a fold's model is read with: its own saved recipe (how it was trained: the
     model, normalisation, size, resize and alpha modes, the cache settings that decide pixels)
@@ -207,11 +205,9 @@ def fold_config(cfg: Config, exp: str, fold: int | str) -> tuple[Config, Path]:
     merged.exp = exp
     if cfg.submit.retrieval:  # the retrieval embedding is a choice made after training
         merged.model.retrieval = cfg.submit.retrieval
-    note = (f"note: experiment {exp!r} is read with the recipe it was trained with, not "
-            f"today's: {', '.join(differing)}")
-    if differing and note not in _SAID:
-        _SAID.add(note)
-        print(note)
+    if differing:
+        say_once(f"note: experiment {exp!r} is read with the recipe it was trained with, not "
+                 f"today's: {', '.join(differing)}")
     return merged, weights
 
 

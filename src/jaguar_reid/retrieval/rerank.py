@@ -85,13 +85,17 @@ __all__ = [
 ]
 
 
+def _gib_to_bytes(gib: float) -> int:
+    return int(gib * 2**30)
+
+
 def dense_limit_bytes(cfg: Config) -> int:
     """`post.max_dense_gb` in bytes: the largest dense N x N re-ranking step allowed."""
-    return int(cfg.post.max_dense_gb * 2**30)
+    return _gib_to_bytes(cfg.post.max_dense_gb)
 
 
 # rerank() refuses a dense result beyond
-DEFAULT_MAX_DENSE_BYTES = int(default("post.max_dense_gb") * 2**30)
+DEFAULT_MAX_DENSE_BYTES = _gib_to_bytes(default("post.max_dense_gb"))
 
 # Jaccard step: (query, column, other image) triples generated per chunk of query rows (the
 # dense float64 slab their sums accumulate into holds at most `_ACCUMULATOR_BYTES`).

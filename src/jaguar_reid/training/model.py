@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from jaguar_reid.config import Config
-from jaguar_reid.io_utils import UserInputError
+from jaguar_reid.io_utils import UserInputError, say_once
 from jaguar_reid.keys import choices
 
 
@@ -227,7 +227,6 @@ def _converted(backbone: nn.Module, state: dict, path: Path, name: str) -> dict:
 
 
 _TOKEN_NORM, _HEAD_NORM = ("norm.weight", "norm.bias"), ("fc_norm.weight", "fc_norm.bias")
-_TOLD: set[str] = set()  # files whose moved head norm was already said
 
 
 def _head_norm_moved(missing: list[str], unexpected: list[str], path: Path
@@ -238,11 +237,9 @@ def _head_norm_moved(missing: list[str], unexpected: list[str], path: Path
     `norm` starts as a plain LayerNorm (weight 1, bias 0) and `fc_norm` is left out: said, not
     silent."""
     if set(_TOKEN_NORM) <= set(missing) and set(_HEAD_NORM) <= set(unexpected):
-        if str(path) not in _TOLD:
-            _TOLD.add(str(path))
-            print(f"model.weights: {path} normalises after average pooling (fc_norm); this "
-                  "model pools the tokens itself: its token norm starts as a plain LayerNorm, "
-                  "fc_norm is not used")
+        say_once(f"model.weights: {path} normalises after average pooling (fc_norm); this "
+                 "model pools the tokens itself: its token norm starts as a plain LayerNorm, "
+                 "fc_norm is not used")
         return ([k for k in missing if k not in _TOKEN_NORM],
                 [k for k in unexpected if k not in _HEAD_NORM])
     return missing, unexpected
