@@ -474,6 +474,9 @@ class Report:
                              "of each worst query drawn with their matched keypoints", ge=0)
     rank_by: str = key("oof_map", AFTER, "output/leaderboard.csv column python -m "
                        "jaguar_reid.leaderboard ranks by")
+    tensorboard: bool = key(False, AFTER, "training also writes TensorBoard event files to "
+                            "<exp>/tensorboard/fold<k>/ (per-step loss and learning rate, per-"
+                            "epoch validation metrics); needs the extra tensorboard")
 
 
 @dataclass(frozen=True)
