@@ -1,6 +1,6 @@
-"""`configs/default.yaml` and the README's key reference are written from the schema
-(`tools/schema_docs.py`) and stay so; the hand-written docs name only keys that exist; every
-key's declaration is complete (a doc line, a default its own checks accept)."""
+"""`configs/default.yaml` and the key reference in `docs/configuration.md` are written from the
+schema (`tools/schema_docs.py`) and stay so; the hand-written docs name only keys that exist;
+every key's declaration is complete (a doc line, a default its own checks accept)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ TOOL = REPO / "tools" / "schema_docs.py"
 RUN_TOOL = "run python tools/schema_docs.py"
 HAND_WRITTEN = ("README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")),
                 "kaggle/README.md")
-MAX_DOC = 220  # characters: a doc is one line of the README's table and of default.yaml
+MAX_DOC = 220  # characters: a doc is one line of the reference's table and of default.yaml
 # Keys misspelt on purpose: docs/bad_inputs.md shows the error an unknown key gives.
 NOT_KEYS_ON_PURPOSE = {("docs/bad_inputs.md", "train.epoch"),
                        ("docs/bad_inputs.md", "train.epochz")}
@@ -67,11 +67,11 @@ def dotted(tree: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def readme_block() -> str:
-    text = (REPO / "README.md").read_text()
+def reference_block() -> str:
+    text = (REPO / "docs" / "configuration.md").read_text()
     begin = re.search(r"^<!-- keys: begin\b.*-->$", text, re.MULTILINE)
     end = re.search(r"^<!-- keys: end -->$", text, re.MULTILINE)
-    assert begin and end, "README.md lost its '<!-- keys: begin/end -->' lines"
+    assert begin and end, "docs/configuration.md lost its '<!-- keys: begin/end -->' lines"
     return text[begin.end():end.start()]
 
 
@@ -85,7 +85,7 @@ def test_generated_files_are_current(tool):
 
 
 def test_check_names_a_stale_file_and_writes_nothing(tool, tmp_path, monkeypatch, capsys):
-    for name, path in (("DEFAULT_YAML", tool.DEFAULT_YAML), ("README", tool.README)):
+    for name, path in (("DEFAULT_YAML", tool.DEFAULT_YAML), ("REFERENCE", tool.REFERENCE)):
         copy = tmp_path / path.name
         copy.write_text(path.read_text())
         monkeypatch.setattr(tool, name, copy)
@@ -107,9 +107,10 @@ def test_default_yaml_reads_back_as_the_defaults_types_included():
     assert dotted(loaded) == list(keys.SPECS), f"keys missing or out of order: {RUN_TOOL}"
 
 
-def test_every_key_is_in_the_readme_reference():
-    rows = re.findall(r"^\| `([^`]+)` \|", readme_block(), re.MULTILINE)
-    assert rows == list(keys.SPECS), f"README key reference is not the schema's: {RUN_TOOL}"
+def test_every_key_is_in_the_reference():
+    rows = re.findall(r"^\| `([^`]+)` \|", reference_block(), re.MULTILINE)
+    assert rows == list(keys.SPECS), \
+        f"docs/configuration.md's key reference is not the schema's: {RUN_TOOL}"
 
 
 def test_values_are_written_to_read_back_as_themselves(tool):

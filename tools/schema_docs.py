@@ -1,11 +1,11 @@
-"""Write `configs/default.yaml` and the README's key reference from the schema
+"""Write `configs/default.yaml` and the key reference in `docs/configuration.md` from the schema
 (`src/jaguar_reid/keys.py`): `python tools/schema_docs.py` writes both;
 `python tools/schema_docs.py --check` writes nothing and exits 1 naming each file that differs
 from what it would write (a test runs the same comparison).
 
 default.yaml: the keys' header as comments, then the top-level keys and one block per section,
-each key at its default with `# doc [role] (range or choices)` beside it. The README: the part
-between `<!-- keys: begin ...-->` and `<!-- keys: end -->`, one table per section.
+each key at its default with `# doc [role] (range or choices)` beside it. docs/configuration.md:
+the part between `<!-- keys: begin ...-->` and `<!-- keys: end -->`, one table per section.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ sys.path.insert(0, str(REPO / "src"))  # this checkout's package, whatever is in
 from jaguar_reid import keys, schema  # noqa: E402
 
 DEFAULT_YAML = REPO / "configs" / "default.yaml"
-README = REPO / "README.md"
+REFERENCE = REPO / "docs" / "configuration.md"
 WIDTH = 100  # the longest line written, as ruff's line length
 COMMENT_COLUMN = 25  # where a key's comment starts when the key and its value fit before it
 MIN_COMMENT = 40  # a comment narrower than this goes on the lines below its key instead
-TOP = "top level"  # the README heading of the keys outside any section
+TOP = "top level"  # the reference's heading of the keys outside any section
 TOP_DOC = "Keys outside any section, at the top of the file."
 BEGIN = re.compile(r"^<!-- keys: begin\b.*-->$", re.MULTILINE)
 END = re.compile(r"^<!-- keys: end -->$", re.MULTILINE)
@@ -132,7 +132,7 @@ def render_default_yaml() -> str:
     return "\n".join(lines) + "\n"
 
 
-# --------------------------------------------------------------------------- README
+# --------------------------------------------------------------------------- key reference
 
 
 def cell(text: str) -> str:
@@ -148,8 +148,8 @@ def table_row(spec: schema.Key) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def render_readme_block() -> str:
-    """The key reference written between the README's markers (the markers excluded)."""
+def render_reference_block() -> str:
+    """The key reference written between the markers (the markers excluded)."""
     docs = {"": TOP_DOC, **schema.section_docs(keys.Settings)}
     lines = [""]
     for name, specs in sections().items():
@@ -160,19 +160,19 @@ def render_readme_block() -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme_markers(text: str) -> tuple[int, int]:
+def reference_markers(text: str) -> tuple[int, int]:
     """Where the generated block starts (after the begin line) and ends (at the end line)."""
     begin, end = BEGIN.search(text), END.search(text)
     if begin is None or end is None or end.start() < begin.end():
-        raise ValueError(f"{README}: needs the lines '<!-- keys: begin ...-->' and then "
+        raise ValueError(f"{REFERENCE}: needs the lines '<!-- keys: begin ...-->' and then "
                          "'<!-- keys: end -->'")
     return begin.end() + 1, end.start()
 
 
-def render_readme(text: str) -> str:
-    """README text `text` with the block between its markers rewritten."""
-    start, stop = readme_markers(text)
-    return text[:start] + render_readme_block() + text[stop:]
+def render_reference(text: str) -> str:
+    """The reference's text `text` with the block between its markers rewritten."""
+    start, stop = reference_markers(text)
+    return text[:start] + render_reference_block() + text[stop:]
 
 
 # --------------------------------------------------------------------------- files
@@ -180,7 +180,7 @@ def render_readme(text: str) -> str:
 
 def rendered() -> dict[Path, str]:
     """Each generated file and the text it should hold."""
-    return {DEFAULT_YAML: render_default_yaml(), README: render_readme(README.read_text())}
+    return {DEFAULT_YAML: render_default_yaml(), REFERENCE: render_reference(REFERENCE.read_text())}
 
 
 def stale(files: dict[Path, str]) -> list[Path]:
