@@ -76,10 +76,12 @@ class Data:
                              "use area either way (no aliasing)",
                              choices=(AUTO, "bilinear", "bicubic", "area", "nearest",
                                       "lanczos"))
-    resize: str = key("squash", RECIPE, "squash (EVA-02's own eval; best out of fold on the "
-                      "demo) | letterbox (pad with the mean colour) | crop (short side, centre) "
-                      "| mask (a square around the animal's mask; letterbox without)",
-                      choices=("squash", "letterbox", "crop", "mask"))
+    resize: str = key("auto", RECIPE, "auto: squash where the image has an alpha mask, crop "
+                      "where it has none | squash (EVA-02's own eval; best out of fold on the "
+                      "masked demo) | letterbox (pad with the mean colour) | crop (short side, "
+                      "centre; full-frame photos) | mask (a square around the animal's mask; "
+                      "letterbox without)",
+                      choices=("auto", "squash", "letterbox", "crop", "mask"))
     num_workers: int = key(AUTO, RUNTIME, "DataLoader worker processes: auto (the CPU count, at "
                            "most 4) | N; 0: load in the main process", auto=True, ge=0)
     alpha: str = key("rgb", RECIPE, "rgb: whole image | crop: the mask's box | crop_fill / "
@@ -112,8 +114,10 @@ class Folds:
     """The cross-validation split."""
 
     n_folds: int = key(5, RECIPE, "folds of the split", ge=2)
-    strategy: str = key("grouped", RECIPE, "grouped: identity-disjoint | closed: every "
-                        "identity in every fold", choices=("grouped", "closed"))
+    strategy: str = key("closed", RECIPE, "closed: every identity in every fold, like the "
+                        "competition's closed-set test (the only folds that can tune the "
+                        "training gallery and prototypes) | grouped: identity-disjoint (open-set "
+                        "checks, new-individual calibration)", choices=("closed", "grouped"))
     seed: int = key(42, RECIPE, "seed of the split", ge=0, le=2**32 - 1)
     file: str = key("", RUNTIME, "empty: folds/<data folder name>_<strategy>_<n>f_s<seed>.csv")
     dup_threshold: int = key(10, RECIPE, "near-duplicates (pHash bits apart, of 64) share a "
@@ -360,10 +364,12 @@ class Tune:
     qe_k: list[int] = key([1, 2, 3, 5], AFTER, "grid of post.qe_k", ge=0, min_items=1)
     qe_alpha: list[float] = key([0.0, 3.0], AFTER, "grid of post.qe_alpha", ge=0, min_items=1)
     dba: list[bool] = key([False, True], AFTER, "try DBA off and on", min_items=1)
-    k1: list[int] = key([5, 10, 20], AFTER, "grid of post.k1", ge=1, min_items=1)
+    k1: list[int] = key([5, 10, 20, 40], AFTER, "grid of post.k1 (write-ups found k1 near 40 "
+                        "best)", ge=1, min_items=1)
     k2: list[int] = key([1, 3, 6], AFTER, "grid of post.k2", ge=1, min_items=1)
-    lambda_: list[float] = key([0.1, 0.3, 0.6], AFTER, "grid of post.lambda", ge=0, le=1,
-                               min_items=1)
+    lambda_: list[float] = key([0.05, 0.1, 0.3, 0.6], AFTER, "grid of post.lambda (each k1, "
+                               "k2 re-ranked once, every lambda a blend of the same two "
+                               "distances)", ge=0, le=1, min_items=1)
     rerank_norm: list[str] = key(["none", "rowmax"], AFTER, "grid of post.rerank_norm",
                                  choices=("none", "rowmax"), min_items=1)
     blend: list[float] = key([0.25, 0.5, 0.75], AFTER, "grid of post.blend", ge=0, le=1,
@@ -480,6 +486,24 @@ class Report:
 
 
 @dataclass(frozen=True)
+class Sweep:
+    """python -m jaguar_reid.sweep: a grid of recipes trained one after another, ranked out of
+    fold with their noise (docs/sweep.md)."""
+
+    name: str = key("", RUNTIME, "output/sweeps/<name>/ holds the table and plot; the runs are "
+                    "experiments <name>-<changed keys>; empty: the config's exp",
+                    check=lambda v: _plain_name(v) if v else None)
+    baseline: str = key("zero", AFTER, "the run every other is paired against (same folds and "
+                        "seeds): zero (train.epochs=0), floor (the plain frozen floor) or a "
+                        "run's name as the table prints it")
+    tune: bool = key(False, AFTER, "also tune each run out of fold (python -m jaguar_reid.tune) "
+                     "and show its tuned mAP beside the raw one")
+    test: bool = key(True, AFTER, "where test_labels.csv exists: also submit each run on its "
+                     "folds and show the local test mAP (shown, never used to rank)")
+    dry_run: bool = key(False, RUNTIME, "print the runs the grid makes and stop")
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole config."""
 
@@ -521,6 +545,7 @@ class Settings:
     local: Local = section(Local)
     floor: Floor = section(Floor)
     report: Report = section(Report)
+    sweep: Sweep = section(Sweep)
 
 
 # Field names that are Python keywords, declared with a trailing underscore.
