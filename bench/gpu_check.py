@@ -26,7 +26,8 @@ the synthetic demo data. Sections, each with a time box (a row says when it ran 
 
 The estimates (5 folds x 20 epochs of the competition here and on a 16 GB T4) are computed
 from the measured rows; their assumptions are printed under them. Exit status 1 when a
-functional check (demo, DDP) failed, 2 when a full run finds no GPU.
+functional check (demo, DDP) failed, 2 when a full run finds no GPU or one this torch build has
+no kernels for.
 """
 
 from __future__ import annotations
@@ -946,10 +947,21 @@ def save_outputs(text: str, rows: list[dict], out: Path | None) -> None:
     (out / "gpu_check.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
 
 
-def has_cuda() -> bool:
+def gpu_refusal() -> str | None:
+    """Why this machine's GPUs cannot run the full check: none, or one this torch build has no
+    kernels for (the pipeline's own device check, over every GPU: the DDP section uses two);
+    None when they can."""
     import torch
 
-    return torch.cuda.is_available()
+    from jaguar_reid.io_utils import UserInputError, resolve_device
+
+    if not torch.cuda.is_available():
+        return "no CUDA device; run `bash bench/gpu_check.sh --smoke` on a CPU"
+    try:
+        resolve_device("cuda", gpus=torch.cuda.device_count())
+    except UserInputError as exc:
+        return str(exc)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -963,9 +975,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         model_section(settings, args.budget)
         return 0
-    if not settings.smoke and not has_cuda():
-        print("gpu_check: no CUDA device; run `bash bench/gpu_check.sh --smoke` on a CPU",
-              file=sys.stderr)
+    refusal = None if settings.smoke else gpu_refusal()
+    if refusal:
+        print(f"gpu_check: {refusal}", file=sys.stderr)
         return 2
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     logs = out / "gpu_check_logs" if out else None

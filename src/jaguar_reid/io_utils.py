@@ -246,15 +246,27 @@ def read_json(path: str | Path) -> Any:
                                "make it again with the step that wrote it") from None
 
 
-def resolve_device(name: str) -> str:
-    """`auto` picks CUDA when present; an explicit CUDA request without a GPU is an error."""
+def resolve_device(name: str, gpus: int = 1) -> str:
+    """`auto` picks CUDA when present; an explicit CUDA request without a GPU is an error. On
+    CUDA, the `gpus` GPUs the run will use (from the one named, `cuda:<i>`, else the first)
+    must be there and have kernels in this torch build (`cuda_kernels`): a GPU it cannot drive
+    stops here in one line, not at its first operation."""
     import torch
 
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} asked for, but torch sees no CUDA device; "
-                           "use device=cpu or device=auto")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if not name.startswith("cuda"):
+        return name
+    if not torch.cuda.is_available():
+        raise UserInputError(f"device={name!r} asked for, but torch sees no CUDA device; "
+                             "use device=cpu or device=auto")
+    from jaguar_reid.cuda_kernels import check_gpus
+
+    index = name.partition(":")[2] or "0"
+    if not index.isdigit():
+        raise UserInputError(f"device={name!r}: expected auto, cpu, cuda or cuda:<GPU number>")
+    first = int(index)
+    check_gpus(list(range(first, first + max(1, gpus))))
     return name
 
 
