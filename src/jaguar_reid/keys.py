@@ -504,6 +504,44 @@ class Sweep:
 
 
 @dataclass(frozen=True)
+class Identify:
+    """python -m jaguar_reid.identify PHOTO_OR_FOLDER ... models=PATH: the known individual each
+    photo shows, or a new one, with probabilities and a threshold fitted out of fold by python -m
+    jaguar_reid.identify.calibrate (docs/identify.md)."""
+
+    target: str = key("max_false_new", AFTER, "what the new-individual threshold is chosen for "
+                      "out of fold: max_false_new (known individuals called new at most that "
+                      "often) | min_precision (named photos right at least that often)",
+                      choices=("max_false_new", "min_precision"))
+    max_false_new: float = key(0.05, AFTER, "target max_false_new: the share of a known "
+                               "individual's photos called new", gt=0, lt=1)
+    min_precision: float = key(0.95, AFTER, "target min_precision: the share of named photos "
+                               "given the right name, new individuals at identify.new_share",
+                               gt=0, le=1)
+    new_share: float = key(0.5, AFTER, "the share of photos expected to show new individuals: "
+                           "the prior of the probabilities and of min_precision (0.5: "
+                           "AnimalCLEF's balance of known and unknown)", gt=0, lt=1)
+    closed_exp: str = key("", AFTER, "calibration: the experiment on closed folds whose "
+                          "out-of-fold queries are known individuals; empty: exp, when its "
+                          "folds are closed")
+    grouped_exp: str = key("", AFTER, "calibration: the experiment on grouped folds whose "
+                           "out-of-fold queries are new individuals; empty: exp, when its folds "
+                           "are grouped (without one the new-individual rates stay unmeasured)")
+    score: str = key("nearest", AFTER, "an individual's similarity to a photo: nearest (its "
+                     "closest gallery photo) | prototype (the mean of its gallery photos)",
+                     choices=("nearest", "prototype"))
+    top_k: int = key(5, AFTER, "candidate individuals listed per photo", ge=1, le=1000)
+    gallery: str = key("", AFTER, "labelled photos added to the experiment's training images "
+                       "without retraining: a folder of <identity>/ folders, or a CSV of "
+                       "filename,ground_truth (names relative to it)")
+    local: bool = key(False, AFTER, "match keypoints (local.*) of each photo and each "
+                      "candidate's closest gallery photo: drawn on the page, inlier counts in "
+                      "the CSV; the probabilities do not use them")
+    out: str = key("", RUNTIME, "the folder of identify.csv and identify.html; empty: "
+                   "<output_dir>/<exp>/identify/")
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole config."""
 
@@ -546,6 +584,7 @@ class Settings:
     floor: Floor = section(Floor)
     report: Report = section(Report)
     sweep: Sweep = section(Sweep)
+    identify: Identify = section(Identify)
 
 
 # Field names that are Python keywords, declared with a trailing underscore.
