@@ -12,21 +12,28 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from jaguar_reid.io_utils import UserInputError
 from jaguar_reid.keys import choices
 from jaguar_reid.layout import PACKAGE_PARENT
+from jaguar_reid.progress import PROGRESS_ENV
+from jaguar_reid.progress import shown as progress_shown
+from jaguar_reid.training.child_output import say, start_pump
 
 # Set by the launcher in a fold-parallel child: train its fold, leave the experiment report to
 # the parent.
 PARALLEL_MODES = choices("parallel")  # with gpus > 1
 CHILD_ENV = "REID_FOLD_CHILD"
 TRAIN_MODULE = "jaguar_reid.train"  # the command the launchers start (by name: no import)
+_OUTPUT_GRACE_S = 10.0  # after a child ends, the wait for the rest of its output
 
 
 def launched_by_torchrun() -> bool:
@@ -96,38 +103,69 @@ def launch_data_parallel(argv: Sequence[str], n_proc: int) -> None:
                            "see the messages above")
 
 
+@dataclass
+class _Child:
+    """A running fold-parallel child and the thread copying its output."""
+
+    proc: subprocess.Popen
+    fold: int | str
+    log: Path
+    output: threading.Thread
+
+
+def _start_child(argv: Sequence[str], fold: int | str, slot: int, log_dir: Path,
+                 cuda: bool) -> _Child:
+    env = _child_env(**{CHILD_ENV: "1"})
+    if cuda:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot)
+    # The children's bars go where the parent's would: shown (as occasional lines) when the
+    # parent's output is a terminal or bars are asked for, else left out of the logs too.
+    env[PROGRESS_ENV] = "1" if progress_shown(sys.stdout) else "0"
+    log = log_dir / f"fold{fold}.out"
+    cmd = [sys.executable, "-m", TRAIN_MODULE, *argv, f"fold={fold}", "gpus=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    output = start_pump(proc.stdout, log, f"[fold {fold}] ")
+    say(f"fold {fold}: started on slot {slot} (log {log})")
+    return _Child(proc, fold, log, output)
+
+
+def _last_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()
+             if line.strip()]
+    return lines[-1].removeprefix("error: ") if lines else f"no output (log {log})"
+
+
 def launch_fold_parallel(argv: Sequence[str], folds: Sequence[int | str], n_slots: int,
                          log_dir: Path, cuda: bool) -> None:
     """One single-process `jaguar_reid.train` per fold, at most `n_slots` at a time; fold i runs on
-    GPU slot i mod n_slots. Each child's output goes to `log_dir/fold<k>.out`."""
+    GPU slot i mod n_slots. Each child's output goes to `log_dir/fold<k>.out` and, line by line
+    prefixed `[fold k] `, to this process's stdout (`child_output`). A child's mistake of the
+    user's (exit status 2, said in one line) is said again at the end, in one line."""
     log_dir.mkdir(parents=True, exist_ok=True)
     queue = list(folds)
-    running: dict[int, tuple[subprocess.Popen, int | str, Path]] = {}
-    failed: list[str] = []
+    running: dict[int, _Child] = {}
+    failed: list[_Child] = []
     while queue or running:
         free = [slot for slot in range(n_slots) if slot not in running]
         while queue and free:
-            fold, slot = queue.pop(0), free.pop(0)
-            env = _child_env(**{CHILD_ENV: "1"})
-            if cuda:
-                env["CUDA_VISIBLE_DEVICES"] = str(slot)
-            out = log_dir / f"fold{fold}.out"
-            cmd = [sys.executable, "-m", TRAIN_MODULE, *argv, f"fold={fold}", "gpus=1"]
-            with open(out, "w") as handle:
-                proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
-            print(f"fold {fold}: started on slot {slot} (log {out})", flush=True)
-            running[slot] = (proc, fold, out)
-        for slot, (proc, fold, out) in list(running.items()):
-            code = proc.poll()
+            slot = free.pop(0)
+            running[slot] = _start_child(argv, queue.pop(0), slot, log_dir, cuda)
+        for slot, child in list(running.items()):
+            code = child.proc.poll()
             if code is None:
                 continue
             del running[slot]
+            # Its last lines are shown before its verdict (a DataLoader worker that outlives
+            # it could hold the pipe open: not for long).
+            child.output.join(timeout=_OUTPUT_GRACE_S)
             if code:
-                failed.append(f"fold {fold} (exit code {code}, log {out})")
-                tail = out.read_text(errors="replace").splitlines()[-5:]
-                print(f"fold {fold}: FAILED\n  " + "\n  ".join(tail), flush=True)
+                failed.append(child)
+                say(f"fold {child.fold}: FAILED (exit code {code}, log {child.log})")
             else:
-                print(f"fold {fold}: finished", flush=True)
+                say(f"fold {child.fold}: finished")
         time.sleep(0.2)
+    if failed and all(c.proc.returncode == 2 for c in failed):
+        raise UserInputError("; ".join(f"fold {c.fold}: {_last_line(c.log)}" for c in failed))
     if failed:
-        raise RuntimeError("fold-parallel training failed: " + "; ".join(failed))
+        raise RuntimeError("fold-parallel training failed: " + "; ".join(
+            f"fold {c.fold} (exit code {c.proc.returncode}, log {c.log})" for c in failed))

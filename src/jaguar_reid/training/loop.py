@@ -34,7 +34,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from jaguar_reid import layout
 from jaguar_reid.config import Config, ConfigError, save_config
@@ -52,6 +51,7 @@ from jaguar_reid.io_utils import (
     seed_everything,
 )
 from jaguar_reid.keys import choices
+from jaguar_reid.progress import bar as progress_bar
 from jaguar_reid.training import distributed
 from jaguar_reid.training.checkpoint import (
     append_log,
@@ -62,6 +62,7 @@ from jaguar_reid.training.checkpoint import (
     set_rng_state,
     write_log,
 )
+from jaguar_reid.training.curves import NoCurves, open_curves
 from jaguar_reid.training.digest import Digest, training_digest
 from jaguar_reid.training.distill import distill_loss
 from jaguar_reid.training.lock import fold_lock
@@ -169,6 +170,7 @@ class Run:
     world_size: int = 1
     local_rank: int = 0
     started: float = field(default_factory=time.time)
+    curves: NoCurves = field(default_factory=NoCurves)  # report.tensorboard's event files
 
     @property
     def main(self) -> bool:
@@ -340,6 +342,7 @@ def start(run: Run, parts: Parts) -> State:
         row.update(scores)
         print(f"fold {run.fold} epoch 0 (before training): " + describe(scores))
     append_log(run.path(layout.TRAIN_LOG), row)
+    run.curves.epoch(parts.scheduler.last_epoch, row)
     state.history.append(row)
     return state
 
@@ -398,10 +401,9 @@ def train_epoch(run: Run, parts: Parts, step_module: torch.nn.Module, epoch: int
     """One pass over the training batches; the epoch's log row (loss, lr, speed)."""
     cfg, device = run.cfg, run.device
     parts.sampler.set_epoch(epoch)
-    epoch_start, seen, loss_sum = time.time(), 0, 0.0
-    bar = tqdm(parts.loader, desc=f"fold {run.fold} epoch {epoch}/{cfg.train.epochs}",
-               leave=False, mininterval=1.0, dynamic_ncols=True,
-               disable=None if run.main else True)
+    epoch_start, seen, loss_sum, step_loss = time.time(), 0, 0.0, 0.0
+    bar = progress_bar(parts.loader, desc=f"fold {run.fold} epoch {epoch}/{cfg.train.epochs}",
+                       main=run.main)
     parts.optimizer.zero_grad(set_to_none=True)
     targets = run.split.train_targets
     for i, (images, labels, index) in enumerate(bar):
@@ -413,7 +415,12 @@ def train_epoch(run: Run, parts: Parts, step_module: torch.nn.Module, epoch: int
         sync = nullcontext() if stepping or run.world_size == 1 else step_module.no_sync()
         with sync:
             loss = backward_step(run, parts, step_module, images, labels, epoch, target)
+        step_loss += loss
         if stepping:
+            # The step about to be taken, with the learning rate it uses.
+            run.curves.step(parts.scheduler.last_epoch + 1, step_loss / cfg.train.grad_accum,
+                            parts.optimizer)
+            step_loss = 0.0
             optimizer_step(parts.model, parts.optimizer, parts.scaler, cfg.train.clip_grad)
             parts.scheduler.step()
             if parts.ema is not None:
@@ -472,6 +479,7 @@ def end_epoch(run: Run, parts: Parts, state: State, row: dict) -> None:
           + (describe(row) + "  " if run.split.has_val else "")
           + f"{row['images_per_s']:.1f} img/s"
           + (f"  (no gain for {state.stale} epochs: stopping early)" if state.stop else ""))
+    run.curves.epoch(parts.scheduler.last_epoch, row)
     save_checkpoint(run.path(layout.CHECKPOINT), checkpoint_state(run, parts, state))
     if state.best_epoch == state.epoch and run.split.has_val:
         # After the checkpoint, never before: a run killed in between resumes from the
@@ -557,7 +565,10 @@ def train_fold(cfg: Config, fold: int | str, folds_df: pd.DataFrame, paths: list
         if stray:
             print(f"fold {fold}: removed {len(stray)} temporary file(s) a killed run left: "
                   + ", ".join(p.name for p in stray))
-        return _train(run, train_load)
+        try:
+            return _train(run, train_load)
+        finally:
+            run.curves.close()
 
 
 def _train(run: Run, train_load) -> dict:
@@ -566,6 +577,9 @@ def _train(run: Run, train_load) -> dict:
         return done
     resume = read_resume(run)
     if run.main:
+        # Before the model is built: without the extra this stops at once.
+        run.curves = open_curves(run.cfg.report.tensorboard, run.out, None if resume is None
+                                 else resume["scheduler"]["last_epoch"])
         run.out.mkdir(parents=True, exist_ok=True)
         if run.cfg.train.overwrite:
             # Unfinished before anything new is written: a run killed while retraining

@@ -1,0 +1,186 @@
+"""Progress where a person waits: one decision for every bar (shown on a terminal, quiet in a
+pipe or a file, JAGUAR_REID_PROGRESS to force it), and fold-parallel children's output streamed
+to the parent line by line, prefixed `[fold k] `, while each child's log keeps every byte."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from jaguar_reid import progress
+from jaguar_reid.io_utils import UserInputError
+from jaguar_reid.training import distributed
+from jaguar_reid.training.child_output import LineSplitter, pump
+from tests.helpers import REPO
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_bars_shown_on_a_terminal_only_unless_forced(monkeypatch):
+    monkeypatch.delenv(progress.PROGRESS_ENV, raising=False)
+    assert progress.shown(Tty()) and not progress.shown(io.StringIO())
+    assert progress.disable() is None  # tqdm's own terminal test
+    assert progress.disable(main=False) is True  # another rank of a data-parallel run
+    monkeypatch.setenv(progress.PROGRESS_ENV, "1")
+    assert progress.shown(io.StringIO()) and progress.disable() is False
+    assert progress.disable(main=False) is True
+    monkeypatch.setenv(progress.PROGRESS_ENV, "0")
+    assert not progress.shown(Tty()) and progress.disable() is True
+
+
+def test_bar_draws_into_a_pipe_only_when_forced(monkeypatch):
+    monkeypatch.delenv(progress.PROGRESS_ENV, raising=False)
+    quiet = io.StringIO()
+    for _ in progress.bar(range(3), desc="embedding", file=quiet):
+        pass
+    assert quiet.getvalue() == ""
+    monkeypatch.setenv(progress.PROGRESS_ENV, "1")
+    drawn = io.StringIO()
+    for _ in progress.bar(range(3), desc="embedding", file=drawn, mininterval=0):
+        pass
+    assert "embedding" in drawn.getvalue() and "\r" in drawn.getvalue()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_lines_whole_and_bar_redraws_only_when_quiet():
+    clock = Clock()
+    split = LineSplitter(bar_every_s=30.0, clock=clock)
+    assert split.feed(b"fold 0: 40 train images\nfold 0 epo") == ["fold 0: 40 train images"]
+    assert split.feed(b"ch 0: mAP 0.1\n") == ["fold 0 epoch 0: mAP 0.1"]
+    # tqdm redraws: '\r' + the bar. While the child has spoken in the last 30 s, none shows.
+    clock.now = 10.0
+    assert split.feed(b"\repoch 1:  10%|#  | 1/10\repoch 1:  20%|## | 2/10") == []
+    clock.now = 45.0  # quiet for 35 s: the next finished redraw shows, once
+    assert split.feed(b"\repoch 1:  30%|###| 3/10   ") == ["epoch 1:  20%|## | 2/10"]
+    assert split.feed(b"\repoch 1:  40%|###| 4/10") == []
+    clock.now = 50.0
+    # The bar is cleared (leave=False: spaces, '\r'), then the epoch's line.
+    assert split.feed(b"\r          \rfold 0 epoch 1: loss 2.1\n") == [
+        "fold 0 epoch 1: loss 2.1"]
+    # '\r\n' split across two reads is one line ending; so is a character split in two.
+    assert split.feed(b"windows line\r") == []
+    assert split.feed(b"\n") == ["windows line"]
+    jaguar = "jaguar \u00e9t\u00e9".encode()  # byte 8 is the second half of the first \u00e9
+    assert split.feed(jaguar[:8]) == []
+    assert split.feed(jaguar[8:] + b"\n") == ["jaguar \u00e9t\u00e9"]
+    assert split.feed(b"no newline at the end", final=True) == ["no newline at the end"]
+
+
+CHILD = textwrap.dedent("""\
+    import os, sys, time
+    fold = next(a.split("=")[1] for a in sys.argv if a.startswith("fold="))
+    print(f"fold {fold}: bars={os.environ.get('JAGUAR_REID_PROGRESS')}", flush=True)
+    for epoch in range(1, 4):
+        for i in range(5):
+            sys.stderr.write(f"\\rfold {fold} epoch {epoch}: {i}/5")
+            sys.stderr.flush()
+        sys.stderr.write("\\r" + " " * 30 + "\\r")
+        print(f"fold {fold} epoch {epoch}: loss {1.0 / epoch:.3f}", flush=True)
+        time.sleep(0.05)
+    if fold == "2":
+        print("error: fold 2: data.dir=nowhere: not a folder", file=sys.stderr)
+        sys.exit(2)
+    if fold == "3":
+        sys.exit(1)
+    print(f"fold {fold}: done", end="")  # no final newline
+    """)
+
+
+def test_pump_copies_every_byte_and_prefixes_lines(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    proc = subprocess.Popen([sys.executable, str(script), "fold=0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    sink = io.StringIO()
+    pump(proc.stdout, tmp_path / "fold0.out", "[fold 0] ", sink)
+    assert proc.wait() == 0
+    raw = (tmp_path / "fold0.out").read_bytes()
+    assert raw.count(b"\r") == 3 * 7 and raw.endswith(b"fold 0: done")
+    assert sink.getvalue().splitlines() == [
+        "[fold 0] fold 0: bars=None",
+        "[fold 0] fold 0 epoch 1: loss 1.000",
+        "[fold 0] fold 0 epoch 2: loss 0.500",
+        "[fold 0] fold 0 epoch 3: loss 0.333",
+        "[fold 0] fold 0: done"]
+
+
+LAUNCH = textwrap.dedent("""\
+    import sys
+    from pathlib import Path
+    from jaguar_reid.io_utils import run_main
+    from jaguar_reid.training import distributed
+    distributed.TRAIN_MODULE = "fake_train"
+    folds = sys.argv[2].split(",")
+    run_main(lambda argv: distributed.launch_fold_parallel(["exp=x"], folds, 2,
+                                                           Path(sys.argv[1]), False), [])
+    """)
+
+
+def launch_through_a_pipe(tmp_path: Path, folds: str, env: dict[str, str]
+                          ) -> tuple[int, str]:
+    """The launcher in a process whose stdout is a pipe, read in raw chunks as the Kaggle
+    notebook reads it (kaggle/nbtools.run)."""
+    (tmp_path / "fake_train.py").write_text(CHILD)
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, str(tmp_path / "logs"), folds],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**env, "PYTHONPATH": os.pathsep.join(
+                                [str(REPO / "src"), str(tmp_path)])})
+    chunks = []
+    while chunk := proc.stdout.read1(1 << 16):
+        chunks.append(chunk)
+    return proc.wait(), b"".join(chunks).decode()
+
+
+def test_two_folds_stream_through_a_pipe(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != progress.PROGRESS_ENV}
+    code, out = launch_through_a_pipe(tmp_path, "0,1", env)
+    assert code == 0, out
+    lines = out.splitlines()
+    for fold in (0, 1):
+        raw = (tmp_path / "logs" / f"fold{fold}.out").read_bytes()
+        assert raw.count(b"\r") == 3 * 7 and raw.endswith(f"fold {fold}: done".encode())
+        mine = [line for line in lines if line.startswith(f"[fold {fold}] ")]
+        # Every line of the child, whole and in order, and nothing of its bars' redraws;
+        # bars are off in the children of a parent writing to a pipe.
+        assert mine == [f"[fold {fold}] {line}" for line in [
+            f"fold {fold}: bars=0", *(f"fold {fold} epoch {e}: loss {1 / e:.3f}"
+                                      for e in (1, 2, 3)), f"fold {fold}: done"]]
+        assert lines.index(f"fold {fold}: finished") > lines.index(f"[fold {fold}] fold "
+                                                                   f"{fold}: done")
+        assert f"fold {fold}: started on slot {fold}" in lines[fold]
+    assert "\r" not in out
+    # Asked for, bars are drawn in the children (and still kept out of the parent's lines).
+    code, out = launch_through_a_pipe(tmp_path, "0", {**env, progress.PROGRESS_ENV: "1"})
+    assert code == 0 and "[fold 0] fold 0: bars=1" in out.splitlines()
+
+
+def test_failed_folds(tmp_path, monkeypatch, capsys):
+    """A child's user error (exit 2) is said again in one line; another failure names the
+    fold, its exit code and its log."""
+    (tmp_path / "fake_train.py").write_text(CHILD)
+    monkeypatch.setattr(distributed, "TRAIN_MODULE", "fake_train")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with pytest.raises(UserInputError) as err:
+        distributed.launch_fold_parallel([], [0, 2], 2, tmp_path / "logs", False)
+    assert str(err.value) == "fold 2: fold 2: data.dir=nowhere: not a folder"
+    out = capsys.readouterr().out.splitlines()
+    assert "[fold 2] error: fold 2: data.dir=nowhere: not a folder" in out
+    assert f"fold 2: FAILED (exit code 2, log {tmp_path / 'logs' / 'fold2.out'})" in out
+    with pytest.raises(RuntimeError, match=r"fold 3 \(exit code 1, log .*fold3.out\)"):
+        distributed.launch_fold_parallel([], [2, 3], 2, tmp_path / "logs", False)
