@@ -5,19 +5,29 @@ into a fixed teacher's embedding space, so one student can stand in for a whole 
 `contr_reg` (the paper's Contr+): reg plus the asymmetric contrastive loss on the labelled
 images: the student's anchor against the *teacher's* embeddings of the batch's other images,
 pulled towards those of its identity and pushed below `margin` cosine from the others
-(pytorch-metric-learning's ContrastiveLoss with the teacher's embeddings as its reference set).
+(pytorch-metric-learning's ContrastiveLoss with the teacher's embeddings as its reference set:
+the optional extra `losses`, imported only for `contr_reg`; `reg` needs torch alone).
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
-from pytorch_metric_learning.distances import CosineSimilarity
-from pytorch_metric_learning.losses import ContrastiveLoss
 
+from jaguar_reid.extras import require
 from jaguar_reid.keys import choices
 
 DISTILL_LOSSES = choices("train.distill_loss")
+
+
+def metric_learning() -> tuple[ModuleType, ModuleType]:
+    """pytorch_metric_learning's `losses` and `distances` for `contr_reg`, or one line naming
+    the setting and the extra that provides them."""
+    setting = "train.distill_loss=contr_reg"
+    return (require("pytorch_metric_learning.losses", setting),
+            require("pytorch_metric_learning.distances", setting))
 
 
 def regression_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -35,7 +45,9 @@ def asymmetric_contrastive(student: torch.Tensor, teacher: torch.Tensor, labels:
     other = ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
     anchors_p, positives = torch.nonzero(same & other, as_tuple=True)
     anchors_n, negatives = torch.nonzero(~same, as_tuple=True)
-    loss = ContrastiveLoss(pos_margin=1.0, neg_margin=margin, distance=CosineSimilarity())
+    losses, distances = metric_learning()
+    loss = losses.ContrastiveLoss(pos_margin=1.0, neg_margin=margin,
+                                  distance=distances.CosineSimilarity())
     # The teacher is fixed: its embeddings are the reference set, never trained.
     return loss(student.float(), labels, indices_tuple=(anchors_p, positives, anchors_n,
                                                         negatives),

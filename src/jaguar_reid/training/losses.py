@@ -13,24 +13,26 @@ against plain loops: the Recall@k surrogate, SiMix (its similarity mixup) and th
 contrastive and multi-similarity losses of Metrix (embedding mixup, Venkataramanan et al.
 2022). `loss.xbm_size` puts contrastive and multi-similarity behind pytorch-metric-learning's
 cross-batch memory, for the small batches of a large backbone.
+
+pytorch-metric-learning is the optional extra `losses` (Kaggle's image lacks it): imported only
+when one of its losses is on, so the default recipe (ArcFace alone) and the submission need it
+not; asking for one without it stops in one line naming the extra.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
-from pytorch_metric_learning.distances import CosineSimilarity
-from pytorch_metric_learning.losses import (
-    ContrastiveLoss,
-    CrossBatchMemory,
-    MultiSimilarityLoss,
-    SmoothAPLoss,
-)
 from torch import nn
 
 from jaguar_reid.config import PAIR_LOSS_KEYS as PAIR_LOSSES
 from jaguar_reid.config import Config
+from jaguar_reid.extras import require
+from jaguar_reid.training import distill
 
+LIBRARY_LOSSES = ("contrastive", "multi_similarity", "smooth_ap")  # pytorch-metric-learning's
 MEMORY_LOSSES = ("contrastive", "multi_similarity")  # what CrossBatchMemory can wrap
 METRIX_LOSSES = ("contrastive", "multi_similarity")  # Metrix's soft forms (recall_k: SiMix)
 POS_MARGIN = 1.0  # contrastive: positives are pulled until their cosine reaches 1
@@ -39,6 +41,13 @@ POS_MARGIN = 1.0  # contrastive: positives are pulled until their cosine reaches
 def pair_losses_on(cfg: Config) -> list[str]:
     """The pair losses with a weight above 0."""
     return [name for name in PAIR_LOSSES if cfg.loss[name] > 0]
+
+
+def metric_learning(setting: str) -> tuple[ModuleType, ModuleType]:
+    """pytorch_metric_learning's `losses` and `distances`, or one line naming `setting` (the
+    key=value that asked for them) and the extra that provides them."""
+    return (require("pytorch_metric_learning.losses", setting),
+            require("pytorch_metric_learning.distances", setting))
 
 
 # --------------------------------------------------------------------------- Recall@k, SiMix
@@ -166,6 +175,24 @@ def metrix_mix(emb: torch.Tensor, labels: torch.Tensor, alpha: float
 
 # --------------------------------------------------------------------------- all together
 
+def library_loss(name: str, cfg: Config, embed_dim: int) -> nn.Module:
+    """pytorch-metric-learning's loss `name` (one of LIBRARY_LOSSES) on cosine similarities,
+    behind a cross-batch memory where `loss.xbm_size` asks for one."""
+    losses, distances = metric_learning(f"loss.{name}={cfg.loss[name]:g}")
+    if name == "smooth_ap":
+        return losses.SmoothAPLoss(temperature=cfg.loss.smooth_ap_tau)
+    cosine = distances.CosineSimilarity()
+    if name == "contrastive":
+        loss = losses.ContrastiveLoss(pos_margin=POS_MARGIN,
+                                      neg_margin=cfg.loss.contrastive_margin, distance=cosine)
+    else:
+        loss = losses.MultiSimilarityLoss(alpha=cfg.loss.ms_alpha, beta=cfg.loss.ms_beta,
+                                          base=cfg.loss.ms_base, distance=cosine)
+    if cfg.loss.xbm_size > 0 and name in MEMORY_LOSSES:
+        loss = losses.CrossBatchMemory(loss, embed_dim, memory_size=cfg.loss.xbm_size)
+    return loss
+
+
 class Criterion(nn.Module):
     """The weighted sum of ArcFace's cross-entropy and the configured pair losses, called with
     (neck embeddings, ArcFace logits or None, labels). `parts` gives each term's last value."""
@@ -176,23 +203,15 @@ class Criterion(nn.Module):
         self.weights = {"arcface": cfg.loss.arcface,
                         **{name: cfg.loss[name] for name in pair_losses_on(cfg)}}
         self.mix_alpha = cfg.train.metrix_alpha
-        cosine = CosineSimilarity()
-        library = {
-            "contrastive": lambda: ContrastiveLoss(pos_margin=POS_MARGIN,
-                                                   neg_margin=cfg.loss.contrastive_margin,
-                                                   distance=cosine),
-            "multi_similarity": lambda: MultiSimilarityLoss(
-                alpha=cfg.loss.ms_alpha, beta=cfg.loss.ms_beta, base=cfg.loss.ms_base,
-                distance=cosine),
-            "smooth_ap": lambda: SmoothAPLoss(temperature=cfg.loss.smooth_ap_tau),
-        }
         self.library = nn.ModuleDict()
+        self.memories: list[str] = []  # the library losses behind a cross-batch memory
         for name in pair_losses_on(cfg):
-            if name in library:
-                loss = library[name]()
+            if name in LIBRARY_LOSSES:
+                self.library[name] = library_loss(name, cfg, embed_dim)
                 if cfg.loss.xbm_size > 0 and name in MEMORY_LOSSES:
-                    loss = CrossBatchMemory(loss, embed_dim, memory_size=cfg.loss.xbm_size)
-                self.library[name] = loss
+                    self.memories.append(name)
+        if cfg.train.teacher and cfg.train.distill_loss == "contr_reg":
+            distill.metric_learning()  # a missing extra is named now, not at the first batch
         # Detached, read only through `parts`: a float per term per step would wait for the
         # GPU on every step.
         self._terms: dict[str, torch.Tensor] = {}
@@ -242,12 +261,12 @@ class Criterion(nn.Module):
     # continues with the same memory.
     def memory_state(self) -> dict[str, dict[str, torch.Tensor]]:
         out = {}
-        for name, loss in self.library.items():
-            if isinstance(loss, CrossBatchMemory):
-                out[name] = {"embeddings": loss.embedding_memory.detach().cpu(),
-                             "labels": loss.label_memory.detach().cpu(),
-                             "queue_idx": torch.tensor(int(loss.queue_idx)),
-                             "filled": torch.tensor(bool(loss.has_been_filled))}
+        for name in self.memories:
+            loss = self.library[name]
+            out[name] = {"embeddings": loss.embedding_memory.detach().cpu(),
+                         "labels": loss.label_memory.detach().cpu(),
+                         "queue_idx": torch.tensor(int(loss.queue_idx)),
+                         "filled": torch.tensor(bool(loss.has_been_filled))}
         return out
 
     def load_memory_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
