@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from jaguar_reid.config import Config, ConfigError
 from jaguar_reid.data.csv_tables import DataError
-from jaguar_reid.data.preprocess import mean_colour, square_window
+from jaguar_reid.data.preprocess import auto_square, mean_colour, square_window
 from jaguar_reid.keys import choices
 
 ALPHA_MODES = choices("data.alpha")
@@ -253,17 +253,28 @@ def cut_box(rgba: np.ndarray, alpha: str, margin: float) -> np.ndarray:
     return rgba[top:bottom, left:right]
 
 
+def has_mask(rgba: np.ndarray) -> bool:
+    """Does the image carry a usable alpha mask (some pixel outside it)? Decoding makes an
+    image without one, or with an empty one, opaque everywhere."""
+    return bool((rgba[..., 3] <= MASK_LEVEL).any())
+
+
+def _shaped(rgb: np.ndarray, masked: bool, auto: bool) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(auto_square(rgb, masked) if auto else rgb))
+
+
 def load_image(path: str | Path, alpha: str = "rgb", margin: float = 0.05,
                fill: tuple[int, int, int] = (128, 128, 128),
                seed: int | None = None, max_pixels: int | None = None,
-               square: tuple[int, int, int] | None = None) -> Image.Image:
+               square: tuple[int, int, int] | None = None, auto: bool = False) -> Image.Image:
     """An image as RGB, prepared by the alpha mode (see `apply_alpha`), or with `square` the
-    square window around its mask (see `_squared`), background filled by the alpha mode.
+    square window around its mask (see `_squared`), background filled by the alpha mode; with
+    `auto` (`data.resize=auto`) made square by `auto_square`.
     `seed` is accepted so every loader takes the same arguments; nothing here is random.
     `max_pixels`: see `read_rgba`."""
     rgba = read_rgba(path, max_pixels)
     if square is None:
-        return Image.fromarray(apply_alpha(rgba, alpha, margin, tuple(fill)))
+        return _shaped(apply_alpha(rgba, alpha, margin, tuple(fill)), has_mask(rgba), auto)
     window = _squared(cut_box(rgba, alpha, margin), square, margin if alpha == "rgb" else None)
     return Image.fromarray(fill_background(window, alpha, tuple(fill)))
 
@@ -272,17 +283,18 @@ def load_cached(path: str | Path, alpha: str = "rgb",
                 fill: tuple[int, int, int] = (128, 128, 128),
                 blank_prob: float = 0.0, seed: int | None = None,
                 square: tuple[int, int, int] | None = None,
-                margin: float | None = None) -> Image.Image:
+                margin: float | None = None, auto: bool = False) -> Image.Image:
     """A cached image (already cropped by the cache when the mode crops) as RGB: only the
     background fill of the alpha mode is left to apply (and, with `square`, the square window
     around the mask). With probability `blank_prob` the background is painted black instead,
     as the competition's second round does to its test images (a training augmentation; the
     draw comes from `seed`, the sampler's per-image seed, so runs and resumed runs repeat
-    it)."""
+    it). With `auto`, made square by `auto_square`."""
     rgba = _squared(read_rgba(path), square, margin)
+    masked = has_mask(rgba)
     if blank_prob > 0 and np.random.default_rng([int(seed or 0), 1]).random() < blank_prob:
-        return Image.fromarray(fill_background(rgba, "crop_fill", (0, 0, 0)))
-    return Image.fromarray(fill_background(rgba, alpha, fill))
+        return _shaped(fill_background(rgba, "crop_fill", (0, 0, 0)), masked, auto)
+    return _shaped(fill_background(rgba, alpha, fill), masked, auto)
 
 
 class ImageLoader(Protocol):
@@ -298,17 +310,19 @@ def image_loader(cfg: Config, cached: bool = False, train: bool = False) -> Imag
     workers): from the preprocessing cache, or straight from the source files. `train` adds
     the background-blanking augmentation (cache only: it needs the kept alpha)."""
     square = mean_colour(cfg) if cfg.data.resize == "mask" else None
+    auto = cfg.data.resize == "auto"
     if cached:
         blank = cfg.train.bg_blank_prob if train else 0.0
         # The cache already cut the crop modes' box with its margin.
         margin = cfg.data.crop_margin if cfg.data.alpha == "rgb" else None
         return partial(load_cached, alpha=cfg.data.alpha, fill=tuple(cfg.data.fill),
-                       blank_prob=blank, square=square, margin=margin)
+                       blank_prob=blank, square=square, margin=margin, auto=auto)
     if train and cfg.train.bg_blank_prob > 0:
         raise ConfigError("train.bg_blank_prob needs cache.enabled=true (the cache keeps the "
                           "mask the augmentation paints with)")
     return partial(load_image, alpha=cfg.data.alpha, margin=cfg.data.crop_margin,
-                   fill=tuple(cfg.data.fill), max_pixels=cfg.data.max_pixels, square=square)
+                   fill=tuple(cfg.data.fill), max_pixels=cfg.data.max_pixels, square=square,
+                   auto=auto)
 
 
 class ImageDataset(Dataset):

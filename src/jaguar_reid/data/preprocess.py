@@ -19,7 +19,9 @@ from jaguar_reid.keys import choices
 # squash: stretch to the square (timm's own eval for EVA-02); letterbox: fit the long side and
 # pad with the mean colour; crop: fit the short side and cut the centre square; mask: a square
 # window around the animal's mask, padded where the image ends (the loader cuts it; whole
-# images without a mask are letterboxed).
+# images without a mask are letterboxed); auto: per image, squash where it has an alpha mask
+# (what won on the masked demo) and crop where it has none (a full frame squashed loses a fifth
+# of the score: docs/experiments.md). The loader makes auto's square (`auto_square`).
 RESIZE_MODES = choices("data.resize")
 INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
                   "area": cv2.INTER_AREA, "nearest": cv2.INTER_NEAREST,
@@ -84,3 +86,28 @@ def square_window(rgba: np.ndarray, box: tuple[int, int, int, int] | None,
     xs, xe = max(0, x0), min(width, x0 + side)
     out[ys - y0:ye - y0, xs - x0:xe - x0] = rgba[ys:ye, xs:xe]
     return out
+
+
+def centre_square(image: np.ndarray) -> np.ndarray:
+    """(H, W, C) -> (S, S, C), S = min(H, W): the centre square, the short side whole (a crop
+    at timm's crop_pct 1)."""
+    height, width = image.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return image[top:top + side, left:left + side]
+
+
+def squashed(image: np.ndarray) -> np.ndarray:
+    """(H, W, C) -> (S, S, C), S = max(H, W): the whole image stretched to a square (the short
+    side upsampled, nothing lost; the model's resize then only shrinks)."""
+    height, width = image.shape[:2]
+    side = max(height, width)
+    if height == width:
+        return image
+    return cv2.resize(image, (side, side), interpolation=cv2.INTER_CUBIC)
+
+
+def auto_square(image: np.ndarray, has_mask: bool) -> np.ndarray:
+    """`data.resize=auto` for one image: squashed when it has an alpha mask, else its centre
+    square. Either way a square, so the model's resize keeps its proportions."""
+    return squashed(image) if has_mask else centre_square(image)

@@ -246,6 +246,23 @@ def score_settings(folds: list[TuningFold], s: PostSettings, cfg: Config, device
     return _summary(per_fold)
 
 
+def paired_gain(diff: np.ndarray) -> tuple[float, float]:
+    """(mean, standard error) of paired gains (one per fold, or per fold and seed); the
+    standard error of a single gain is 0."""
+    diff = np.asarray(diff, dtype=np.float64)
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    return float(diff.mean()), se
+
+
+def clears_noise(diff: np.ndarray, min_gain: float, noise: float) -> bool:
+    """The rule a change must pass to count as a gain: its paired gains average more than
+    `min_gain`, and more than `noise` standard errors of themselves (a gain some folds
+    contradict is noise); a negative `min_gain` accepts every change. The tuner keeps a step by
+    it and the sweep gives its verdicts by it."""
+    mean, se = paired_gain(diff)
+    return mean > min_gain and (min_gain < 0 or mean > noise * se)
+
+
 class Search:
     """Greedy, step by step: each step's best candidate is kept when it beats the current
     choice by more than `min_gain` on `metric`."""
@@ -282,13 +299,11 @@ class Search:
         return s if kept else current
 
     def gains(self, result: dict, base: dict) -> bool:
-        """Does `result` beat `base` by more than min_gain, and by more than `noise` standard
-        errors of the paired per-fold gains (one fold: min_gain alone)?"""
+        """Does `result` beat `base` under the noise rule (`clears_noise`) on its per-fold
+        gains?"""
         diff = np.array([r[self.metric] - b[self.metric]
                          for r, b in zip(result["per_fold"], base["per_fold"], strict=True)])
-        mean = float(diff.mean())
-        se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
-        return mean > self.min_gain and (self.min_gain < 0 or mean > self.noise * se)
+        return clears_noise(diff, self.min_gain, self.noise)
 
     def record(self, name: str, s: PostSettings, result: dict, kept: bool) -> None:
         self.rows.append({"step": name, "settings": s.to_dict(), "description": s.describe(),
