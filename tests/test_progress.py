@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaguar_reid import progress
@@ -184,3 +185,67 @@ def test_failed_folds(tmp_path, monkeypatch, capsys):
     assert f"fold 2: FAILED (exit code 2, log {tmp_path / 'logs' / 'fold2.out'})" in out
     with pytest.raises(RuntimeError, match=r"fold 3 \(exit code 1, log .*fold3.out\)"):
         distributed.launch_fold_parallel([], [2, 3], 2, tmp_path / "logs", False)
+
+
+# --------------------------------------------------------------------------- the bars
+
+
+def test_embedding_bar(tmp_path, tiny_cfg_args, monkeypatch, capsys):
+    from PIL import Image
+
+    from jaguar_reid.config import load_config
+    from jaguar_reid.retrieval.embedding import embed_views
+    from jaguar_reid.training.model import build_model
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(paths[-1])
+    cfg = load_config([*tiny_cfg_args, "embed.batch_size=2"])
+    model = build_model(cfg, n_classes=3)
+    monkeypatch.delenv(progress.PROGRESS_ENV, raising=False)
+    quiet = embed_views(model, paths, cfg, "cpu", desc="test images")
+    assert capsys.readouterr().err == ""  # stderr is not a terminal here
+    monkeypatch.setenv(progress.PROGRESS_ENV, "1")
+    shown = embed_views(model, paths, cfg, "cpu", desc="test images")
+    err = capsys.readouterr().err
+    assert "test images:" in err and "0/2" in err  # two batches
+    for kind in quiet["orig"]:  # the bar changes nothing
+        np.testing.assert_array_equal(quiet["orig"][kind], shown["orig"][kind])
+
+
+def test_local_verification_bars(tmp_path, monkeypatch, capsys):
+    from jaguar_reid.config import load_config
+    from jaguar_reid.retrieval import verify
+    from tests.helpers import coat_png, spots, warp
+
+    a, b = spots(1), spots(2)
+    paths = [coat_png(tmp_path / f"img{i}.png", arr)
+             for i, arr in enumerate([a, warp(a), b, warp(b)])]
+    cfg = load_config([f"output_dir={tmp_path / 'out'}", "local.top_b=1",
+                       "local.max_keypoints=128"])
+    sim = np.array([[1.0, 0.9, 0.2, 0.1], [0.9, 1.0, 0.3, 0.2],
+                    [0.2, 0.3, 1.0, 0.8], [0.1, 0.2, 0.8, 1.0]])
+    monkeypatch.setenv(progress.PROGRESS_ENV, "1")
+    verify.verify_shortlist(cfg, paths, sim)
+    err = capsys.readouterr().err
+    assert "local features:" in err and "0/4" in err  # four images
+    assert "local matching:" in err and "0/2" in err  # pairs (0, 1) and (2, 3)
+    monkeypatch.setenv(progress.PROGRESS_ENV, "0")
+    verify.verify_shortlist(cfg, paths, sim)
+    assert capsys.readouterr().err == ""
+
+
+def test_verify_pairs_counts_each_matched_pair_once():
+    from jaguar_reid.retrieval.local import LocalFeatures, verify_pairs
+
+    empty = LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), (8, 8))
+    done: list[int] = []
+    rows, cols = np.array([0, 1, 0, 2]), np.array([1, 0, 2, 3])
+    cache = {(0, 2): 7}
+    for workers in (1, 2):
+        done.clear()
+        verify_pairs([empty] * 4, rows, cols, cache=dict(cache), workers=workers,
+                     match=lambda x, y: 0, advance=done.append)
+        assert done == [1, 1]  # (0, 1) and (2, 3); (0, 2) was cached

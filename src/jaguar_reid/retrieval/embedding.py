@@ -36,6 +36,7 @@ from jaguar_reid.io_utils import (
     say_once,
 )
 from jaguar_reid.keys import choices
+from jaguar_reid.progress import bar as progress_bar
 from jaguar_reid.training.digest import weights_digest
 from jaguar_reid.training.model import RETRIEVAL_MODES, load_trained_model
 
@@ -76,13 +77,13 @@ def apply_view(images: torch.Tensor, view: str) -> torch.Tensor:
 
 @torch.no_grad()
 def embed_views(model: torch.nn.Module, paths: Sequence[Path], cfg: Config, device: str,
-                load: ImageLoader | None = None, views: Sequence[str] = ("orig",)
-                ) -> dict[str, dict[str, np.ndarray]]:
+                load: ImageLoader | None = None, views: Sequence[str] = ("orig",),
+                desc: str = "embedding") -> dict[str, dict[str, np.ndarray]]:
     """{view: {kind: (N, D) float32 L2-normalised}} for every retrieval embedding (`neck`,
     `backbone`, `both`; see `ReIDModel.embed`): one decode per image, one forward per view.
     Kept per view so that any set of views can be combined later (`combine_views`) without
     embedding again. `load` reads one file (default: from the sources with the config's alpha
-    mode)."""
+    mode). `desc` names the progress bar (`progress.bar`: on a terminal)."""
     views = list(dict.fromkeys(check_view(v, "views") for v in views))
     model.eval().to(device)
     dataset = ImageDataset(paths, None, build_transform(cfg, train=False),
@@ -92,7 +93,7 @@ def embed_views(model: torch.nn.Module, paths: Sequence[Path], cfg: Config, devi
                         pin_memory=device.startswith("cuda"))
     dtype = amp_dtype(device, cfg.train.amp, cfg.train.amp_dtype)
     chunks: dict[str, dict[str, list[np.ndarray]]] = {v: {} for v in views}
-    for images, _, _ in loader:
+    for images, _, _ in progress_bar(loader, desc=desc, unit="batch"):
         images = images.to(device, non_blocking=True)
         for view in views:
             with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
@@ -237,7 +238,7 @@ def embed_fold(cfg: Config, exp: str, fold: int | str, views: tuple[str, ...],
     print(f"embedding {len(images.paths)} test images with {weights}, views {', '.join(views)}")
     kind = fold_cfg.model.retrieval
     test = {v: e[kind] for v, e in embed_views(model, images.paths, fold_cfg, device,
-                                               images.load, views).items()}
+                                               images.load, views, "test images").items()}
     for emb in test.values():
         bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
         if len(bad):
@@ -251,7 +252,8 @@ def embed_fold(cfg: Config, exp: str, fold: int | str, views: tuple[str, ...],
         images = prepare_images(fold_cfg, train_df["filename"], files.train, "train images")
         print(f"embedding {len(images.paths)} training images (closed-set extras)")
         train = {v: e[kind] for v, e in embed_views(model, images.paths, fold_cfg, device,
-                                                    images.load, views).items()}
+                                                    images.load, views,
+                                                    "training images").items()}
         train_labels = train_df["ground_truth"].to_numpy().astype(str)
     return FoldEmbeddings(exp, kind, test, head, fold_cfg.model.subcenters, train,
                           train_labels)
@@ -357,7 +359,7 @@ def _embed_fold_views(fold_cfg: Config, weights: Path, exp: str, fold: int,
             print(f"{exp} fold {fold}: embedding {len(idx)} {split} images, views "
                   f"{', '.join(views)}")
             per_view = embed_views(model, [images.paths[i] for i in idx], fold_cfg, device,
-                                   images.load, views)
+                                   images.load, views, f"{exp} fold {fold} {split}")
             for view in views:
                 arrays[f"{split}.{view}"] = per_view[view][kind]
     arrays["head_weight"] = model.head.weight.detach().float().cpu().numpy()

@@ -548,14 +548,15 @@ def verify_pairs(features: Sequence[LocalFeatures], rows: np.ndarray, cols: np.n
                  confidence: float = CONFIDENCE, seed: int = SEED,
                  cache: dict[tuple[int, int], int] | None = None,
                  workers: int = 1,
-                 match: Callable[[LocalFeatures, LocalFeatures], int] | None = None
-                 ) -> np.ndarray:
+                 match: Callable[[LocalFeatures, LocalFeatures], int] | None = None,
+                 advance: Callable[[int], object] | None = None) -> np.ndarray:
     """Inlier count (`match_pair`) of each pair (features[rows[k]], features[cols[k]]): int32,
     in the order given. Each unordered pair is matched once. `cache` (keyed by (min, max)
     index) is read first and filled with what was computed; it must belong to these features
     and these settings. `workers` > 1 matches pairs in threads (OpenCV and numpy release the
     GIL); the counts do not depend on it. `match` replaces `match_pair` (and the matching
-    arguments) by another symmetric counter, e.g. the learned matcher's."""
+    arguments) by another symmetric counter, e.g. the learned matcher's. `advance(1)` is
+    called after each pair matched (a progress bar's update)."""
     rows, cols = _check_pairs(len(features), rows, cols)
     _check_match_args(min_matches, method, model, ratio, ransac_threshold)
     if workers < 1:
@@ -565,13 +566,19 @@ def verify_pairs(features: Sequence[LocalFeatures], rows: np.ndarray, cols: np.n
                     strict=True))
     todo = sorted({key for key in keys if key not in cache})
 
-    def run(key: tuple[int, int]) -> int:
+    def count(key: tuple[int, int]) -> int:
         if match is not None:
             return match(features[key[0]], features[key[1]])
         # Looked up at call time, so tests can count the calls.
         return match_pair(features[key[0]], features[key[1]], ratio, min_matches,
                           ransac_threshold, method, model=model, mutual=mutual,
                           max_iters=max_iters, confidence=confidence, seed=seed)
+
+    def run(key: tuple[int, int]) -> int:
+        inliers = count(key)
+        if advance is not None:
+            advance(1)
+        return inliers
 
     if workers == 1 or len(todo) < 2:
         counts = [run(key) for key in todo]

@@ -36,6 +36,7 @@ from jaguar_reid.data.images import DECODER_VERSION
 from jaguar_reid.data.source_ids import content_ids, require_ids
 from jaguar_reid.io_utils import atomic_path
 from jaguar_reid.keys import choices
+from jaguar_reid.progress import bar as progress_bar
 from jaguar_reid.retrieval import fusion, learned, local
 
 GEOMETRY = choices("local.model")
@@ -120,7 +121,8 @@ def features_for(cfg: Config, paths: Sequence[Path], device: str = "cpu",
     folder.mkdir(parents=True, exist_ok=True)
     keys = image_keys(cfg, paths) if keys is None else keys
     out = []
-    for path, key in zip(paths, keys, strict=True):
+    for path, key in progress_bar(zip(paths, keys, strict=True), desc="local features",
+                                  total=len(paths), unit="image"):
         file = folder / f"{key}.npz"
         if file.is_file():
             out.extend(local.load_features(file))
@@ -173,16 +175,19 @@ def verify_shortlist(cfg: Config, paths: Sequence[Path], similarity: np.ndarray,
     known = {(int(i), int(j)): store.counts[PairCache.key(keys[i], keys[j])]
              for i, j in zip(rows, cols, strict=True)
              if PairCache.key(keys[i], keys[j]) in store.counts}
+    bar = progress_bar(desc="local matching", total=len(rows) - len(known), unit="pair")
     for a in range(0, len(rows), SAVE_EVERY):
         r, c = rows[a:a + SAVE_EVERY], cols[a:a + SAVE_EVERY]
         before = len(known)
         local.verify_pairs(feats, r, c, cfg.local.ratio, cfg.local.min_matches,
                            cfg.local.ransac_threshold, cfg.local.method, model=cfg.local.model,
-                           cache=known, workers=cfg.local.workers, match=match)
+                           cache=known, workers=cfg.local.workers, match=match,
+                           advance=bar.update)
         if len(known) > before:
             for (i, j), count in known.items():
                 store.counts[PairCache.key(keys[i], keys[j])] = count
             store.save()
+    bar.close()
     counts = np.array([known[(int(i), int(j))] for i, j in zip(rows, cols, strict=True)],
                       dtype=np.int32)
     return local.dense_inliers(local.inlier_matrix(n, rows, cols, counts))
