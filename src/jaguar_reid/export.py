@@ -4,9 +4,12 @@ a trained experiment as a self-contained folder to carry to another machine (a K
 `out=DIR` is short for `export.dir=DIR`; `exps=a,b` exports several experiments, each into
 `DIR/<exp>/`. The experiment is read from its model folder (`models=` works) and its work
 folder (the tuned post-processing, the out-of-fold scores), and `DIR/<exp>/` gets what
-`submit.py models=DIR exp=NAME`, the tuning and the report read: the experiment's config and
-folds file, `postprocess.json` / `.md`, `oof_scores.json` / `.md`, and for each finished fold
-its weights, saved config, validation embeddings, log and metrics. Never checkpoints, locks,
+`submit.py models=DIR exp=NAME`, the tuning, the report and identification read: the
+experiment's config and folds file, `postprocess.json` / `.md`, `oof_scores.json` / `.md`, the
+identification's calibration and gallery (`identify.json` / `.md`, `identify_gallery.npz`,
+where python -m jaguar_reid.identify.calibrate made them; a gallery embedded by other weights
+than the folds' is refused), and for each finished fold its weights, saved config, validation
+embeddings, log and metrics. Never checkpoints, locks,
 the best epoch's extra weights or view embeddings (the work folder remakes those). Last comes
 `manifest.json` (each file's size and sha256, the commit, the library versions), which
 `submit.py` checks before it reads anything.
@@ -15,7 +18,9 @@ the best epoch's extra weights or view embeddings (the work folder remakes those
 into the fp32 model); `export.onnx=true` adds one ONNX embedding model per fold
 (`jaguar_reid.retrieval.onnx`). On seeded probe images, fp16 weights are checked against the
 fp32 ones and each ONNX model against PyTorch (with onnxruntime, where installed) before the
-export is finished; what they measured goes into the manifest. The folder is built beside
+export is finished; what they measured goes into the manifest. The exported identification
+gallery names the weights it is exported with (fp16 ones too, once checked: its embeddings
+stay the fp32 models'). The folder is built beside
 the target under a hidden name and renamed into place at the end: a killed export never
 leaves a folder that looks finished, and an existing non-empty `DIR/<exp>/` is never
 touched.
@@ -27,7 +32,7 @@ import os
 import platform
 import secrets
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -37,8 +42,10 @@ from safetensors.torch import load_file, save
 
 from jaguar_reid import layout
 from jaguar_reid.config import Config, experiment_names, load_config, to_plain
+from jaguar_reid.identify import files as identify_files
+from jaguar_reid.identify.gallery import Gallery, read_gallery, save_gallery
 from jaguar_reid.io_utils import UserInputError, atomic_path
-from jaguar_reid.manifest import verify_manifest, write_manifest
+from jaguar_reid.manifest import file_sha256, verify_manifest, write_manifest
 from jaguar_reid.reporting.runs import code_version
 from jaguar_reid.retrieval.embedding import fold_config
 from jaguar_reid.retrieval.onnx import (
@@ -54,7 +61,7 @@ from jaguar_reid.training.model import load_trained_model
 # the work folder (read with `layout.read_path`, the work folder's first).
 EXP_MODEL_FILES = (layout.RUN_CONFIG, layout.EXP_FOLDS)
 EXP_LATER_FILES = (layout.POST_CHOICE, layout.POST_CHOICE_MD, layout.OOF_SCORES,
-                   layout.OOF_SCORES_MD)
+                   layout.OOF_SCORES_MD, *identify_files.EXPERIMENT_FILES)
 # A fold's files that are copied as they are; the weights are written apart and the metrics
 # last (a fold is finished when its metrics are there).
 FOLD_COPIED = (layout.RUN_CONFIG, layout.VAL_EMBEDDINGS, layout.TRAIN_LOG)
@@ -122,7 +129,39 @@ def plan_export(cfg: Config, exp: str, out_root: Path) -> Plan:
         if not path.is_file():
             print(f"{exp}: no {name} to export ({path})")
             del exp_files[name]
+    if identify_files.GALLERY in exp_files:
+        check_gallery(cfg, exp, read_gallery(exp_files[identify_files.GALLERY]), source,
+                      finished)
     return Plan(exp, source, target, finished, exp_files)
+
+
+def check_gallery(cfg: Config, exp: str, gallery: Gallery, source: Path,
+                  finished: list) -> None:
+    """The identification gallery was embedded by the weights the export carries."""
+    from jaguar_reid.training.digest import weights_digest
+
+    exported = {layout.fold_name(f) for f in finished}
+    for fold, digest in zip(gallery.folds, gallery.digests, strict=True):
+        weights = layout.fold_dir(source, int(fold)) / layout.MODEL_WEIGHTS
+        if layout.fold_name(int(fold)) not in exported or \
+                weights_digest(cfg, weights) != digest:
+            raise ExportError(f"{exp}: its {identify_files.GALLERY} was embedded by other "
+                              f"weights than {weights} (retrained since the calibration); run "
+                              f"python -m jaguar_reid.identify.calibrate exp={exp} again")
+
+
+def sign_gallery(staging: Path) -> None:
+    """The exported gallery names the exported weights (other bytes than the source's with
+    export.half, whose embeddings were checked against the fp32 ones)."""
+    path = staging / identify_files.GALLERY
+    if not path.is_file():
+        return
+    gallery = read_gallery(path)
+    digests = tuple(file_sha256(layout.fold_dir(staging, int(f)) / layout.MODEL_WEIGHTS)
+                    for f in gallery.folds)
+    if digests != gallery.digests:
+        with atomic_path(path, suffix=".npz") as tmp:
+            save_gallery(replace(gallery, digests=digests), tmp)
 
 
 def copy_file(source: Path, target: Path) -> None:
@@ -245,6 +284,7 @@ def export_experiment(cfg: Config, plan: Plan) -> Path:
             copy_file(path, staging / name)
         for fold in plan.folds:
             plan.checks[fold] = export_fold(cfg, plan, fold, staging)
+        sign_gallery(staging)
         write_manifest(staging, manifest_extra(cfg, plan))
         verify_manifest(staging)  # what was written reads back as the manifest says
         try:
