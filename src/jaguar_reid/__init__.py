@@ -1,1 +1,1 @@
-"""Jaguar Re-ID: a fold-aware re-identification pipeline (see the README's layout section)."""
+"""Jaguar Re-ID: a fold-aware re-identification pipeline (docs/layout.md: the folders and modules)."""

@@ -1,7 +1,7 @@
 """Every config key, declared once: a dataclass per section, each field with its type, default,
 role, one line of doc and its bounds or choices (`jaguar_reid.schema.key`).
 
-`configs/default.yaml` and the README's key reference are written from here (`python
+`configs/default.yaml` and the key reference in docs/configuration.md are written from here (`python
 tools/schema_docs.py`; a test fails when they differ). A module that implements a choice reads
 its list from here (`choices("data.resize")`), so validation never depends on what a process
 imported.
@@ -194,7 +194,7 @@ class Train:
                     "The machine's choice, at training and at submission alike")
     amp_dtype: str = key(AUTO, RUNTIME, "auto: bf16 where the GPU computes it natively "
                          "(compute capability 8.0+: A100, H100), else fp16 with a loss scaler "
-                         "(Kaggle's T4 and P100)", choices=(AUTO, "bf16", "fp16"))
+                         "(Kaggle's T4)", choices=(AUTO, "bf16", "fp16"))
     compile: bool = key(False, RUNTIME, "torch.compile the training forward (GPU; first steps "
                         "are slow)")
     sync_bn: bool = key(True, RECIPE, "gpus>1 on CUDA: BatchNorm statistics over all GPUs' "
