@@ -41,7 +41,8 @@ h1 { margin-bottom: 0.2em; } .meta { color: #555; } .promise { background: #eef5
   border-left: 4px solid #e0a030; padding: 0.4em 0.9em; }
 .card { display: flex; gap: 1em; border: 1px solid #ddd; border-radius: 6px; padding: 0.8em;
   margin: 0.8em 0; align-items: flex-start; }
-.photo { width: 240px; flex: none; } .photo img { max-width: 224px; max-height: 224px; }
+.photo { width: 240px; flex: none; } .photo img { width: 224px; height: auto;
+  max-height: 300px; object-fit: contain; }
 .name { font-size: 0.8em; color: #555; word-break: break-all; }
 .verdict { font-weight: bold; padding: 0.15em 0.5em; border-radius: 4px; display: inline-block;
   margin: 0.3em 0; } .known { background: #d8f0dc; color: #145a22; }
@@ -50,7 +51,9 @@ h1 { margin-bottom: 0.2em; } .meta { color: #555; } .promise { background: #eef5
 .cand { width: 140px; font-size: 0.85em; } .cand.top { font-weight: bold; }
 .thumb { width: 128px; height: 128px; background-size: contain; background-repeat: no-repeat;
   background-position: center; border: 1px solid #ccc; background-color: #f4f4f4; }
-.matches img { height: 160px; margin: 0.3em 0.3em 0 0; border: 1px solid #ddd; }
+.matches { display: flex; flex-wrap: wrap; gap: 0.5em; margin-top: 0.6em; }
+.matches figure { margin: 0; font-size: 0.8em; color: #444; }
+.matches img { height: 160px; border: 1px solid #ddd; display: block; }
 table { border-collapse: collapse; font-size: 0.9em; } td, th { border: 1px solid #ccc;
   padding: 0.2em 0.6em; text-align: right; } td:first-child { text-align: left; }
 """
@@ -143,11 +146,12 @@ def _card(record: Identification, identifier: Identifier) -> str:
                     for i, c in enumerate(record.candidates))
     panels = []
     for cand in record.candidates:
-        gallery = identifier.gallery_file(cand.gallery_index) if cand.matches else None
+        gallery = identifier.gallery_file(cand.gallery_index) if cand.inliers else None
         drawn = match_uri(record.photo, gallery, cand) if gallery else None
         if drawn:
-            panels.append(f'<img src="{drawn}" title="{html.escape(cand.identity)}: '
-                          f'{cand.inliers} matches" alt="">')
+            panels.append(f'<figure><img src="{drawn}" alt=""><figcaption>photo | '
+                          f"{html.escape(cand.identity)}: {cand.inliers} keypoint matches"
+                          "</figcaption></figure>")
     matches = f'<div class="matches">{"".join(panels)}</div>' if panels else ""
     return f'<div class="card">{left}<div><div class="cands">{cands}</div>{matches}</div></div>'
 
