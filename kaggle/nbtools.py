@@ -2,8 +2,10 @@
 read-only and never installed, so it needs only the standard library (`packaging` where
 Kaggle has it).
 
-- `install_missing`: the package's requirements (pyproject.toml) that this Python lacks or has
-  too old, installed from an attached wheels folder with no index: a submission runs offline.
+- `install_missing`: the package's requirements (pyproject.toml: its dependencies and the
+  extras the job names) that this Python lacks or has too old, installed from an attached
+  wheels folder with no index, so a submission runs offline; where the folder lacks a wheel,
+  it names each one and prints the `pip download` command that fetches them for this Python.
 - `run`: a pipeline command in a child process, its output streamed into the notebook, the
   package taken from the code dataset, no bytecode written beside it, stopped at a deadline.
 - `copy_writable`: an earlier session's output (attached, read-only) copied to be trained on.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import codecs
 import operator
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -23,6 +26,9 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
+from collections.abc import Sequence
+from email.parser import HeaderParser
 from importlib import metadata
 from pathlib import Path
 
@@ -37,13 +43,33 @@ except ImportError:  # then `satisfies` compares versions, and markers are taken
     Marker = SpecifierSet = None
 
 
-def requirements(code: str | Path) -> list[str]:
-    """`[project] dependencies` of the code dataset's pyproject.toml."""
-    text = (Path(code) / "pyproject.toml").read_text()
+def requirements(code: str | Path, extras: Sequence[str] = ()) -> list[str]:
+    """`[project] dependencies` of the code dataset's pyproject.toml, and the optional
+    dependencies of each of `extras` (the features the job uses beyond the default recipe)."""
+    path = Path(code) / "pyproject.toml"
     if tomllib is not None:
-        return list(tomllib.loads(text)["project"]["dependencies"])
-    block = re.search(r"^dependencies\s*=\s*\[(.*?)\]", text, re.MULTILINE | re.DOTALL)
-    return re.findall(r'"([^"]+)"', block.group(1)) if block else []
+        project = tomllib.loads(path.read_text())["project"]
+        base, optional = project["dependencies"], project.get("optional-dependencies", {})
+    else:
+        base, optional = _read_lists(path.read_text())
+    unknown = [extra for extra in extras if extra not in optional]
+    if unknown:
+        raise SystemExit(f"EXTRAS: no extra {', '.join(map(repr, unknown))} in {path}; "
+                         f"its extras: {', '.join(optional)}")
+    return [*base, *(req for extra in extras for req in optional[extra])]
+
+
+def _read_lists(text: str) -> tuple[list[str], dict[str, list[str]]]:
+    """Python 3.10 (no tomllib): [project]'s `dependencies` and the lists of
+    [project.optional-dependencies], read by pattern (comments dropped, one list a key)."""
+    parts = re.split(r"^\[([^\]]+)\]\s*$", re.sub(r"#[^\n]*", "", text), flags=re.MULTILINE)
+    tables = dict(zip(parts[1::2], parts[2::2], strict=True))
+
+    def lists(body: str) -> dict[str, list[str]]:
+        return {key: re.findall(r'"([^"]+)"', items) for key, items in
+                re.findall(r"^([\w-]+)\s*=\s*\[(.*?)\]", body, re.MULTILINE | re.DOTALL)}
+    return (lists(tables.get("project", "")).get("dependencies", []),
+            lists(tables.get("project.optional-dependencies", "")))
 
 
 # --------------------------------------------------------------------------- versions
@@ -80,10 +106,12 @@ def satisfies(version: str, specifiers: str) -> bool:
 
 
 def _split(requirement: str) -> tuple[str, list[str], str]:
-    """'timm[x]>=1.0.9,<2; python_version>"3"' -> ('timm', ['>=1.0.9', '<2'], 'python_...')."""
+    """'timm[x]>=1.0.9,<2; python_version>"3"' -> ('timm', ['>=1.0.9', '<2'], 'python_...');
+    the older form of wheels' metadata too: 'torch (>=1.6.0)' -> ('torch', ['>=1.6.0'], '')."""
     found = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*([^;]*)(?:;(.*))?",
                      requirement)
     name, specs, marker = found.groups()
+    specs = specs.strip().removeprefix("(").removesuffix(")")
     return name, [s.strip() for s in specs.split(",") if s.strip()], (marker or "").strip()
 
 
@@ -121,38 +149,135 @@ def unsatisfied(reqs: list[str], verbose: bool = False) -> list[str]:
         if verbose:
             note = {"old": "too old", "new": "newer than tested, used as it is"}.get(verdict,
                                                                                 verdict)
-            print(f"{req:<28} installed: {version or '-':<16} {note}")
+            print(f"{req:<34} installed: {version or '-':<16} {note}")
         if verdict in ("missing", "old"):
             out.append(req)
     return out
 
 
-def install_missing(code: str | Path, wheels: str | Path = "") -> None:
-    """Every requirement of the code dataset met, installing from `wheels` (a folder of
-    .whl files, `pip install --no-index`: offline) only what is missing or too old."""
-    missing = unsatisfied(requirements(code), verbose=True)
+# --------------------------------------------------------------------------- wheels
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def wheels_in(folder: str | Path) -> dict[str, list[tuple[str, Path]]]:
+    """The .whl files of `folder` (and below: a dataset may nest them), by distribution name:
+    [(version, path)] from each file name (`name-version-...-platform.whl`)."""
+    found: dict[str, list[tuple[str, Path]]] = {}
+    for path in sorted(Path(folder).rglob("*.whl")) if folder else []:
+        name, version = path.name.split("-")[:2]
+        found.setdefault(_canonical(name), []).append((version, path))
+    return found
+
+
+def provider(wheels: dict[str, list[tuple[str, Path]]], requirement: str) -> Path | None:
+    """A wheel of `wheels` that meets `requirement`, or None."""
+    name, specs, _ = _split(requirement)
+    return next((path for version, path in wheels.get(_canonical(name), [])
+                 if all(_meets(version, spec) for spec in specs)), None)
+
+
+def wheel_requirements(path: str | Path) -> list[str]:
+    """A wheel's own requirements (Requires-Dist of its METADATA), but those of its extras."""
+    with zipfile.ZipFile(path) as whl:
+        meta = next(n for n in whl.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", n))
+        headers = HeaderParser().parsestr(whl.read(meta).decode("utf-8", "replace"))
+    return [req for req in headers.get_all("Requires-Dist") or []
+            if not re.search(r"\bextra\b", req.partition(";")[2])]
+
+
+def to_fetch(needed: list[str], wheels: dict[str, list[tuple[str, Path]]]
+             ) -> list[tuple[str, str]]:
+    """What `wheels` must still hold for `needed` (requirements this Python does not meet) to
+    install with no index, each with why: every one no wheel meets, and every requirement of
+    the wheels to be installed that neither this Python nor another wheel meets."""
+    fetch: list[tuple[str, str]] = []
+    queue: list[tuple[str, str]] = [(req, "") for req in needed]
+    seen: set[str] = set()
+    while queue:
+        req, needed_by = queue.pop(0)
+        name = _canonical(_split(req)[0])
+        if name in seen:
+            continue
+        seen.add(name)
+        wheel = provider(wheels, req)
+        if wheel is not None:
+            queue += [(dep, wheel.name) for dep in wheel_requirements(wheel)
+                      if check(dep)[1] in ("missing", "old")]
+            continue
+        version, _ = check(req)
+        why = f"{version} installed, too old" if version else "not installed"
+        fetch.append((req, why + (f"; needed by {needed_by}" if needed_by else "")))
+    return fetch
+
+
+def platform_tags() -> list[str]:
+    """The wheel platforms this machine runs, for `pip download --platform`: its own glibc's
+    manylinux tag and the two most wheels carry (manylinux_2_28, manylinux2014 = 2.17)."""
+    libc, version = platform.libc_ver()
+    arch = platform.machine()
+    found = re.match(r"(\d+)\.(\d+)", version) if libc == "glibc" else None
+    if not found:
+        return [f"manylinux2014_{arch}"]
+    glibc = (int(found.group(1)), int(found.group(2)))
+    return [f"manylinux_{glibc[0]}_{glibc[1]}_{arch}",
+            *(tag for floor, tag in (((2, 28), f"manylinux_2_28_{arch}"),
+                                     ((2, 17), f"manylinux2014_{arch}")) if glibc > floor)]
+
+
+def download_command(reqs: list[str]) -> str:
+    """The one command that fetches a wheel for each of `reqs`, for this Python and machine,
+    without their dependencies (what this Python has already is not fetched again)."""
+    platforms = [arg for tag in platform_tags() for arg in ("--platform", tag)]
+    return shlex.join(["pip", "download", "--no-deps", "--python-version",
+                       "{}.{}".format(*sys.version_info[:2]), "--only-binary=:all:", *platforms,
+                       "-d", "wheels", *reqs])
+
+
+def wheels_message(fetch: list[tuple[str, str]], wheels: str | Path) -> str:
+    """What to attach, wheel by wheel, and the one command that downloads them."""
+    where = (f"WHEELS ({wheels}) lacks a wheel for each of these" if wheels else
+             "attach a dataset of wheels for each of these and set WHEELS to its path")
+    return "\n".join([
+        f"{where}:", *(f"    {req}    ({why})" for req, why in fetch),
+        "On a machine with internet, this command downloads exactly these wheels into wheels/;"
+        " upload that folder as a dataset (kaggle/README.md, \"Wheels\"):",
+        f"    {download_command([req for req, _ in fetch])}"])
+
+
+def install_missing(code: str | Path, wheels: str | Path = "",
+                    extras: Sequence[str] = ()) -> None:
+    """Every requirement of the code dataset (and of `extras`) met, installing from `wheels`
+    (a folder of .whl files, `pip install --no-index`: offline) only what is missing or too
+    old; where `wheels` lacks one, a message naming each wheel to attach and the command that
+    downloads them."""
+    reqs = requirements(code, extras)
+    missing = unsatisfied(reqs, verbose=True)
     if not missing:
         print("every requirement is met: nothing to install")
         return
-    if not wheels:
-        raise RuntimeError(f"missing or too old: {', '.join(missing)}; attach a wheels dataset "
-                           "(kaggle/README.md) and set WHEELS")
+    fetch = to_fetch(missing, wheels_in(wheels))
+    if fetch:
+        raise SystemExit(wheels_message(fetch, wheels))
     run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels),
          *missing], code)
-    still = unsatisfied(requirements(code))
+    still = unsatisfied(reqs)
     if still:
-        raise RuntimeError(f"still missing after installing from {wheels}: {', '.join(still)}")
+        raise SystemExit(f"still missing after installing from {wheels}: {', '.join(still)}")
+    print(f"every requirement is met, {', '.join(missing)} installed from {wheels}")
 
 
 # --------------------------------------------------------------------------- commands
 
 def child_env(code: str | Path) -> dict[str, str]:
-    """The package from the code dataset; no bytecode caches, which would be written beside
-    the (read-only) code; output unbuffered, so the notebook shows it as it comes."""
+    """The package from the code dataset, run by the notebook's own Python (train.sh reads
+    PYTHON; `python` on PATH may be another one); no bytecode caches, which would be written
+    beside the (read-only) code; output unbuffered, so the notebook shows it as it comes."""
     path = os.pathsep.join(p for p in (str(Path(code) / "src"), os.environ.get("PYTHONPATH"))
                            if p)
-    return {**os.environ, "PYTHONPATH": path, "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, "PYTHONPATH": path, "PYTHON": sys.executable,
+            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _stop(proc: subprocess.Popen, stopped: threading.Event, grace_s: float = 60.0) -> None:

@@ -7,15 +7,14 @@ output, then tunes and exports."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
+import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,30 +23,16 @@ import pytest
 
 from jaguar_reid import layout, submission, train
 from jaguar_reid.config import load_config
-from tests.helpers import REPO, TINY_ARGS, make_data, set_writable, snapshot
-
-KAGGLE = REPO / "kaggle"
-NOTEBOOKS = ("submit.ipynb", "train.ipynb")
-SETTINGS_MARKER = "# --- settings: the only cell to edit ---"
-# What kaggle/README.md puts into the code dataset; the caches a checkout gathers stay out.
-CODE_FILES = ("src", "configs", "folds", "kaggle", "pyproject.toml", "submit.py", "train.sh")
-CODE_IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-
-
-def _nbtools():
-    spec = importlib.util.spec_from_file_location("nbtools", KAGGLE / "nbtools.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _cells(name: str) -> list[dict]:
-    return json.loads((KAGGLE / name).read_text())["cells"]
-
-
-def _source(cell: dict) -> str:
-    return "".join(cell["source"])
-
+from tests.helpers import REPO, TINY_ARGS, make_data
+from tests.notebooks import (
+    KAGGLE,
+    NOTEBOOKS,
+    SETTINGS_MARKER,
+    code_dataset,
+    nbtools,
+    run_notebook,
+    source,
+)
 
 # --------------------------------------------------------------------------- cheap checks
 
@@ -61,164 +46,163 @@ def test_notebook_is_nbformat4_and_its_code_compiles(name):
     code = [cell for cell in nb["cells"] if cell["cell_type"] == "code"]
     assert {cell["cell_type"] for cell in nb["cells"]} <= {"code", "markdown"}
     for i, cell in enumerate(code):
-        source = _source(cell)
+        text = source(cell)
         # Plain Python only: shell escapes (`!pip`) would not run under the offline test.
-        assert not re.search(r"^\s*[!%]", source, re.MULTILINE), f"{name}: code cell {i}"
-        compile(source, f"{name}[{i}]", "exec")
+        assert not re.search(r"^\s*[!%]", text, re.MULTILINE), f"{name}: code cell {i}"
+        compile(text, f"{name}[{i}]", "exec")
         assert cell["outputs"] == [] and cell["execution_count"] is None  # committed clean
     # The settings are the first code cell, found by its marker, and the only one marked.
-    assert _source(code[0]).startswith(SETTINGS_MARKER)
-    assert sum(SETTINGS_MARKER in _source(cell) for cell in code) == 1
+    assert source(code[0]).startswith(SETTINGS_MARKER)
+    assert sum(SETTINGS_MARKER in source(cell) for cell in code) == 1
 
 
 def test_requirements_read_from_pyproject_and_compared(monkeypatch):
-    nbtools = _nbtools()
-    reqs = nbtools.requirements(REPO)
+    tools = nbtools()
+    reqs = tools.requirements(REPO)
     assert any(r.startswith("timm>=") for r in reqs) and all(isinstance(r, str) for r in reqs)
-    assert nbtools.unsatisfied(reqs) == []  # this environment runs the package
-    monkeypatch.setattr(nbtools, "tomllib", None)  # Python 3.10 reads the list without it
-    assert nbtools.requirements(REPO) == reqs
-    assert nbtools.check("numpy>=1.0,<999")[1] == "ok"
-    assert nbtools.check("numpy>=999")[1] == "old"
-    assert nbtools.check("numpy>=1.0,<1.1")[1] == "new"  # used as it is, not replaced
-    assert nbtools.check("no-such-package-for-kaggle>=1") == (None, "missing")
-    assert nbtools.check('numpy>=999; python_version < "3"')[1] == "ok"  # not for this Python
-    assert nbtools.unsatisfied(["numpy>=999", "numpy<1", "no-such-package-for-kaggle"]) == [
+    assert tools.unsatisfied(reqs) == []  # this environment runs the package
+    monkeypatch.setattr(tools, "tomllib", None)  # Python 3.10 reads the list without it
+    assert tools.requirements(REPO) == reqs
+    assert tools.check("numpy>=1.0,<999")[1] == "ok"
+    assert tools.check("numpy>=999")[1] == "old"
+    assert tools.check("numpy>=1.0,<1.1")[1] == "new"  # used as it is, not replaced
+    assert tools.check("no-such-package-for-kaggle>=1") == (None, "missing")
+    assert tools.check('numpy>=999; python_version < "3"')[1] == "ok"  # not for this Python
+    assert tools.unsatisfied(["numpy>=999", "numpy<1", "no-such-package-for-kaggle"]) == [
         "numpy>=999", "no-such-package-for-kaggle"]
     # The comparison where Kaggle has no `packaging`.
-    monkeypatch.setattr(nbtools, "SpecifierSet", None)
-    assert nbtools.check("numpy>=999")[1] == "old" and nbtools.check("numpy<1")[1] == "new"
-    assert nbtools.satisfies("2.5.1+cu121", ">=2.4") and not nbtools.satisfies("2.3.9", ">=2.4")
-    assert nbtools.satisfies("1.0.10", ">=1.0.9,<2") and not nbtools.satisfies("2.0", ">=1,<2")
-    assert nbtools.satisfies("1.4.2", "~=1.4") and not nbtools.satisfies("2.0", "~=1.4")
+    monkeypatch.setattr(tools, "SpecifierSet", None)
+    assert tools.check("numpy>=999")[1] == "old" and tools.check("numpy<1")[1] == "new"
+    assert tools.satisfies("2.5.1+cu121", ">=2.4") and not tools.satisfies("2.3.9", ">=2.4")
+    assert tools.satisfies("1.0.10", ">=1.0.9,<2") and not tools.satisfies("2.0", ">=1,<2")
+    assert tools.satisfies("1.4.2", "~=1.4") and not tools.satisfies("2.0", "~=1.4")
+
+
+def _wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> Path:
+    """A wheel file holding only its METADATA: what the requirement check reads of it."""
+    stem = f"{name.replace('-', '_')}-{version}"
+    path = folder / f"{stem}-py3-none-any.whl"
+    meta = "".join([f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+                    *(f"Requires-Dist: {req}\n" for req in requires)])
+    with zipfile.ZipFile(path, "w") as whl:
+        whl.writestr(f"{stem}.dist-info/METADATA", meta)
+    return path
+
+
+def test_extras_add_their_requirements_and_an_unknown_one_is_named():
+    tools = nbtools()
+    base = tools.requirements(REPO)
+    assert not any(r.startswith("pytorch-metric-learning") for r in base)  # an extra now
+    assert tools.requirements(REPO, ["losses"]) == [*base, "pytorch-metric-learning>=2.9,<3"]
+    assert tools.requirements(REPO, ["losses", "faiss"])[-1].startswith("faiss-cpu>=")
+    with pytest.raises(SystemExit, match=r"EXTRAS: no extra 'loss' in .*pyproject.toml; its "
+                                         r"extras: losses, tensorboard, onnx"):
+        tools.requirements(REPO, ["loss"])
+    without_toml = nbtools()
+    without_toml.tomllib = None  # Python 3.10 reads the lists by pattern
+    for extras in ([], ["losses"], ["onnx", "kornia"]):
+        assert without_toml.requirements(REPO, extras) == tools.requirements(REPO, extras)
+
+
+def test_wheels_to_fetch_are_named_with_the_command_that_downloads_them(tmp_path):
+    tools = nbtools()
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    needed = ["fake-kaggle-lib>=1.0,<2", "numpy>=999"]
+    # Nothing attached: each requirement named, with why.
+    assert tools.to_fetch(needed, tools.wheels_in("")) == [
+        ("fake-kaggle-lib>=1.0,<2", "not installed"),
+        ("numpy>=999", f"{np.__version__} installed, too old")]
+    # A wheel of the wrong version does not count; the right one does, and its own
+    # requirements are checked: numpy is met here, the other library is not (nor in the
+    # folder), the extra's requirement is not wanted.
+    _wheel(wheels, "fake-kaggle-lib", "0.9")
+    whl = _wheel(wheels, "fake_kaggle.lib", "1.2", ("numpy (>=1)", "fake-kaggle-dep>=3",
+                                                    'pytest; extra == "test"'))
+    assert tools.wheel_requirements(whl) == ["numpy (>=1)", "fake-kaggle-dep>=3"]
+    assert tools.check("numpy (>=1.0)")[1] == "ok"  # the older form of Requires-Dist
+    assert tools.check("numpy (>=999)")[1] == "old"
+    assert tools.to_fetch(needed[:1], tools.wheels_in(wheels)) == [
+        ("fake-kaggle-dep>=3", f"not installed; needed by {whl.name}")]
+    nested = wheels / "sub"
+    nested.mkdir()
+    _wheel(nested, "fake-kaggle-dep", "3.0.1")
+    assert tools.to_fetch(needed[:1], tools.wheels_in(wheels)) == []
+
+    message = tools.wheels_message(tools.to_fetch(needed, {}), "")
+    lines = message.splitlines()
+    assert lines[1:3] == ["    fake-kaggle-lib>=1.0,<2    (not installed)",
+                          f"    numpy>=999    ({np.__version__} installed, too old)"]
+    command = shlex.split(lines[-1])
+    version = "{}.{}".format(*sys.version_info[:2])  # this Python's, not a written number
+    assert command[:6] == ["pip", "download", "--no-deps", "--python-version", version,
+                           "--only-binary=:all:"]
+    assert command[-4:] == ["-d", "wheels", "fake-kaggle-lib>=1.0,<2", "numpy>=999"]
+    platforms = [command[i + 1] for i, arg in enumerate(command) if arg == "--platform"]
+    assert platforms == tools.platform_tags() and platforms[-1].startswith("manylinux")
+
+
+def test_a_missing_requirement_stops_before_any_work_naming_its_wheel(tmp_path):
+    tools = nbtools()
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "pyproject.toml").write_text(
+        '[project]\nname = "x"\ndependencies = ["numpy>=1"]\n\n'
+        '[project.optional-dependencies]\nextra = ["fake-kaggle-lib>=1.0,<2"]\n')
+    tools.install_missing(code)  # met: nothing to do
+    with pytest.raises(SystemExit) as stop:
+        tools.install_missing(code, "", ["extra"])
+    assert "fake-kaggle-lib>=1.0,<2    (not installed)" in str(stop.value)
+    assert "pip download --no-deps" in str(stop.value)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with pytest.raises(SystemExit, match=rf"WHEELS \({wheels}\) lacks a wheel"):
+        tools.install_missing(code, wheels, ["extra"])
 
 
 def test_run_stops_at_the_deadline():
-    nbtools = _nbtools()
+    tools = nbtools()
     start = time.monotonic()
-    done = nbtools.run([sys.executable, "-c", "import time; time.sleep(60)"], REPO,
-                       deadline=time.time() + 0.5)
+    done = tools.run([sys.executable, "-c", "import time; time.sleep(60)"], REPO,
+                     deadline=time.time() + 0.5)
     assert done is False and time.monotonic() - start < 30
-    assert nbtools.run([sys.executable, "-c", "print('hello')"], REPO) is True
+    assert tools.run([sys.executable, "-c", "print('hello')"], REPO) is True
+    # train.sh runs the notebook's own Python, whatever `python` on PATH is.
+    assert tools.run(["bash", "-c", f'test "$PYTHON" = {shlex.quote(sys.executable)}'], REPO)
     with pytest.raises(subprocess.CalledProcessError):
-        nbtools.run([sys.executable, "-c", "raise SystemExit(3)"], REPO)
+        tools.run([sys.executable, "-c", "raise SystemExit(3)"], REPO)
 
 
 # --------------------------------------------------------------------------- running them
 
-# A sitecustomize.py on PYTHONPATH: every Python process of the run (the notebook and the
-# submit.py it starts) refuses connections and name lookups, as Kaggle's offline sessions do,
-# and logs at exit which jaguar_reid it imported.
-GUARD = '''
-import atexit
-import os
-import socket
-import sys
-
-
-def _refuse(*args, **kwargs):
-    raise OSError("network disabled by tests/test_kaggle.py")
-
-
-def _local_only(connect):
-    def guarded(self, address):
-        if self.family == getattr(socket, "AF_UNIX", None):  # pipes between local processes
-            return connect(self, address)
-        return _refuse()
-    return guarded
-
-
-socket.socket.connect = _local_only(socket.socket.connect)
-socket.socket.connect_ex = _local_only(socket.socket.connect_ex)
-socket.create_connection = _refuse
-socket.getaddrinfo = _refuse
-
-
-@atexit.register
-def _record():
-    package = sys.modules.get("jaguar_reid")
-    with open(os.environ["KAGGLE_TEST_LOG"], "a") as log:
-        log.write(f"{os.getpid()} {getattr(package, '__file__', None)}\\n")
-'''
-
-# Run before the notebook's cells: a connection to a port that is listening (the test's) must
-# be refused, so the guard, not an absent server, is what stops it; and a name lookup.
-PROOF = '''
-import os
-import socket
-
-_port = int(os.environ["KAGGLE_TEST_PORT"])
-for _attempt in (lambda: socket.socket().connect(("127.0.0.1", _port)),
-                 lambda: socket.create_connection(("127.0.0.1", _port), timeout=5),
-                 lambda: socket.getaddrinfo("pypi.org", 443)):
-    try:
-        _attempt()
-    except OSError as exc:
-        assert "network disabled" in str(exc), exc
-    else:
-        raise SystemExit("the network guard let a connection through")
-'''
-
-
-def _with_settings(source: str, values: dict[str, object]) -> str:
-    """The settings cell with each `NAME = ...` line replaced; every name must be there."""
-    lines = source.splitlines()
-    for name, value in values.items():
-        hits = [i for i, line in enumerate(lines) if re.match(rf"{name}\s*=", line)]
-        assert len(hits) == 1, f"the settings cell has no single {name} = line"
-        lines[hits[0]] = f"{name} = {value!r}"
-    return "\n".join(lines)
-
-
-def _notebook_script(name: str, settings: dict[str, object]) -> str:
-    cells = [_source(c) for c in _cells(name) if c["cell_type"] == "code"]
-    cells[0] = _with_settings(cells[0], settings)
-    return "\n\n".join([PROOF, *cells]) + "\n"
-
-
-def _code_dataset(dest: Path) -> Path:
-    """The code dataset: this checkout's files the notebooks use, no caches."""
-    for name in CODE_FILES:
-        if (REPO / name).is_dir():
-            shutil.copytree(REPO / name, dest / name, ignore=CODE_IGNORED)
-        else:
-            shutil.copy2(REPO / name, dest / name)
-    return dest
-
-
-def _run_notebook(name: str, settings: dict[str, object], inputs: Path,
-                  tmp_path: Path) -> tuple[str, list[tuple[str, str]]]:
-    """Run a notebook's code cells (`settings` in its first) as one script in a fresh Python,
-    the network refused, in the working folder `settings["WORK"]`, with every dataset under
-    `inputs` read-only; checks that nothing under `inputs` changed and that each Python
-    process took jaguar_reid from the code dataset. Returns the output and, per process of the
-    run, its pid and the jaguar_reid it imported."""
-    guard, log = tmp_path / "guard", tmp_path / f"{name}.log"
-    guard.mkdir(exist_ok=True)
-    (guard / "sitecustomize.py").write_text(GUARD)
-    script = tmp_path / f"{name}.py"
-    script.write_text(_notebook_script(name, settings))
-    Path(settings["WORK"]).mkdir(parents=True, exist_ok=True)
-    # The notebook itself must keep bytecode out of the code dataset.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    set_writable(inputs, False)
-    before = snapshot(inputs, folders=True)
-    try:
-        with socket.create_server(("127.0.0.1", 0)) as server:  # a port that would answer
-            env.update(PYTHONPATH=str(guard), KAGGLE_TEST_LOG=str(log),
-                       KAGGLE_TEST_PORT=str(server.getsockname()[1]))
-            result = subprocess.run([sys.executable, str(script)], cwd=settings["WORK"],
-                                    env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        after = snapshot(inputs, folders=True)
-        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-        assert not changed, f"written into a read-only dataset: {changed[:10]}"
-    finally:
-        set_writable(inputs, True)
-    runs = [tuple(line.split(" ", 1)) for line in log.read_text().splitlines()]
-    code = Path(settings["CODE"]) / "src"
-    assert all(Path(f).is_relative_to(code) for _, f in runs if f != "None")
-    return result.stdout, runs
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_the_settings_paths_are_checked_before_any_work(name, tmp_path):
+    """Every path not found is named in one message (CODE's too, before nbtools is imported
+    from it); nothing runs, nothing is written."""
+    inputs = tmp_path / "input"
+    code = code_dataset(inputs / "jaguar-reid-code")
+    data = make_data(inputs / "jaguar-re-id")
+    wrong = {"DATA": str(inputs / "no-such-data"), "WHEELS": str(inputs / "no-wheels")}
+    wrong |= ({"MODELS": str(inputs / "no-models")} if name == "submit.ipynb" else
+              {"WEIGHTS": str(inputs / "w" / "model.safetensors"),
+               "PREVIOUS": str(inputs / "no-such-session")})
+    working = tmp_path / "working"
+    run = run_notebook(name, {"CODE": str(code), "WORK": str(working), **wrong}, inputs,
+                       tmp_path, ok=False)
+    message = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 1 and message.startswith("not found: "), run.stderr[-2000:]
+    for setting, path in wrong.items():
+        assert f"{setting} = {path!r}" in message
+    assert "CODE" not in message and "Traceback" not in run.stderr
+    assert f"DATA = {wrong['DATA']!r} (holding {'test' if 'submit' in name else 'train'}.csv)" \
+        in message
+    assert list(working.iterdir()) == []
+    # CODE itself, and a data folder without the competition's file.
+    run = run_notebook(name, {"CODE": str(inputs / "code"), "DATA": str(data / "train"),
+                              "WORK": str(working)}, inputs, tmp_path, ok=False)
+    message = run.stderr.strip().splitlines()[-1]
+    assert f"CODE = {str(inputs / 'code')!r} (holding pyproject.toml)" in message
+    assert f"DATA = {str(data / 'train')!r}" in message
 
 
 def _export(args: list[str], exp: str, out: Path) -> None:
@@ -247,22 +231,22 @@ def test_submission_notebook_offline_from_read_only_datasets(demo_dir, tmp_path)
     # The three datasets: the code, the models, the competition data.
     inputs = tmp_path / "input"
     code, models, data = inputs / "jaguar-reid-code", inputs / "models", inputs / "jaguar-re-id"
-    _code_dataset(code)
+    code_dataset(code)
     _export(trained, exp, models)
     shutil.copytree(demo_dir, data)
     working = tmp_path / "working"
-    out, runs = _run_notebook("submit.ipynb", {
+    run = run_notebook("submit.ipynb", {
         "CODE": str(code), "MODELS": str(models), "EXP": exp, "DATA": str(data), "WHEELS": "",
         "WORK": str(working), "EXTRA": extra}, inputs, tmp_path)
-    assert len({pid for pid, _ in runs}) >= 2  # the notebook's and submit.py's, both guarded
-    assert any(f != "None" for _, f in runs)
+    assert len({pid for pid, _ in run.processes}) >= 2  # the notebook's and submit.py's
+    assert any(f != "None" for _, f in run.processes)
 
     written = working / "submission.csv"
     sub, sample = pd.read_csv(written), pd.read_csv(data / "sample_submission.csv")
     assert sub["row_id"].tolist() == sample["row_id"].tolist()
     assert np.isfinite(sub["similarity"].to_numpy()).all()
     assert written.read_bytes() == direct.read_bytes()
-    assert "rows, as in sample_submission.csv" in out
+    assert "rows, as in sample_submission.csv" in run.stdout
 
 
 class Interrupted(Exception):
@@ -276,7 +260,7 @@ def test_training_notebook_resumes_an_earlier_session_and_exports(tmp_path):
     from safetensors.torch import save_file
 
     inputs = tmp_path / "input"
-    code = _code_dataset(inputs / "jaguar-reid-code")
+    code = code_dataset(inputs / "jaguar-reid-code")
     data = make_data(inputs / "jaguar-re-id")  # 12 tiny images: this test is about sessions
     weights = inputs / "weights" / "resnet18.safetensors"  # the starting weights, a dataset
     weights.parent.mkdir()
@@ -304,10 +288,10 @@ def test_training_notebook_resumes_an_earlier_session_and_exports(tmp_path):
     assert (layout.fold_dir(earlier / exp, 1) / layout.CHECKPOINT).is_file()
 
     working = tmp_path / "working"
-    out, _ = _run_notebook("train.ipynb", {
+    out = run_notebook("train.ipynb", {
         "CODE": str(code), "DATA": str(data), "WEIGHTS": str(weights), "PREVIOUS": str(earlier),
         "WHEELS": "", "WORK": str(working), "EXP": exp, "CONFIG": config, "FOLDS": "0..1",
-        "HOURS": 1.0, "EXTRA": extra}, inputs, tmp_path)
+        "HOURS": 1.0, "EXTRA": extra}, inputs, tmp_path).stdout
     assert "fold 0: already finished" in out and "fold 1: resuming after epoch 1" in out
     assert (working / "output" / "folds.csv").is_file()  # the split travels with the output
     output = working / "output" / exp
@@ -315,4 +299,40 @@ def test_training_notebook_resumes_an_earlier_session_and_exports(tmp_path):
     assert (output / layout.POST_CHOICE).is_file()
     exported = working / "export" / exp
     assert layout.finished_folds(exported) == [0, 1] and (exported / layout.MANIFEST).is_file()
+    assert f"models for submit.ipynb: {exported}" in out
+
+
+@pytest.mark.slow
+def test_training_notebook_smoke_trains_fold_0_for_one_epoch_then_tunes_and_exports(tmp_path):
+    """SMOKE = True: whatever FOLDS and EXTRA's train.epochs say, fold 0 for one epoch, under
+    EXP_smoke (the real experiment's folder untouched), then tuning and the export."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    inputs = tmp_path / "input"
+    code = code_dataset(inputs / "jaguar-reid-code")
+    data = make_data(inputs / "jaguar-re-id")
+    weights = inputs / "weights" / "resnet18.safetensors"
+    weights.parent.mkdir()
+    torch.manual_seed(0)
+    backbone = timm.create_model("resnet18", num_classes=0, global_pool="")
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(weights))
+    extra = [a for a in TINY_ARGS if not a.startswith("config=")] + [
+        "folds.n_folds=2", "train.epochs=3", "train.batch_size=4", "tune.per_identity=0",
+        "tune.views=[flip]", "tune.qe_k=[1]", "tune.k1=[5]", "tune.k2=[1]", "tune.lambda=[0.3]",
+        "tune.blend=[0.5]", "tune.proto_weight=[0.25]", "tune.proto_scale=[10.0]"]
+    working = tmp_path / "working"
+    out = run_notebook("train.ipynb", {
+        "CODE": str(code), "DATA": str(data), "WEIGHTS": str(weights), "PREVIOUS": "",
+        "WHEELS": "", "WORK": str(working), "EXP": "kaggle", "CONFIG": "configs/demo.yaml",
+        "FOLDS": "0..1", "HOURS": 1.0, "SMOKE": True, "EXTRA": extra}, inputs, tmp_path).stdout
+    assert "SMOKE: fold 0 for one epoch, as kaggle_smoke" in out
+    output = working / "output" / "kaggle_smoke"
+    assert layout.finished_folds(output) == [0] and not (working / "output" / "kaggle").exists()
+    log = pd.read_csv(layout.fold_dir(output, 0) / layout.TRAIN_LOG)
+    assert log["epoch"].max() == 1  # one epoch trained (row 0: before training)
+    assert (output / layout.POST_CHOICE).is_file()
+    exported = working / "export" / "kaggle_smoke"
+    assert layout.finished_folds(exported) == [0] and (exported / layout.MANIFEST).is_file()
     assert f"models for submit.ipynb: {exported}" in out
