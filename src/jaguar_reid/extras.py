@@ -25,6 +25,7 @@ class Extra:
 EXTRAS: dict[str, Extra] = {
     "pytorch_metric_learning": Extra("losses", ("pytorch-metric-learning",)),
     "tensorboard": Extra("tensorboard", ("tensorboard",)),
+    "torch.utils.tensorboard": Extra("tensorboard", ("tensorboard",)),
     "onnx": Extra("onnx", ("onnx", "onnxruntime")),
     "onnxruntime": Extra("onnx", ("onnx", "onnxruntime")),
     "faiss": Extra("faiss", ("faiss-cpu",)),
@@ -38,7 +39,10 @@ class MissingExtra(UserInputError):
 
 def missing_message(module: str, feature: str) -> str:
     """The one line: which feature, which library, how to get it online and offline."""
-    extra = EXTRAS[module.split(".")[0]]
+    parts = module.split(".")
+    # The longest declared prefix: torch.utils.tensorboard is tensorboard's, not torch's.
+    extra = next(EXTRAS[name] for n in range(len(parts), 0, -1)
+                 if (name := ".".join(parts[:n])) in EXTRAS)
     wheels = ", ".join(extra.distributions)
     return (f"{feature} needs {wheels}, which is not installed: pip install "
             f"'jaguar-reid[{extra.name}]' (offline, e.g. a Kaggle notebook: attach the wheel of "

@@ -46,7 +46,7 @@ from jaguar_reid.retrieval.oof import (
     validation_scores,
 )
 from jaguar_reid.retrieval.teacher import teacher_embeddings
-from jaguar_reid.training import distributed
+from jaguar_reid.training import curves, distributed
 from jaguar_reid.training.loop import Extra, FoldHooks, train_fold
 from jaguar_reid.training.model import check_start_weights
 
@@ -120,7 +120,7 @@ def run(cfg: Config, after_epoch: Callable[[int | str, int], None] | None = None
     cfg = recipe(cfg)
     start = time.perf_counter()
     folds_to_run = parse_fold_spec(cfg.fold, cfg.folds.n_folds)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.gpus)
     if distributed.launched_by_torchrun():
         device = distributed.init(device)
     try:
@@ -170,7 +170,13 @@ def recipe(cfg: Config) -> Config:
 
 
 def main(argv: list[str]) -> None:
-    cfg = recipe(load_config(argv))
+    cfg = load_config(argv)
+    # What can refuse the run does so before the image cache is built: a GPU this torch build
+    # has no kernels for (every one of the run's), a missing tensorboard extra.
+    resolve_device(cfg.device, cfg.gpus)
+    if cfg.report.tensorboard:
+        curves.summary_writer_class()
+    cfg = recipe(cfg)
     if cfg.gpus <= 1 or distributed.launched_by_torchrun():
         run(cfg)
         return

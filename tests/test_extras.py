@@ -1,0 +1,34 @@
+"""Optional libraries: a missing one is named with the extra that installs it."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from jaguar_reid import extras
+from jaguar_reid.io_utils import UserInputError, user_message
+
+
+@pytest.mark.parametrize(("module", "extra", "wheel"), [
+    ("pytorch_metric_learning", "losses", "pytorch-metric-learning"),
+    ("pytorch_metric_learning.losses", "losses", "pytorch-metric-learning"),
+    ("torch.utils.tensorboard", "tensorboard", "tensorboard"),
+    ("faiss", "faiss", "faiss-cpu"),
+    ("kornia.feature", "kornia", "kornia"),
+])
+def test_the_message_names_the_extra_and_the_wheel(module, extra, wheel):
+    text = extras.missing_message(module, "the feature=on")
+    assert text.startswith("the feature=on needs ")
+    assert f"pip install 'jaguar-reid[{extra}]'" in text and f"the wheel of {wheel}" in text
+
+
+def test_require_turns_an_import_error_into_one_user_line(monkeypatch):
+    assert extras.available("json")
+    monkeypatch.setitem(sys.modules, "json", None)  # None in sys.modules: the import fails
+    assert not extras.available("json")
+    monkeypatch.setitem(extras.EXTRAS, "json", extras.Extra("faiss", ("faiss-cpu",)))
+    with pytest.raises(UserInputError) as caught:
+        extras.require("json", "post.knn_backend=faiss")
+    line = user_message(caught.value)
+    assert "\n" not in line and line.startswith("post.knn_backend=faiss needs faiss-cpu")
