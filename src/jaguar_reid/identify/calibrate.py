@@ -94,6 +94,30 @@ def fold_queries(cfg: Config, exp: str, fold: int, views: Sequence[str],
     return scores, np.where(inside, where, -1)
 
 
+def _check_split(exp: str, fold: int, known_share: float, strategy: str) -> None:
+    """The split read for a fold is the strategy its recipe says (an experiment folder
+    without its folds.csv is read with today's folds.file, which may be another's)."""
+    if (known_share < 0.5) if strategy == "closed" else (known_share > 0.5):
+        raise CalibrateError(
+            f"experiment {exp!r} fold {fold}: {100 * known_share:.0f}% of its validation "
+            f"photos' individuals have training photos, which is not a {strategy} split; its "
+            "folder has no folds.csv of its own: point folds.file at the split it was trained "
+            "on")
+
+
+def recipe_differences(cfg: Config, exps: Sequence[str]) -> list[str]:
+    """The recipe keys (beside the split) on which the calibration's experiments differ:
+    their queries stand in for each other's models only if they were trained alike."""
+    from jaguar_reid.keys import SPECS
+    from jaguar_reid.retrieval.embedding import fold_config, require_finished_folds
+    from jaguar_reid.schema import RECIPE
+
+    saved = [fold_config(cfg, e, require_finished_folds(cfg, e)[0])[0] for e in exps]
+    return [f"{name} ({', '.join(repr(s.get_path(name)) for s in saved)})"
+            for name, spec in SPECS.items() if spec.role == RECIPE and
+            not name.startswith("folds.") and len({repr(s.get_path(name)) for s in saved}) > 1]
+
+
 def gather(cfg: Config, closed: str, grouped: str | None, views: Sequence[str],
            device: str) -> tuple[KnownQueries, np.ndarray | None, dict]:
     """The known queries, the new queries' decision features, and where they came from."""
@@ -103,6 +127,7 @@ def gather(cfg: Config, closed: str, grouped: str | None, views: Sequence[str],
     closed_folds = require_finished_folds(cfg, closed)
     for fold in closed_folds:
         s, t = fold_queries(cfg, closed, fold, views, device)
+        _check_split(closed, fold, float(np.mean(t >= 0)), "closed")
         scores.append(s[t >= 0])
         truth.append(t[t >= 0])
         left_out += int((t < 0).sum())
@@ -115,6 +140,7 @@ def gather(cfg: Config, closed: str, grouped: str | None, views: Sequence[str],
     new = []
     for fold in grouped_folds:
         s, t = fold_queries(cfg, grouped, fold, views, device)
+        _check_split(grouped, fold, float(np.mean(t >= 0)), "grouped")
         new.append(decision_features(s[t < 0]))
     new_features = np.concatenate(new)
     return known, new_features, sources | {"grouped_exp": grouped,
@@ -208,6 +234,11 @@ def run(cfg: Config) -> Calibration:
     for exp in dict.fromkeys([cfg.exp, closed, grouped or cfg.exp]):
         verify_manifest(layout.model_dir(cfg, exp), required=bool(cfg.models)
                         and cfg.models_verify)
+    exps = list(dict.fromkeys(e for e in (cfg.exp, closed, grouped) if e))
+    differ = recipe_differences(cfg, exps)
+    if differ:
+        print(f"note: experiments {', '.join(exps)} were trained with other recipes: "
+              f"{'; '.join(differ)}; each one's rates stand for the others' only that far")
     known, new_features, sources = gather(cfg, closed, grouped, views, device)
     cal = fit(cfg, known, new_features, views, sources)
     folds = require_finished_folds(cfg, cfg.exp)

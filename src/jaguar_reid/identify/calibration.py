@@ -39,6 +39,7 @@ from scipy.optimize import minimize_scalar
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.class_weight import compute_sample_weight
 
+from jaguar_reid.identify.candidates import decision_features
 from jaguar_reid.keys import choices
 from jaguar_reid.retrieval.votes import Curve, choose_threshold
 
@@ -67,8 +68,6 @@ class KnownQueries:
     truth: Sequence[np.ndarray]   # per fold (Q_f,)
 
     def features(self) -> np.ndarray:
-        from jaguar_reid.identify.candidates import decision_features
-
         return np.concatenate([decision_features(s) for s in self.scores])
 
     def right(self) -> np.ndarray:
