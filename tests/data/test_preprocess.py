@@ -11,11 +11,14 @@ from jaguar_reid.config import ConfigError, load_config
 from jaguar_reid.data.augment import build_transform
 from jaguar_reid.data.images import load_cached, load_image
 from jaguar_reid.data.preprocess import (
+    auto_square,
     backbone_input,
+    centre_square,
     mean_colour,
     normalisation,
     resolve_input,
     square_window,
+    squashed,
 )
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -145,3 +148,45 @@ def test_mask_mode_loaders_centre_the_animal(tmp_path):
     Image.fromarray(rgba[0:17, 55:75]).save(crop)  # what the cache keeps: box + margin
     out = np.asarray(load_cached(crop, alpha="crop_fill", fill=(9, 9, 9), square=pad))
     assert out.shape == (20, 20, 3) and (out[4:14, 5:15] == (255, 0, 0)).all()  # the same
+
+
+def test_auto_squares_by_hand():
+    image = np.arange(4 * 10 * 3, dtype=np.uint8).reshape(4, 10, 3)
+    # No mask: the centre square, the short side whole (columns 3..6 of 10).
+    assert np.array_equal(centre_square(image), image[:, 3:7])
+    assert np.array_equal(auto_square(image, has_mask=False), image[:, 3:7])
+    tall = image.transpose(1, 0, 2)  # 10 x 4: rows 3..6
+    assert np.array_equal(centre_square(tall), tall[3:7])
+    # A mask: the whole image stretched to its long side; each row is a copy of the source
+    # row nearest its place (the stretch only repeats rows along the short side).
+    flat = np.zeros((2, 6, 3), np.uint8)
+    flat[0], flat[1] = 40, 200
+    out = auto_square(flat, has_mask=True)
+    assert out.shape == (6, 6, 3)
+    assert (out[0] <= 60).all() and (out[-1] >= 180).all()
+    assert np.array_equal(squashed(image[:, :4]), image[:, :4])  # a square stays as it is
+
+
+def test_auto_loaders_squash_masked_images_and_crop_full_frames(tmp_path):
+    """`data.resize=auto`: a photo without a mask gives its centre square, one with a mask
+    the whole (cut) image squashed; the source and the cache agree."""
+    frame = np.zeros((20, 60, 3), np.uint8)
+    frame[:, :20], frame[:, 20:40], frame[:, 40:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    plain = tmp_path / "frame.png"  # RGB, no alpha
+    Image.fromarray(frame).save(plain)
+    out = np.asarray(load_image(plain, auto=True))
+    assert out.shape == (20, 20, 3) and (out == (0, 255, 0)).all()  # the middle third only
+    rgba = np.zeros((20, 60, 4), np.uint8)
+    rgba[..., :3] = frame
+    rgba[2:18, 5:55, 3] = 255  # a mask over most of it, its corners cut (no animal is a box)
+    rgba[2, 5, 3] = rgba[17, 54, 3] = 0
+    masked = tmp_path / "masked.png"
+    Image.fromarray(rgba).save(masked)
+    out = np.asarray(load_image(masked, alpha="crop", margin=0.0, auto=True))
+    assert out.shape == (50, 50, 3)  # the 16 x 50 box, squashed: all three colours kept
+    assert (out[:, 5] == (255, 0, 0)).all() and (out[:, 45] == (0, 0, 255)).all()
+    cached = tmp_path / "cached.png"
+    Image.fromarray(rgba[2:18, 5:55]).save(cached)  # what the cache keeps for alpha=crop
+    assert np.array_equal(np.asarray(load_cached(cached, alpha="crop", auto=True)), out)
+    full = _cfg("data.resize=auto")
+    assert full.data.resize == "auto" and load_config([]).data.resize == "auto"

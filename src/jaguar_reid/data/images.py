@@ -255,7 +255,8 @@ def cut_box(rgba: np.ndarray, alpha: str, margin: float) -> np.ndarray:
 
 def has_mask(rgba: np.ndarray) -> bool:
     """Does the image carry a usable alpha mask (some pixel outside it)? Decoding makes an
-    image without one, or with an empty one, opaque everywhere."""
+    image without one, or with an empty one, opaque everywhere. (A mask that fills its own box
+    exactly, cut to that box, counts as none: the image is then all animal.)"""
     return bool((rgba[..., 3] <= MASK_LEVEL).any())
 
 
@@ -274,7 +275,10 @@ def load_image(path: str | Path, alpha: str = "rgb", margin: float = 0.05,
     `max_pixels`: see `read_rgba`."""
     rgba = read_rgba(path, max_pixels)
     if square is None:
-        return _shaped(apply_alpha(rgba, alpha, margin, tuple(fill)), has_mask(rgba), auto)
+        # Decided on the image as the cache would keep it (cut to the box for the crop
+        # modes), so both loaders agree.
+        masked = has_mask(cut_box(rgba, alpha, margin)) if auto else False
+        return _shaped(apply_alpha(rgba, alpha, margin, tuple(fill)), masked, auto)
     window = _squared(cut_box(rgba, alpha, margin), square, margin if alpha == "rgb" else None)
     return Image.fromarray(fill_background(window, alpha, tuple(fill)))
 

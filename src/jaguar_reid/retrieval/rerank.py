@@ -43,6 +43,8 @@ re-ranked distances back to [0, 1] scores.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -349,12 +351,17 @@ def rerank(emb, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, *,
     then subtracted from both triangles.
 
     Raises ValueError when `estimate_rerank_memory` exceeds `max_dense_bytes`: use
-    `rerank_sparse` + `rerank_pairs` there, or raise `max_dense_bytes`."""
+    `rerank_sparse` + `rerank_pairs` there, or raise `max_dense_bytes`.
+
+    The result is linear in lambda: ``(1 - lambda) d_J + lambda d``. For small N (a tuning
+    fold) both terms are kept (`_PARTS`, a few recent embeddings), so a grid over lambda, and
+    a blend step after it, re-rank each (embeddings, k1, k2, norm) once."""
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     rowmax = _check_norm(norm)
     x, k1, k2, lam, block, n = _prepare(emb, k1, k2, lambda_value, chunk_size, device)
-    need = estimate_rerank_memory(n, k1, True, k2=k2, itemsize=4 if dtype == "float32" else 8)
+    itemsize = 4 if dtype == "float32" else 8
+    need = estimate_rerank_memory(n, k1, True, k2=k2, itemsize=itemsize)
     if need > max_dense_bytes:
         raise ValueError(
             f"rerank: a dense {n} x {n} re-ranked distance matrix needs about "
@@ -362,6 +369,40 @@ def rerank(emb, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, *,
             "use rerank_sparse() and rerank_pairs() for the pairs you need, or raise "
             "max_dense_bytes")
     work = x if dtype == "float32" else x.double()
+    if 2 * n * n * itemsize > _PARTS_BYTES:
+        return _rerank_at(x, work, k1, k2, lam, rowmax, block).cpu().numpy()
+    key = (hashlib.sha1(x.cpu().numpy().tobytes()).hexdigest(), x.shape, k1, k2, rowmax,
+           dtype, str(x.device), block)
+    parts = _PARTS.pop(key, None)
+    if parts is None:
+        parts = (_rerank_at(x, work, k1, k2, 0.0, rowmax, block), _original_distance(work, rowmax))
+    _PARTS[key] = parts  # most recent last
+    while len(_PARTS) > _PARTS_KEPT:
+        _PARTS.popitem(last=False)
+    jaccard, original = parts
+    return (jaccard * (1.0 - lam) + original * lam).cpu().numpy()
+
+
+# The two terms of recent small re-rankings, by their embeddings' bytes and settings.
+_PARTS: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_PARTS_KEPT = 16
+_PARTS_BYTES = 64 << 20  # larger re-rankings are computed at their lambda and not kept
+
+
+def _original_distance(work: torch.Tensor, rowmax: bool) -> torch.Tensor:
+    """d = 2 - 2 cos clipped to [0, 4] with d(i, i) = 0, or for "rowmax" D = d / its row's
+    largest value (`_row_scale`), in work's precision."""
+    d = torch.clamp(work @ work.T, -1.0, 1.0).mul_(-2.0).add_(2.0)
+    d.fill_diagonal_(0.0)
+    if rowmax:
+        d = d / _row_scale(d.max(dim=1).values, work).to(d.dtype)[:, None]
+    return d
+
+
+def _rerank_at(x: torch.Tensor, work: torch.Tensor, k1: int, k2: int, lam: float,
+               rowmax: bool, block: int) -> torch.Tensor:
+    """The dense re-ranked distance at one lambda (see `rerank`), on x's device."""
+    n = x.shape[0]
     out = torch.empty((n, n), dtype=work.dtype, device=x.device)
     write, row_max = _dense_writer(out, lam, rowmax)
     nbr, dist = _neighbours(work, max(k1 + 1, k2), block, on_block=write,
@@ -382,7 +423,7 @@ def rerank(emb, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, *,
         else:
             out[r0:r1, r0:].addcdiv_(s, denom, value=-(1.0 - lam))  # fused, one pass
             _mirror_rows(out, r0, r1)
-    return out.cpu().numpy()
+    return out
 
 
 def _dense_writer(out: torch.Tensor, lam: float, rowmax: bool
