@@ -235,7 +235,10 @@ class RunResult:
 
 
 def _arguments(plan: Plan, run: Run) -> list[str]:
-    return [*RUN_DEFAULTS, *plan.fixed, *run.overrides, f"exp={run.exp}"]
+    """A run's command line: the sweep's own keys stay out (another baseline or table
+    setting is no reason to run anything again)."""
+    fixed = [a for a in plan.fixed if not a.startswith("sweep.")]
+    return [*RUN_DEFAULTS, *fixed, *run.overrides, f"exp={run.exp}"]
 
 
 def _record_path(plan: Plan, run: Run) -> Path:
@@ -248,7 +251,8 @@ def finished_result(plan: Plan, run: Run) -> RunResult | None:
     if not path.is_file():
         return None
     data = read_json(path)
-    if data.get("arguments") != _arguments(plan, run) or data.get("steps") != _steps(plan):
+    made_with = [a for a in data.get("arguments", []) if not a.startswith("sweep.")]
+    if made_with != _arguments(plan, run) or data.get("steps") != _steps(plan):
         return None
     return RunResult.from_dict(data["result"])
 

@@ -1,0 +1,178 @@
+"""Sweeps: the grid a command line makes, the runs' names, the paired verdicts against an
+independent computation, resuming (a finished run is not started again), and the table and
+plot written together. The steps themselves are stood in for: training has its own tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaguar_reid import layout, sweep
+from jaguar_reid.config import ConfigError, load_config
+from jaguar_reid.retrieval.search import clears_noise
+from tests.helpers import TINY_ARGS
+
+
+def _base(tmp_path: Path, data: Path, *extra: str) -> list[str]:
+    return [*TINY_ARGS, f"data.dir={data}", f"output_dir={tmp_path / 'out'}", "fold=0..1",
+            "sweep.name=s", *extra]
+
+
+def test_comma_lists_sweep_numbers_and_choices_bars_sweep_anything():
+    fixed, axes = sweep.split_arguments([
+        "config=configs/demo.yaml", "train.lr=1e-5,2e-5", "data.resize=squash|crop",
+        "seeds=42,43", "data.mean=[0.5,0.5,0.5]|auto", "fold=0,1", "exps=a,b",
+        "train.freeze_bn=true,false"])
+    assert fixed == ["config=configs/demo.yaml", "fold=0,1", "exps=a,b"]
+    assert {a.key: a.values for a in axes} == {
+        "train.lr": ("1e-5", "2e-5"), "data.resize": ("squash", "crop"),
+        "seed": ("42", "43"), "data.mean": ("[0.5,0.5,0.5]", "auto"),
+        "train.freeze_bn": ("true", "false")}
+    # A list-valued key given with commas is one value, as train.sh reads it.
+    fixed, axes = sweep.split_arguments(["tune.views=flip,zoom1.15"])
+    assert fixed == ["tune.views=flip,zoom1.15"] and axes == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["exp=x"], "sweep.name"),
+    (["train.lrr=1,2"], "did you mean train.lr"),
+    (["train.lr=1e-5,"], "empty value"),
+    (["train.lr=1e-5,2e-5", "train.lr=3e-5|4e-5"], "swept twice"),
+    (["oops"], "expected key=value"),
+])
+def test_bad_sweep_arguments_are_one_line_errors(args, message):
+    with pytest.raises(ConfigError, match=message):
+        sweep.split_arguments(args)
+
+
+def test_run_names_are_stable_readable_and_distinct():
+    axes = [sweep.Axis("train.lr", ("1e-5", "2e-5")), sweep.Axis("post.k1", ("5",)),
+            sweep.Axis("tune.k1", ("7",))]
+    runs = sweep.make_runs("s", axes, ("42", "43"))
+    assert [r.exp for r in runs[:2]] == ["s-zero-seed=42", "s-zero-seed=43"]
+    assert runs[0].overrides == ("train.epochs=0", "seed=42")
+    assert runs[2].exp == "s-lr=1e-5-post.k1=5-tune.k1=7-seed=42"  # k1 twice: whole keys
+    assert runs[2].arm == "s-lr=1e-5-post.k1=5-tune.k1=7"
+    assert runs[2].overrides == ("train.lr=1e-5", "post.k1=5", "tune.k1=7", "seed=42")
+    assert len({r.exp for r in runs}) == len(runs) == 6
+    assert sweep.make_runs("s", axes, ("42", "43")) == runs  # the same command, the same names
+    long = sweep.run_name("s", ["x" * 300])
+    assert len(long) <= 120 and long != sweep.run_name("s", ["x" * 301])
+    assert sweep.run_name("s", ["model.weights=a/b c.pth"]) == "s-model.weights=a_b_c.pth"
+
+
+def _arm(name: str, values: dict) -> sweep.Arm:
+    return sweep.Arm(name, values, {}, [], [], 0.0, 1)
+
+
+def test_verdicts_pair_folds_and_seeds_under_the_tuners_rule():
+    keys = [(0, "42"), (1, "42"), (0, "43"), (1, "43")]
+    base = _arm("b", dict(zip(keys, [0.80, 0.70, 0.81, 0.69], strict=True)))
+    up = _arm("u", dict(zip(keys, [0.83, 0.72, 0.84, 0.73], strict=True)))
+    mixed = _arm("m", dict(zip(keys, [0.83, 0.66, 0.80, 0.72], strict=True)))
+    diff = np.array([0.03, 0.02, 0.03, 0.04])
+    v = sweep.verdict(up, base, 0.001, 1.0)
+    assert v.diff == pytest.approx(diff.mean())
+    assert v.se == pytest.approx(diff.std(ddof=1) / 2) and v.pairs == 4 and v.word == "better"
+    assert sweep.verdict(base, up, 0.001, 1.0).word == "worse"
+    assert sweep.verdict(mixed, base, 0.001, 1.0).word == "within noise"  # +0.03 .. -0.04
+    # The same rule the tuner keeps a step by.
+    assert clears_noise(diff, 0.001, 1.0) and not clears_noise(diff, 0.05, 1.0)
+    assert not clears_noise(np.array([0.03, -0.02]), 0.001, 1.0)
+    assert clears_noise(np.array([-0.5, 0.4]), -1, 1.0)  # min_gain -1 keeps every step
+    # Arms share only some pairs: only those count.
+    part = _arm("p", {(0, "42"): 0.9})
+    assert sweep.verdict(part, base, 0.001, 1.0).pairs == 1
+
+
+def _fake_steps(monkeypatch, calls: list, folds=(0, 1)) -> None:
+    """Training and submission stood in for: they write what the real steps write."""
+
+    def fake(step: str, args: list[str], log: Path) -> None:
+        calls.append((step, args))
+        cfg = load_config(args)
+        seed = cfg.seed
+        lr = cfg.train.lr if cfg.train.epochs else 0.0
+        out = layout.work_dir(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        if step == "train":
+            rows = [{"fold": f, "map": 0.5 + 10 * lr + 0.01 * f + 0.001 * (seed - 42),
+                     "pair_auc": 0.9, "floor": {"map": 0.45 + 0.01 * f}} for f in folds]
+            (out / layout.OOF_SCORES).write_text(json.dumps({"folds": rows}))
+        elif step == "submit":
+            scores = layout.submission_extra(layout.submission_path(cfg, cfg.exp),
+                                             layout.SCORES_EXTRA)
+            scores.write_text(json.dumps({"test": {"map": 0.3 + 10 * lr},
+                                          "floor": {"map": 0.2}}))
+    monkeypatch.setattr(sweep, "run_step", fake)
+
+
+def test_a_sweep_runs_resumes_and_writes_its_table_and_plot(demo_dir, tmp_path, monkeypatch,
+                                                            capsys):
+    calls: list = []
+    _fake_steps(monkeypatch, calls)
+    args = _base(tmp_path, demo_dir, "train.lr=1e-3,3e-3", "seeds=42,43")
+    sweep.main(args)
+    trained = [c for c in calls if c[0] == "train"]
+    assert len(trained) == 6  # 2 zero-training runs + 2 learning rates x 2 seeds
+    assert [c[0] for c in calls].count("submit") == 6  # the demo has test labels
+    assert any("train.epochs=0" in c[1] for c in trained)
+    assert all("report.enabled=false" in c[1] for c in trained)
+
+    folder = tmp_path / "out" / "sweeps" / "s"
+    doc = json.loads((folder / "sweep.json").read_text())
+    rows = doc["rows"]
+    assert [r["run"] for r in rows] == ["lr=3e-3", "lr=1e-3", "zero", "floor"]
+    best = rows[0]
+    # Per fold: mean over seeds (0.5 + 0.03 + 0.01 f + 0.0005); against zero (0.5 + 0.01 f
+    # + ...): +0.03 in every pair, so better.
+    assert best["per_fold"] == {"0": pytest.approx(0.5305), "1": pytest.approx(0.5405)}
+    assert best["diff"] == pytest.approx(0.03) and best["verdict"] == "better"
+    assert best["test_map"] == pytest.approx(0.33)
+    assert rows[2]["verdict"] == "baseline"
+    assert rows[3]["oof_map"] == pytest.approx(0.455) and rows[3]["verdict"] == "worse"
+    table = (folder / "sweep.md").read_text()
+    assert "| 1 | lr=3e-3 | 0.5355 |" in table and "vs zero" in table
+    with Image.open(folder / "sweep.png") as png:
+        assert png.size[0] > 300
+
+    # Again: every run finished earlier is skipped, nothing is started.
+    calls.clear()
+    capsys.readouterr()
+    sweep.main(args)
+    assert calls == []
+    assert capsys.readouterr().out.count("finished earlier") == 6
+
+    # A run whose record is gone (killed before it was written) runs again, alone; another
+    # baseline changes the verdicts only.
+    (folder / "runs" / "s-lr=1e-3-seed=43.json").unlink()
+    sweep.main([*args, "sweep.baseline=lr=1e-3"])
+    assert [c[0] for c in calls] == ["train", "submit"]
+    assert "seed=43" in calls[0][1] and "train.lr=1e-3" in calls[0][1]
+    rows = json.loads((folder / "sweep.json").read_text())["rows"]
+    assert {r["run"]: r["verdict"] for r in rows}["lr=1e-3"] == "baseline"
+
+
+def test_baseline_must_be_a_row_and_fold_full_is_refused(demo_dir, tmp_path, monkeypatch):
+    _fake_steps(monkeypatch, [])
+    with pytest.raises(ConfigError, match="sweep.baseline='nope' is not a row"):
+        sweep.main(_base(tmp_path, demo_dir, "train.lr=1e-3,3e-3", "sweep.baseline=nope"))
+    with pytest.raises(ConfigError, match="fold=full"):
+        sweep.plan_sweep([*_base(tmp_path, demo_dir), "fold=full"])
+    # Every run's config is checked before anything trains.
+    with pytest.raises(ConfigError, match="train.lr"):
+        sweep.plan_sweep(_base(tmp_path, demo_dir, "train.lr=1e-3,-1"))
+
+
+def test_dry_run_lists_the_runs_and_starts_nothing(demo_dir, tmp_path, monkeypatch, capsys):
+    calls: list = []
+    _fake_steps(monkeypatch, calls)
+    sweep.main(_base(tmp_path, demo_dir, "data.resize=squash,crop", "sweep.dry_run=true"))
+    out = capsys.readouterr().out
+    assert calls == [] and "3 runs on folds 0, 1" in out and "s-resize=crop-seed=42" in out
+    sweep.main(["--help"])
+    assert "key=a|b|c" in capsys.readouterr().out
