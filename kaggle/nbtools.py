@@ -54,7 +54,7 @@ def requirements(code: str | Path, extras: Sequence[str] = ()) -> list[str]:
         base, optional = _read_lists(path.read_text())
     unknown = [extra for extra in extras if extra not in optional]
     if unknown:
-        raise SystemExit(f"EXTRAS: no extra {', '.join(map(repr, unknown))} in {path}; "
+        raise SystemExit(f"OPTIONAL: no extra {', '.join(map(repr, unknown))} in {path}; "
                          f"its extras: {', '.join(optional)}")
     return [*base, *(req for extra in extras for req in optional[extra])]
 

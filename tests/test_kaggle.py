@@ -95,7 +95,7 @@ def test_extras_add_their_requirements_and_an_unknown_one_is_named():
     assert not any(r.startswith("pytorch-metric-learning") for r in base)  # an extra now
     assert tools.requirements(REPO, ["losses"]) == [*base, "pytorch-metric-learning>=2.9,<3"]
     assert tools.requirements(REPO, ["losses", "faiss"])[-1].startswith("faiss-cpu>=")
-    with pytest.raises(SystemExit, match=r"EXTRAS: no extra 'loss' in .*pyproject.toml; its "
+    with pytest.raises(SystemExit, match=r"OPTIONAL: no extra 'loss' in .*pyproject.toml; its "
                                          r"extras: losses, tensorboard, onnx"):
         tools.requirements(REPO, ["loss"])
     without_toml = nbtools()

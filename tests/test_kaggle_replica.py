@@ -213,7 +213,8 @@ def test_a_missing_extra_is_named_fetched_by_the_printed_command_and_installed_o
         assert metadata.version("pytorch-metric-learning") == wheels[0].split("-")[1]
         criterion = ("from jaguar_reid.config import load_config\n"
                      "from jaguar_reid.training.losses import Criterion\n"
-                     "cfg = load_config(['train.sampler=pk', 'loss.contrastive=0.5'])\n"
+                     "cfg = load_config(['train.sampler=pk', 'train.pk_k=4', "
+                     "'train.batch_size=16', 'loss.contrastive=0.5'])\n"
                      "print(type(Criterion(cfg, 8).library['contrastive']).__name__)")
         done = subprocess.run([sys.executable, "-c", criterion], capture_output=True, text=True,
                               timeout=300)
