@@ -126,6 +126,7 @@ def tiny_floor(cfg):
 
 def test_floor_embeddings(tmp_path, shortcut, monkeypatch):
     monkeypatch.setattr(floor_mod, "floor_model", tiny_floor)
+    monkeypatch.setattr(floor_mod, "TRANSFORMS", ("timm",))  # the stand-in's own transform
     one, two = rounds(tmp_path)
     out = tmp_path / "out"
 

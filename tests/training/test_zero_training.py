@@ -15,19 +15,24 @@ from PIL import Image
 from jaguar_reid import layout, submission, train
 from jaguar_reid.config import load_config
 from jaguar_reid.data.csv_tables import resolve_image_paths
+from jaguar_reid.retrieval.floor import FloorEmbedder
 from jaguar_reid.retrieval.metrics import identity_balanced_map
 
 pytestmark = pytest.mark.slow
 
 
-def _plain_map(demo_dir, names, labels, seed: int) -> float:
-    """The floor's mAP on these images, written out with timm alone."""
+def _plain_map(demo_dir, names, labels, seed: int, transform: str) -> float:
+    """The floor's mAP on these images, written out with timm alone: timm's eval transform,
+    or the full frame (crop_pct 1; the demo's images have masks: squashed)."""
     torch.manual_seed(seed)
     model = timm.create_model("resnet18", num_classes=0, global_pool="avg").eval()
-    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+    data_cfg = timm.data.resolve_model_data_config(model)
+    if transform == "full":
+        data_cfg = {**data_cfg, "crop_pct": 1.0, "crop_mode": "squash"}
+    prepare = timm.data.create_transform(**data_cfg)
     paths = resolve_image_paths(demo_dir, names, demo_dir / "train.csv")
     with torch.no_grad():
-        x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+        x = torch.stack([prepare(Image.open(p).convert("RGB")) for p in paths])
         emb = model(x).numpy().astype(np.float64)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     return identity_balanced_map(emb @ emb.T, np.asarray(labels))
@@ -41,6 +46,7 @@ def test_zero_epochs_and_the_plain_floor(demo_dir, tmp_path, tiny_cfg_args, caps
     train.main([*args, "fold=0..1"])
     cfg = load_config(args)
     exp = layout.model_dir(cfg)
+    chosen = json.loads(FloorEmbedder(cfg, "cpu").choice_path.read_text())["transform"]
     maps = []
     for fold in (0, 1):
         directory = layout.fold_dir(exp, fold)
@@ -56,7 +62,7 @@ def test_zero_epochs_and_the_plain_floor(demo_dir, tmp_path, tiny_cfg_args, caps
         assert metrics["map"] == pytest.approx(log["map_backbone"].iloc[0])
         with np.load(directory / layout.VAL_EMBEDDINGS) as data:
             maps.append(_plain_map(demo_dir, data["filenames"].tolist(),
-                                   data["labels"].tolist(), seed=5))
+                                   data["labels"].tolist(), seed=5, transform=chosen))
     oof = json.loads((exp / layout.OOF_SCORES).read_text())
     assert oof["floor_mean"]["map"] == pytest.approx(np.mean(maps), abs=1e-6)
     assert "plain frozen floor" in (exp / layout.OOF_SCORES_MD).read_text()
