@@ -1,1 +1,1 @@
-"""Jaguar Re-ID: a fold-aware re-identification pipeline (docs/layout.md: the folders and modules)."""
+"""Jaguar Re-ID: a fold-aware re-identification pipeline (docs/layout.md: its folders)."""

@@ -261,7 +261,7 @@ def test_kornia_is_imported_lazily(monkeypatch):
     assert "kornia" not in top
     monkeypatch.setitem(sys.modules, "kornia", None)
     monkeypatch.setitem(sys.modules, "kornia.feature", None)
-    with pytest.raises(UserInputError, match="pip install kornia"):
+    with pytest.raises(UserInputError, match=r"pip install 'jaguar-reid\[kornia\]'"):
         learned._kornia_feature()
 
 

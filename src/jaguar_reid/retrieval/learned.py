@@ -40,6 +40,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from jaguar_reid.extras import require
 from jaguar_reid.io_utils import UserInputError
 from jaguar_reid.retrieval import local
 from jaguar_reid.retrieval.local import LocalFeatures
@@ -78,12 +79,8 @@ class LearnedWeightsError(UserInputError):
 
 
 def _kornia_feature() -> ModuleType:
-    try:
-        import kornia.feature
-    except ImportError:
-        raise UserInputError("learned local features (DISK, LightGlue) need the 'kornia' "
-                             "package, which is not installed: pip install kornia") from None
-    return kornia.feature
+    return require("kornia.feature", "learned local features (local.extractor=disk, "
+                   "local.matcher=lightglue)")
 
 
 def _check_kind(kind: str) -> str:

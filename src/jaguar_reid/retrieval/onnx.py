@@ -14,7 +14,6 @@ import inspect
 import json
 import warnings
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 
 from jaguar_reid.config import Config
 from jaguar_reid.data.preprocess import normalisation
+from jaguar_reid.extras import require
 from jaguar_reid.io_utils import UserInputError, atomic_path
 from jaguar_reid.training.model import ReIDModel
 
@@ -33,16 +33,6 @@ ONNX_TOLERANCE = 1e-3
 
 class OnnxError(UserInputError):
     """An ONNX export that cannot be made or does not reproduce the PyTorch model."""
-
-
-def _require(name: str, why: str) -> ModuleType:
-    import importlib
-
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise OnnxError(f"{why} needs the {name!r} package, which is not installed: "
-                        f"pip install {name}") from None
 
 
 class RetrievalEmbedding(nn.Module):
@@ -93,7 +83,7 @@ def _classic_exporter() -> dict:
 def export_onnx(model: ReIDModel, cfg: Config, path: str | Path, opset: int) -> Path:
     """Write the model's retrieval embedding (`cfg.model.retrieval`) as an ONNX model at
     `path` (atomically), its input settings in the model's metadata."""
-    onnx = _require("onnx", "export.onnx=true")
+    onnx = require("onnx", "export.onnx=true")
     module = RetrievalEmbedding(model.eval().cpu(), cfg.model.retrieval)
     path = Path(path)
     with atomic_path(path, suffix=".onnx") as tmp:
@@ -114,7 +104,7 @@ def export_onnx(model: ReIDModel, cfg: Config, path: str | Path, opset: int) -> 
 
 def onnx_embed(path: str | Path, images: np.ndarray) -> np.ndarray:
     """The ONNX model's embedding of a prepared batch (N, 3, H, W), with onnxruntime."""
-    ort = _require("onnxruntime", "running an ONNX model")
+    ort = require("onnxruntime", "running an ONNX model")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run([ONNX_OUTPUT], {ONNX_INPUT: np.asarray(images, np.float32)})[0]
 
