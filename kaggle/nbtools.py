@@ -273,11 +273,13 @@ def install_missing(code: str | Path, wheels: str | Path = "",
 def child_env(code: str | Path) -> dict[str, str]:
     """The package from the code dataset, run by the notebook's own Python (train.sh reads
     PYTHON; `python` on PATH may be another one); no bytecode caches, which would be written
-    beside the (read-only) code; output unbuffered, so the notebook shows it as it comes."""
+    beside the (read-only) code; output unbuffered, so the notebook shows it as it comes;
+    progress bars on, though the child writes into a pipe (the notebook draws them)."""
     path = os.pathsep.join(p for p in (str(Path(code) / "src"), os.environ.get("PYTHONPATH"))
                            if p)
     return {**os.environ, "PYTHONPATH": path, "PYTHON": sys.executable,
-            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
+            "JAGUAR_REID_PROGRESS": os.environ.get("JAGUAR_REID_PROGRESS", "1")}
 
 
 def _stop(proc: subprocess.Popen, stopped: threading.Event, grace_s: float = 60.0) -> None:
