@@ -147,6 +147,12 @@ def test_a_sweep_runs_resumes_and_writes_its_table_and_plot(demo_dir, tmp_path, 
     assert calls == []
     assert capsys.readouterr().out.count("finished earlier") == 6
 
+    # The table from what has finished, while a run is missing: nothing starts.
+    (folder / "runs" / "s-lr=1e-3-seed=43.json").rename(tmp_path / "kept.json")
+    sweep.main([*args, "sweep.table_only=true"])
+    assert calls == [] and "5 of 6 runs finished" in (folder / "sweep.md").read_text()
+    (tmp_path / "kept.json").rename(folder / "runs" / "s-lr=1e-3-seed=43.json")
+
     # A run whose record is gone (killed before it was written) runs again, alone; another
     # baseline changes the verdicts only.
     (folder / "runs" / "s-lr=1e-3-seed=43.json").unlink()

@@ -501,6 +501,8 @@ class Sweep:
     test: bool = key(True, AFTER, "where test_labels.csv exists: also submit each run on its "
                      "folds and show the local test mAP (shown, never used to rank)")
     dry_run: bool = key(False, RUNTIME, "print the runs the grid makes and stop")
+    table_only: bool = key(False, RUNTIME, "write the table and plot from the runs finished so "
+                           "far (another sweep may still be running them) and start nothing")
 
 
 @dataclass(frozen=True)

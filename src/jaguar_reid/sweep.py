@@ -345,7 +345,9 @@ def execute(plan: Plan, run: Run) -> RunResult:
     return result
 
 
-def run_all(plan: Plan) -> list[RunResult]:
+def run_all(plan: Plan, start: bool = True) -> list[RunResult]:
+    """Every run's result, each run started unless finished earlier; with `start` false
+    the finished ones only."""
     results = []
     for i, run in enumerate(plan.runs, 1):
         done = finished_result(plan, run)
@@ -353,6 +355,9 @@ def run_all(plan: Plan) -> list[RunResult]:
         if done is not None:
             print(f"{where}: finished earlier ({done.wall_s:.0f} s), skipped")
             results.append(done)
+            continue
+        if not start:
+            print(f"{where}: not finished, left out")
             continue
         print(f"{where}: {' '.join(run.overrides)} ...", flush=True)
         result = execute(plan, run)
@@ -481,7 +486,7 @@ def table_rows(plan: Plan, arms: list[Arm], base: Arm) -> list[dict]:
     return rows
 
 
-def markdown(plan: Plan, rows: list[dict], base: Arm, wall_s: float) -> str:
+def markdown(plan: Plan, rows: list[dict], base: Arm, wall_s: float, finished: int) -> str:
     t = plan.cfg.tune
     head = ["#", "run", "OOF mAP", "± se", f"per fold ({', '.join(map(str, plan.folds))})",
             f"vs {base.name.removeprefix(plan.name + '-')}", "± se", "verdict"]
@@ -508,7 +513,8 @@ def markdown(plan: Plan, rows: list[dict], base: Arm, wall_s: float) -> str:
             "standard error(s) of the paired differences (the tuner's rule: tune.min_gain, "
             "tune.noise). The test column is shown, never used to rank.\n\n"
             f"{markdown_table(head, body)}\n\n"
-            f"{len(plan.runs)} runs, {wall_s / 60:.1f} min of runs in all.\n")
+            f"{finished} of {len(plan.runs)} runs finished, {wall_s / 60:.1f} min of runs in "
+            "all.\n")
 
 
 def draw(plan: Plan, rows: list[dict], arms: list[Arm], base: Arm) -> bytes:
@@ -551,7 +557,7 @@ def write_outputs(plan: Plan, results: list[RunResult]) -> str:
     base = pick_baseline(plan, arms)
     rows = table_rows(plan, arms, base)
     wall_s = sum(r.wall_s for r in results)
-    text = markdown(plan, rows, base, wall_s)
+    text = markdown(plan, rows, base, wall_s, len(results))
     png = draw(plan, rows, arms, base)
     out = sweep_dir(plan.cfg, plan.name)
     out.mkdir(parents=True, exist_ok=True)
@@ -592,7 +598,9 @@ def main(argv: list[str]) -> None:
         return
     signal.signal(signal.SIGTERM, _end_child)
     start = time.perf_counter()
-    results = run_all(plan)
+    results = run_all(plan, start=not plan.cfg.sweep.table_only)
+    if not results:
+        raise UserInputError(f"sweep {plan.name}: no run has finished yet")
     text = write_outputs(plan, results)
     print(text)
     print(f"sweep {plan.name}: {len(results)} runs ready, this invocation took "
