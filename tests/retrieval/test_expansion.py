@@ -58,3 +58,20 @@ def test_faiss_backend_gives_the_same_expansion():
         np.testing.assert_allclose(
             average_query_expansion(emb, 4, alpha, backend="faiss", chunk_size=9),
             average_query_expansion(emb, 4, alpha, backend="torch"), rtol=0, atol=1e-6)
+
+
+def test_repeated_expansion_is_answered_from_memory_as_a_copy(monkeypatch):
+    from jaguar_reid.retrieval import expansion
+
+    emb, _ = clustered(5)
+    calls = []
+    real = expansion._expand
+    monkeypatch.setattr(expansion, "_expand", lambda *a: calls.append(a[1:3]) or real(*a))
+    first = average_query_expansion(emb, 3, 3.0)
+    first[:] = 0  # the caller's copy: the memory keeps its own
+    again = average_query_expansion(emb, 3, 3.0)
+    assert calls == [(3, 3.0)]
+    np.testing.assert_allclose(again, qe_loop(emb, 3, 3.0), rtol=0, atol=1e-6)
+    average_query_expansion(emb, 3, 0.0)
+    average_query_expansion(emb[:-1], 3, 3.0)
+    assert calls == [(3, 3.0), (3, 0.0), (3, 3.0)]  # other settings, other input: computed

@@ -436,3 +436,30 @@ def test_fast_paths_match_reference_on_real_embeddings():
     # and the re-ranking does what it is for on these features
     labels = rows["ground_truth"].to_numpy()
     assert identity_balanced_map(-ref, labels) > identity_balanced_map(emb @ emb.T, labels) - 0.02
+
+
+@pytest.mark.parametrize("norm", ["none", "rowmax"])
+def test_a_lambda_grid_reranks_once_and_matches_each_lambda_alone(monkeypatch, norm):
+    """Small re-rankings keep d_J and d: every lambda is their blend, equal to re-ranking at
+    that lambda directly (the path large N takes) and to the reference."""
+    emb = random_unit(60, 16, seed=3)
+    calls = []
+    real = rr._rerank_at
+
+    def counting(*args):
+        calls.append(args[2:5])
+        return real(*args)
+    monkeypatch.setattr(rr, "_rerank_at", counting)
+    lambdas = (0.05, 0.1, 0.3, 0.6, 1.0)
+    kept = {lam: rerank(emb, 9, 3, lam, norm=norm) for lam in lambdas}
+    assert len(calls) == 1  # one Jaccard for the whole grid
+    rerank(random_unit(60, 16, seed=4), 9, 3, 0.3, norm=norm)
+    rerank(emb, 10, 3, 0.3, norm=norm)
+    assert len(calls) == 3  # other embeddings, another k1: re-ranked again
+    monkeypatch.setattr(rr, "_PARTS_BYTES", 0)  # large N: each lambda computed alone
+    for lam in lambdas:
+        alone = rerank(emb, 9, 3, lam, norm=norm)
+        np.testing.assert_allclose(kept[lam], alone, rtol=0, atol=TOL)
+        np.testing.assert_allclose(kept[lam], rerank_reference(emb, 9, 3, lam, norm=norm),
+                                   rtol=0, atol=TOL)
+    assert len(calls) == 3 + len(lambdas)

@@ -9,7 +9,9 @@ of `jaguar_reid.retrieval.neighbours`. ``emb`` is ``(N, D)``, L2-normalised rows
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -27,6 +29,12 @@ __all__ = [
     "database_augmentation",
 ]
 
+# Recent small expansions by their input's bytes and settings: a tuning search scores many
+# re-ranking settings over the same expanded embeddings.
+_EXPANDED: OrderedDict[tuple, np.ndarray] = OrderedDict()
+_EXPANDED_KEPT = 32
+_EXPANDED_BYTES = 16 << 20  # larger inputs are expanded each time and not kept
+
 
 def average_query_expansion(emb, k: int, alpha: float = 0.0, *,
                             chunk_size: int = DEFAULT_CHUNK, device: str = "cpu",
@@ -40,13 +48,29 @@ def average_query_expansion(emb, k: int, alpha: float = 0.0, *,
     neighbours count more and drops dissimilar ones. k = 0 returns the input (normalised); k is
     clamped to N - 1. A mean that cancels to the zero vector keeps the original embedding.
     Neighbours come from exact chunked search (`chunk_size` rows per block; candidates screened
-    by `backend`, see `nearest_neighbours`), the N x N similarity matrix is never held."""
+    by `backend`, see `nearest_neighbours`), the N x N similarity matrix is never held. A
+    small input expanded again with the same settings is answered from `_EXPANDED`."""
     x_np = _as_embeddings(emb)
     k = _check_int(k, "k", 0)
     if isinstance(alpha, bool) or not isinstance(alpha, int | float | np.number) \
             or not (math.isfinite(alpha) and alpha >= 0):
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
     block = _check_chunk(chunk_size)
+    if x_np.nbytes > _EXPANDED_BYTES:
+        return _expand(x_np, k, float(alpha), block, device, backend)
+    key = (hashlib.sha1(np.ascontiguousarray(x_np).tobytes()).hexdigest(), x_np.shape, k,
+           float(alpha), block, device, backend)
+    out = _EXPANDED.pop(key, None)
+    if out is None:
+        out = _expand(x_np, k, float(alpha), block, device, backend)
+    _EXPANDED[key] = out  # most recent last
+    while len(_EXPANDED) > _EXPANDED_KEPT:
+        _EXPANDED.popitem(last=False)
+    return out.copy()
+
+
+def _expand(x_np: np.ndarray, k: int, alpha: float, block: int, device: str,
+            backend: str) -> np.ndarray:
     n = len(x_np)
     k = min(k, n - 1)
     x = _tensor(x_np, device)
