@@ -139,9 +139,13 @@ def test_folds_file_written_once_and_checked(tmp_path: Path):
 def test_too_few_identities_names_train_csv(tmp_path: Path):
     _write_train(tmp_path / "data", ["a", "a", "b", "b"])
     cfg = load_config([f"data.dir={tmp_path / 'data'}", f"folds.file={tmp_path / 'f.csv'}",
-                       "folds.dup_threshold=-1"])
+                       "folds.dup_threshold=-1", "folds.strategy=grouped"])
     with pytest.raises(DataError, match=r"train\.csv.*at least 5 identities"):
         load_or_create_folds(cfg)
+    closed = load_config([f"data.dir={tmp_path / 'data'}", f"folds.file={tmp_path / 'f.csv'}",
+                          "folds.dup_threshold=-1"])  # the default
+    with pytest.raises(DataError, match=r"train\.csv.*closed folds need at least 5 images"):
+        load_or_create_folds(closed)
 
 
 def test_a_read_only_folds_folder_sends_a_new_split_to_the_output(tmp_path, monkeypatch):
@@ -168,4 +172,7 @@ def test_a_read_only_folds_folder_sends_a_new_split_to_the_output(tmp_path, monk
     assert sorted(folds_df["fold"].unique()) == [0, 1]
     # A split the repository ships (committed, unlike the demo's) is still read from there.
     dogs = load_config(["config=configs/dogface_lite0.yaml", f"output_dir={tmp_path / 'out'}"])
-    assert layout.folds_path(dogs) == layout.FOLDS_DIR / "dogfacenet-reid_grouped_5f_s42.csv"
+    assert layout.folds_path(dogs) == layout.FOLDS_DIR / "dogfacenet-reid_closed_5f_s42.csv"
+    grouped = load_config(["config=configs/dogface_lite0.yaml", f"output_dir={tmp_path / 'out'}",
+                           "folds.strategy=grouped"])  # one key away
+    assert layout.folds_path(grouped) == layout.FOLDS_DIR / "dogfacenet-reid_grouped_5f_s42.csv"
