@@ -293,6 +293,8 @@ def run_step(step: str, args: list[str], log: Path) -> None:
     if code != 0:
         lines = [x for x in log.read_text().splitlines() if x.strip()]
         last = lines[-1] if lines else "(no output)"
+        if "of a different config" in last:  # the keys every run shares changed
+            last += "; in a sweep: give it a new sweep.name"
         raise UserInputError(f"sweep: `jaguar-reid {step}` failed (exit {code}) for this run: "
                              f"{last}  (whole log: {log})")
 
