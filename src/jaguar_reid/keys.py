@@ -76,10 +76,9 @@ class Data:
                              "use area either way (no aliasing)",
                              choices=(AUTO, "bilinear", "bicubic", "area", "nearest",
                                       "lanczos"))
-    resize: str = key("auto", RECIPE, "auto: squash where the image has an alpha mask, crop "
-                      "where it has none | squash (EVA-02's own eval; best out of fold on the "
-                      "masked demo) | letterbox (pad with the mean colour) | crop (short side, "
-                      "centre; full-frame photos) | mask (a square around the animal's mask; "
+    resize: str = key("auto", RECIPE, "auto: squash with an alpha mask, crop without | "
+                      "squash (EVA-02's own eval) | letterbox (mean-colour padding) | crop "
+                      "(short side, centre: full frames) | mask (a square around the mask; "
                       "letterbox without)",
                       choices=("auto", "squash", "letterbox", "crop", "mask"))
     num_workers: int = key(AUTO, RUNTIME, "DataLoader worker processes: auto (the CPU count, at "
