@@ -412,16 +412,15 @@ def arms_of(results: list[RunResult]) -> list[Arm]:
     return list(arms.values())
 
 
-def floor_arm(name: str, results: list[RunResult], seeds: tuple[str, ...]) -> Arm | None:
-    """The plain frozen floor as a row: its per-fold scores (the same for every seed: it does
-    not train), read beside the zero-training runs'."""
+def floor_arm(name: str, results: list[RunResult]) -> Arm | None:
+    """The plain frozen floor as a row, read beside each zero-training run's folds (with
+    pretrained weights the same for every seed; a random initialisation is the seed's)."""
     zero = [r for r in results if r.arm == run_name(name, [ZERO]) and r.floor]
     if not zero:
         return None
-    per_fold = zero[0].floor
+    values = {(f, r.seed): v for r in zero for f, v in r.floor.items()}
     tests = [r.test_floor_map for r in zero if r.test_floor_map is not None]
-    return Arm(run_name(name, [FLOOR]), {(f, s): v for f, v in per_fold.items() for s in seeds},
-               {}, tests[:1], tests[:1], 0.0, 0)
+    return Arm(run_name(name, [FLOOR]), values, {}, tests, tests, 0.0, 0)
 
 
 @dataclass(frozen=True)
@@ -538,6 +537,9 @@ def draw(plan: Plan, rows: list[dict], arms: list[Arm], base: Arm) -> bytes:
         ax.errorbar(arm.mean, y, xerr=0 if np.isnan(arm.se) else arm.se, fmt="s", color="k",
                     ms=5, capsize=3)
     ax.axvline(base.mean, ls="--", color="grey", lw=1)
+    for fold, colour in colours.items():
+        ax.plot([], [], "o", ms=4, color=colour, label=f"fold {fold}")
+    ax.legend(fontsize=7, loc="lower right")
     ax.set_yticks(range(len(order)), [a.name.removeprefix(plan.name + "-") for a in order],
                   fontsize=8)
     ax.set_xlabel("out-of-fold mAP (dots: folds x seeds, coloured by fold; square: mean ± se)")
@@ -554,7 +556,7 @@ def draw(plan: Plan, rows: list[dict], arms: list[Arm], base: Arm) -> bytes:
 def write_outputs(plan: Plan, results: list[RunResult]) -> str:
     """Table, JSON and plot of the sweep, put in place together; returns the table."""
     arms = arms_of(results)
-    floor = floor_arm(plan.name, results, plan.seeds)
+    floor = floor_arm(plan.name, results)
     arms += [floor] if floor else []
     base = pick_baseline(plan, arms)
     rows = table_rows(plan, arms, base)
