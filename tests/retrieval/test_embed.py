@@ -31,7 +31,7 @@ def make_images(tmp_path, n=5):
 
 def by_hand(model, cfg, paths, flip):
     transform = build_transform(cfg, train=False)
-    x = torch.stack([transform(load_image(p)) for p in paths])
+    x = torch.stack([transform(load_image(p, auto=cfg.data.resize == "auto")) for p in paths])
     with torch.no_grad():
         emb = F.normalize(model(x), dim=1)
         if flip:
@@ -83,7 +83,7 @@ def test_views_are_embedded_apart_and_combined_after_normalising(tmp_path, tiny_
     assert set(per_view) == {"orig", "flip", "zoom1.2"}
     assert set(per_view["orig"]) == {"neck", "backbone", "both"}
     transform = build_transform(cfg, train=False)
-    x = torch.stack([transform(load_image(p)) for p in paths])
+    x = torch.stack([transform(load_image(p, auto=cfg.data.resize == "auto")) for p in paths])
     with torch.no_grad():
         zoomed = F.normalize(model(apply_view(x, "zoom1.2")), dim=1).numpy()
     assert np.allclose(per_view["zoom1.2"]["neck"], zoomed, atol=1e-5)
