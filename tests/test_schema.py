@@ -175,13 +175,18 @@ def test_the_earlier_format_is_reproduced_for_folds_trained_before_roles():
     earlier = {(): "41c189ac5217", ("config=configs/demo.yaml",): "32f5aaf482f9",
                ("model.attention=glam", "floor.enabled=false", "local.top_b=5"): "9407e18a5b30"}
     folds = pd.DataFrame({"filename": ["a.png", "b.png"], "fold": [0, 1]})
+    # The defaults of that time, where they have moved since (a fold trained then saved them).
+    then = ["output_dir=/nonexistent", "data.resize=squash", "folds.strategy=grouped"]
     for args, stored in earlier.items():
-        found = digest.training_digest(load_config(["output_dir=/nonexistent", *args]), folds)
+        found = digest.training_digest(load_config([*then, *args]), folds)
         assert found.matches(stored) and found.current != stored, args
     # ... whatever local.* and floor.enabled say today, since they never decided the weights.
-    today = load_config(["output_dir=/nonexistent", "local.top_b=7", "floor.enabled=false"])
+    today = load_config([*then, "local.top_b=7", "floor.enabled=false"])
     assert digest.training_digest(today, folds).matches("41c189ac5217")
-    assert not digest.training_digest(load_config(["train.lr=0.1"]), folds).matches(
+    assert not digest.training_digest(load_config([*then, "train.lr=0.1"]), folds).matches(
+        "41c189ac5217")
+    # Today's defaults (auto geometry, closed folds) are another recipe.
+    assert not digest.training_digest(load_config(["output_dir=/nonexistent"]), folds).matches(
         "41c189ac5217")
 
 
