@@ -9,7 +9,7 @@ from PIL import Image
 
 from jaguar_reid.config import ConfigError, load_config
 from jaguar_reid.data.augment import build_transform
-from jaguar_reid.data.images import load_cached, load_image
+from jaguar_reid.data.images import image_loader, load_cached, load_image
 from jaguar_reid.data.preprocess import (
     auto_square,
     backbone_input,
@@ -18,7 +18,6 @@ from jaguar_reid.data.preprocess import (
     normalisation,
     resolve_input,
     square_window,
-    squashed,
 )
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -157,19 +156,37 @@ def test_auto_squares_by_hand():
     assert np.array_equal(auto_square(image, has_mask=False), image[:, 3:7])
     tall = image.transpose(1, 0, 2)  # 10 x 4: rows 3..6
     assert np.array_equal(centre_square(tall), tall[3:7])
-    # A mask: the whole image stretched to its long side; each row is a copy of the source
-    # row nearest its place (the stretch only repeats rows along the short side).
-    flat = np.zeros((2, 6, 3), np.uint8)
-    flat[0], flat[1] = 40, 200
-    out = auto_square(flat, has_mask=True)
-    assert out.shape == (6, 6, 3)
-    assert (out[0] <= 60).all() and (out[-1] >= 180).all()
-    assert np.array_equal(squashed(image[:, :4]), image[:, :4])  # a square stays as it is
+    # A mask: the image as it is; the transform squashes it.
+    assert auto_square(image, has_mask=True) is image
 
 
-def test_auto_loaders_squash_masked_images_and_crop_full_frames(tmp_path):
-    """`data.resize=auto`: a photo without a mask gives its centre square, one with a mask
-    the whole (cut) image squashed; the source and the cache agree."""
+@pytest.mark.parametrize("train", [False, True])
+def test_auto_is_squash_for_masked_images_and_crop_for_full_frames(tmp_path, train):
+    """The whole path, loader and transform (training's random crop too, same seed): a masked
+    image under auto gives squash's tensor, a maskless one crop's."""
+    rgba = np.zeros((24, 60, 4), np.uint8)
+    rgba[..., :3] = np.random.default_rng(0).integers(0, 256, (24, 60, 3))
+    rgba[..., 3] = 255
+    rgba[0, 0, 3] = 0  # a mask (one transparent pixel)
+    masked, plain = tmp_path / "masked.png", tmp_path / "plain.png"
+    Image.fromarray(rgba).save(masked)
+    Image.fromarray(rgba[..., :3]).save(plain)
+    args = ["data.interpolation=nearest", "aug.affine_p=0", "aug.color_p=0", "aug.blur_p=0",
+            "aug.dropout_p=0"]
+
+    def tensor(mode: str, path) -> np.ndarray:
+        cfg = _cfg(f"data.resize={mode}", *args)
+        image = image_loader(cfg)(path)
+        transform = build_transform(cfg, train=train)
+        return (transform(image, seed=5) if train else transform(image)).numpy()
+    assert np.array_equal(tensor("auto", masked), tensor("squash", masked))
+    if not train:  # crop mode's random crop works on its resized square: another resolution
+        assert np.array_equal(tensor("auto", plain), tensor("crop", plain))
+
+
+def test_auto_loaders_keep_masked_images_and_crop_full_frames(tmp_path):
+    """`data.resize=auto`'s loaders: a photo without a mask gives its centre square, one with
+    a mask the whole (cut) image; the source and the cache agree."""
     frame = np.zeros((20, 60, 3), np.uint8)
     frame[:, :20], frame[:, 20:40], frame[:, 40:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
     plain = tmp_path / "frame.png"  # RGB, no alpha
@@ -183,8 +200,7 @@ def test_auto_loaders_squash_masked_images_and_crop_full_frames(tmp_path):
     masked = tmp_path / "masked.png"
     Image.fromarray(rgba).save(masked)
     out = np.asarray(load_image(masked, alpha="crop", margin=0.0, auto=True))
-    assert out.shape == (50, 50, 3)  # the 16 x 50 box, squashed: all three colours kept
-    assert (out[:, 5] == (255, 0, 0)).all() and (out[:, 45] == (0, 0, 255)).all()
+    assert out.shape == (16, 50, 3)  # the box as it is: the transform squashes it
     cached = tmp_path / "cached.png"
     Image.fromarray(rgba[2:18, 5:55]).save(cached)  # what the cache keeps for alpha=crop
     assert np.array_equal(np.asarray(load_cached(cached, alpha="crop", auto=True)), out)

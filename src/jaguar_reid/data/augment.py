@@ -47,7 +47,9 @@ def geometry_steps(cfg: Config, size: int) -> list:
     _, _, interpolation = normalisation(cfg)
     resize = {"interpolation": interpolation, "area_for_downscale": "image"}
     mode = cfg.data.resize
-    if mode in ("squash", "mask"):
+    # auto: the loader already cut a maskless image to its centre square; a masked one is
+    # squashed here, exactly as squash does.
+    if mode in ("squash", "mask", "auto"):
         return [A.Resize(size, size, **resize)]
     if mode == "letterbox":
         return [A.LongestMaxSize(max_size=size, **resize),
@@ -65,7 +67,7 @@ def train_steps(cfg: Config) -> list:
     fill = tuple(float(v) for v in cfg.data.fill)
     jitter = aug.color_jitter
     _, _, interpolation = normalisation(cfg)
-    shape = [] if cfg.data.resize in ("squash", "mask") else geometry_steps(cfg, size)
+    shape = [] if cfg.data.resize in ("squash", "mask", "auto") else geometry_steps(cfg, size)
     return [
         *shape,
         A.RandomResizedCrop(size=(size, size), scale=(aug.crop_scale_min, 1.0),

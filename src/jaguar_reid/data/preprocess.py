@@ -21,7 +21,7 @@ from jaguar_reid.keys import choices
 # window around the animal's mask, padded where the image ends (the loader cuts it; whole
 # images without a mask are letterboxed); auto: per image, squash where it has an alpha mask
 # (what won on the masked demo) and crop where it has none (a full frame squashed loses a fifth
-# of the score: docs/experiments.md). The loader makes auto's square (`auto_square`).
+# of the score: docs/experiments.md). The loader cuts the maskless ones (`auto_square`).
 RESIZE_MODES = choices("data.resize")
 INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
                   "area": cv2.INTER_AREA, "nearest": cv2.INTER_NEAREST,
@@ -97,17 +97,9 @@ def centre_square(image: np.ndarray) -> np.ndarray:
     return image[top:top + side, left:left + side]
 
 
-def squashed(image: np.ndarray) -> np.ndarray:
-    """(H, W, C) -> (S, S, C), S = max(H, W): the whole image stretched to a square (the short
-    side upsampled, nothing lost; the model's resize then only shrinks)."""
-    height, width = image.shape[:2]
-    side = max(height, width)
-    if height == width:
-        return image
-    return cv2.resize(image, (side, side), interpolation=cv2.INTER_CUBIC)
-
-
 def auto_square(image: np.ndarray, has_mask: bool) -> np.ndarray:
-    """`data.resize=auto` for one image: squashed when it has an alpha mask, else its centre
-    square. Either way a square, so the model's resize keeps its proportions."""
-    return squashed(image) if has_mask else centre_square(image)
+    """The loader's part of `data.resize=auto` for one image: a masked image as it is (the
+    transform then squashes it, training's random crop included, exactly as `squash`), a
+    maskless one cut to its centre square (the transform's resize then keeps its
+    proportions, as `crop`)."""
+    return image if has_mask else centre_square(image)
