@@ -32,3 +32,13 @@ def test_require_turns_an_import_error_into_one_user_line(monkeypatch):
         extras.require("json", "post.knn_backend=faiss")
     line = user_message(caught.value)
     assert "\n" not in line and line.startswith("post.knn_backend=faiss needs faiss-cpu")
+
+
+def test_faiss_asked_for_by_name_is_refused_when_the_config_is_read(monkeypatch, tmp_path):
+    from jaguar_reid.config import load_config
+
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(UserInputError, match=r"post.knn_backend=faiss needs faiss-cpu"):
+        load_config([f"output_dir={tmp_path}", "post.knn_backend=faiss"])
+    assert load_config([f"output_dir={tmp_path}", "post.knn_backend=auto"]).post.knn_backend \
+        == "auto"

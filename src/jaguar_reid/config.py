@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from jaguar_reid import keys
+from jaguar_reid.extras import require
 from jaguar_reid.io_utils import UserInputError, atomic_write_text
 from jaguar_reid.keys import view_reason
 from jaguar_reid.layout import CONFIG_DIR, DEFAULT_CONFIG, FULL, REPO_ROOT
@@ -303,6 +304,8 @@ def validate(cfg: Config) -> None:
                           "start from itself; train into a new exp=NAME")
     _validate_pseudo_and_student(cfg)
     _validate_losses(cfg)
+    if cfg.post.knn_backend == "faiss":  # asked for by name: refused before any work
+        require("faiss", "post.knn_backend=faiss")
     if cfg.train.sampler == "pk" and cfg.train.batch_size % cfg.train.pk_k:
         raise ConfigError(f"key 'train.batch_size' ({cfg.train.batch_size}) must be a multiple of "
                           f"train.pk_k ({cfg.train.pk_k}) with train.sampler=pk")

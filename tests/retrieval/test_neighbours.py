@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from jaguar_reid.extras import MissingExtra
 from jaguar_reid.retrieval import neighbours as nb
 from tests.retrieval.unit_vectors import clustered, original_distance, random_unit, with_duplicates
 
@@ -44,7 +45,7 @@ def test_knn_backend_resolution(monkeypatch):
     assert nb.resolve_knn_backend("auto", "cpu", big) == "faiss"
     monkeypatch.setattr(nb, "faiss_available", lambda: False)
     assert nb.resolve_knn_backend("auto", "cpu", big) == "torch"  # not installed: torch
-    with pytest.raises(ValueError, match="needs the faiss-cpu package"):
+    with pytest.raises(MissingExtra, match=r"faiss needs faiss-cpu.*jaguar-reid\[faiss\]"):
         nb.resolve_knn_backend("faiss", "cpu")
     with pytest.raises(ValueError, match="backend must be one of auto, torch, faiss"):
         nb.resolve_knn_backend("annoy")

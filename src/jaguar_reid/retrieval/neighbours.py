@@ -25,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from jaguar_reid.extras import MissingExtra, missing_message
 from jaguar_reid.keys import choices
 from jaguar_reid.retrieval.array_ops import (
     _NORM_TOLERANCE,
@@ -84,8 +85,8 @@ def resolve_knn_backend(backend: str, device: str = "cpu", n: int = 0) -> str:
         big_on_cpu = torch.device(device).type == "cpu" and n >= AUTO_FAISS_MIN_N
         return "faiss" if big_on_cpu and faiss_available() else "torch"
     if backend == "faiss" and not faiss_available():
-        raise ValueError("post.knn_backend=faiss needs the faiss-cpu package (pip install "
-                         "'.[faiss]', or faiss-cpu); or set post.knn_backend=torch or auto")
+        raise MissingExtra(f"{missing_message('faiss', 'post.knn_backend=faiss')}; or set "
+                           "post.knn_backend=torch or auto")
     return backend
 
 
