@@ -199,6 +199,23 @@ def test_contrastive_distillation_without_the_extra_is_refused_before_training(
         distill_loss(student, teacher, labels, "contr_reg", 0.5)
 
 
+@pytest.mark.parametrize("setting", [[*PK, "loss.smooth_ap=0.5"],
+                                     ["train.teacher=a", "train.distill_loss=contr_reg"]])
+def test_train_refuses_a_missing_losses_extra_before_any_work(setting, tmp_path, monkeypatch,
+                                                              without_metric_learning):
+    """Refused in main, before the image cache, the folds file or a teacher's embedding."""
+    from jaguar_reid import train
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the extra was checked")
+    for name in ("recipe", "prepare", "run", "student"):
+        monkeypatch.setattr(train, name, no_work)
+    out = tmp_path / "out"
+    with pytest.raises(MissingExtra, match=r"needs pytorch-metric-learning"):
+        train.main([*setting, "device=cpu", f"output_dir={out}", f"data.dir={tmp_path}"])
+    assert not out.exists()
+
+
 def test_training_with_a_library_loss_and_no_extra_stops_in_one_line(tmp_path):
     """The command line: exit 2, one line, no traceback, before any epoch."""
     data = make_data(tmp_path / "data")

@@ -46,7 +46,7 @@ from jaguar_reid.retrieval.oof import (
     validation_scores,
 )
 from jaguar_reid.retrieval.teacher import teacher_embeddings
-from jaguar_reid.training import curves, distributed
+from jaguar_reid.training import curves, distributed, losses
 from jaguar_reid.training.loop import Extra, FoldHooks, train_fold
 from jaguar_reid.training.model import check_start_weights
 
@@ -172,10 +172,11 @@ def recipe(cfg: Config) -> Config:
 def main(argv: list[str]) -> None:
     cfg = load_config(argv)
     # What can refuse the run does so before the image cache is built: a GPU this torch build
-    # has no kernels for (every one of the run's), a missing tensorboard extra.
+    # has no kernels for (every one of the run's), a missing tensorboard or losses extra.
     resolve_device(cfg.device, cfg.gpus)
     if cfg.report.tensorboard:
         curves.summary_writer_class()
+    losses.require_extras(cfg)
     cfg = recipe(cfg)
     if cfg.gpus <= 1 or distributed.launched_by_torchrun():
         run(cfg)

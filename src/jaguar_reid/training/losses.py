@@ -50,6 +50,17 @@ def metric_learning(setting: str) -> tuple[ModuleType, ModuleType]:
             require("pytorch_metric_learning.distances", setting))
 
 
+def require_extras(cfg: Config) -> None:
+    """Every optional library the run's losses use imports, or one line naming the first
+    key=value that asks for a missing one: called before any work (the image cache, the
+    teachers' embeddings), not when the first fold builds its Criterion."""
+    for name in pair_losses_on(cfg):
+        if name in LIBRARY_LOSSES:
+            metric_learning(f"loss.{name}={cfg.loss[name]:g}")
+    if cfg.train.teacher and cfg.train.distill_loss == "contr_reg":
+        distill.metric_learning()
+
+
 # --------------------------------------------------------------------------- Recall@k, SiMix
 
 def recall_k_surrogate(sim: torch.Tensor, positive: torch.Tensor, valid: torch.Tensor,
