@@ -160,10 +160,12 @@ def test_known_score_is_the_calibrated_function_of_the_similarities(setup):
     assert not refused
     gallery = identifier.gallery
     classes, codes = identity_codes(gallery.labels)
-    cos = np.mean([e @ g.T for e, g in zip(per_fold, gallery.embeddings, strict=True)], axis=0)
-    scores = identity_scores(cos, codes, len(classes))
     cal = identifier.calibration
-    z = decision_features(scores) @ np.array(cal.decision.coef) + cal.decision.intercept
+    z = np.zeros(len(photos))
+    for emb, embedded in zip(per_fold, gallery.embeddings, strict=True):  # each fold model
+        scores = identity_scores(emb @ embedded.T, codes, len(classes))
+        z += decision_features(scores) @ np.array(cal.decision.coef) + cal.decision.intercept
+    z /= len(per_fold)
     records = identifier.identify(photos, progress=False)
     assert [r.known_score for r in records] == pytest.approx(z.tolist())
     assert [r.verdict for r in records] == ["known" if v >= cal.threshold else "new" for v in z]

@@ -7,10 +7,11 @@ then identify any number of photos.
         print(record.photo, record.verdict, record.identity, record.candidates[0])
 
 `jaguar-reid identify` is this object plus the CSV and HTML writers. For each photo: every
-fold model embeds it (the calibration's views), its cosine to every gallery photo is averaged
-over the fold models, each known individual's similarity is taken from those cosines
-(`identify.score` at calibration), and the calibration turns the similarities into
-probabilities and the verdict "known" (the top candidate named) or "new individual". A photo
+fold model embeds it (the calibration's views) and gives each known individual a similarity
+(`identify.score` at calibration) and the photo a known-vs-new score, exactly as out of fold;
+the fold models' similarities and scores are averaged (the mean keeps the calibrated scale);
+the calibration turns them into probabilities and the verdict "known" (the top candidate
+named) or "new individual". A photo
 that cannot be read is an `Identification` with verdict "error" and its reason; the others go
 on. Photos are read and embedded `embed.batch_size` at a time, with a progress bar.
 """
@@ -241,21 +242,24 @@ class Identifier:
 
     def decide(self, per_fold: Sequence[np.ndarray], paths: Sequence[Path]
                ) -> list[Identification]:
-        """The calibrated answer for photos embedded by every fold model."""
+        """The calibrated answer for photos embedded by every fold model. Each fold model's
+        similarities and known-vs-new score are those the calibration measured (one model per
+        query); several models' are averaged, which keeps their calibrated scale."""
         cal, n_ids = self.calibration, len(self.classes)
-        cos = np.mean([e.astype(np.float64) @ g.T for e, g in
-                       zip(per_fold, self.gallery.embeddings, strict=True)], axis=0)
+        cos = [e.astype(np.float64) @ g.T for e, g in
+               zip(per_fold, self.gallery.embeddings, strict=True)]
         if cal.score == "prototype":
-            scores = np.mean([prototype_scores(e, g, self.codes, n_ids) for e, g in
-                              zip(per_fold, self.gallery.embeddings, strict=True)], axis=0)
+            per_model = [prototype_scores(e, g, self.codes, n_ids) for e, g in
+                         zip(per_fold, self.gallery.embeddings, strict=True)]
         else:
-            scores = identity_scores(cos, self.codes, n_ids)
-        z = cal.decision.score(decision_features(scores))
+            per_model = [identity_scores(c, self.codes, n_ids) for c in cos]
+        scores = np.mean(per_model, axis=0)
+        z = np.mean([cal.decision.score(decision_features(s)) for s in per_model], axis=0)
         known = cal.decision.known_probability(z, self.cfg.identify.new_share)
         prob = softmax(scores, cal.temperature)
         if known is not None:
             prob = prob * known[:, None]
-        best = best_photo(cos, self.codes, n_ids)
+        best = best_photo(np.mean(cos, axis=0), self.codes, n_ids)
         order = top_k(scores, self.cfg.identify.top_k)
         out = []
         for i, path in enumerate(paths):
