@@ -172,8 +172,9 @@ def _header(records: Sequence[Identification], identifier: Identifier,
            f"new individual, {counts[ERROR]} not read{timing}. Gallery: "
            f"{len(identifier.gallery)} photos of {len(identifier.classes)} individuals. "
            f"{probability}.</p>",
-           f'<p class="promise">Threshold chosen for identify.{cal.target}='
-           f"{cal.target_value:g}: {html.escape(cal.promise())}."
+           f'<p class="promise">A photo is named when its known-vs-new score reaches the '
+           f"threshold chosen for identify.{cal.target}={cal.target_value:g} (not where P(new) "
+           f"is 50%): {html.escape(cal.promise())}."
            + "".join(f"<br>Unmeasured: {html.escape(u)}." for u in cal.unmeasured) + "</p>"]
     bad = [r for r in records if r.verdict == ERROR]
     if bad:
