@@ -4,6 +4,7 @@ exactly the lower bounds (checked here with an independent parse by `packaging`)
 Kaggle's image ships (kaggle/image.txt) is required: every module imports without the optional
 extras, and a feature asked for without its extra stops in one line naming it."""
 
+import json
 import os
 import subprocess
 import sys
@@ -269,3 +270,54 @@ def test_oldest_requirements_refuses_what_it_cannot_pin(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--extra", "no-such-extra"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "no optional dependencies 'no-such-extra'" in done.stderr
+
+
+@pytest.fixture
+def without_kornia(monkeypatch):
+    """kornia absent in this process, its modules imported already or not."""
+    for name in [n for n in sys.modules if n.split(".")[0] == "kornia"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "kornia", None)
+    monkeypatch.setitem(sys.modules, "kornia.feature", None)
+
+
+def test_tune_refuses_learned_local_features_without_kornia_before_the_search(
+        tmp_path, monkeypatch, without_kornia):
+    from jaguar_reid.retrieval import search
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the search started before kornia was checked")
+    monkeypatch.setattr(search, "load_folds", no_work)
+    weights = tmp_path / "disk.pth"
+    weights.write_bytes(b"")
+    cfg = load_config(["tune.local=true", "local.extractor=disk", f"local.weights={weights}",
+                       "device=cpu", f"output_dir={tmp_path}"])
+    with pytest.raises(MissingExtra) as refused:
+        search.tune(cfg)
+    # Only the key that was set is named.
+    assert str(refused.value).startswith("local.extractor=disk needs kornia, which is not "
+                                         "installed: pip install 'jaguar-reid[kornia]'")
+    cfg = load_config(["tune.local=true", "local.matcher=lightglue", "device=cpu",
+                       f"output_dir={tmp_path}"])
+    with pytest.raises(MissingExtra, match=r"^local\.matcher=lightglue needs kornia"):
+        search.tune(cfg)
+    with pytest.raises(AssertionError, match="search started"):  # the default needs no kornia
+        search.tune(load_config(["tune.local=true", "device=cpu", f"output_dir={tmp_path}"]))
+
+
+def test_submission_refuses_a_calibration_with_learned_features_without_kornia(
+        tmp_path, without_kornia):
+    """The calibration's own local.* keys are the ones verification runs with: checked when it
+    is loaded, before any fold embeds the test images."""
+    from jaguar_reid.retrieval.fusion import FusionModel
+    from jaguar_reid.retrieval.search import load_fusion
+
+    model = FusionModel("logistic", (1.0, 0.1, 0.0), 0.0)
+    keys = dict(load_config(["local.matcher=lightglue"]).local)
+    choice = tmp_path / "choice.json"
+    choice.write_text(json.dumps({"fusion": {"model": model.to_dict(), "local": keys}}))
+    with pytest.raises(MissingExtra, match=r"^local\.matcher=lightglue needs kornia"):
+        load_fusion(str(choice))
+    keys = dict(load_config([]).local)
+    choice.write_text(json.dumps({"fusion": {"model": model.to_dict(), "local": keys}}))
+    assert load_fusion(str(choice)) == (model, keys)

@@ -56,7 +56,7 @@ from jaguar_reid.retrieval.postprocess import (
     postprocess_pairs,
 )
 from jaguar_reid.retrieval.rerank import dense_limit_bytes
-from jaguar_reid.retrieval.verify import verify_shortlist
+from jaguar_reid.retrieval.verify import check_learned, check_local, verify_shortlist
 from jaguar_reid.text import markdown_table
 
 
@@ -413,6 +413,8 @@ def format_steps(rows: list[dict]) -> str:
 
 def tune(cfg: Config, quiet: bool = False) -> dict:
     device = resolve_device(cfg.device)
+    if cfg.tune.local:  # a missing library or weights file refused before the search
+        check_learned(cfg)
     start = time.perf_counter()
     cap, why = test_density(cfg)
     folds = load_folds(cfg, device, cap)
@@ -485,10 +487,12 @@ def load_fusion(source: str) -> tuple[FusionModel, dict]:
         raise ValueError(f"{source}: the choice has local verification but no calibration "
                          "('fusion'); run python -m jaguar_reid.tune again")
     try:
-        return FusionModel.from_dict(doc["fusion"]["model"]), dict(doc["fusion"]["local"])
+        model, keys = FusionModel.from_dict(doc["fusion"]["model"]), dict(doc["fusion"]["local"])
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{source}: 'fusion' is not a calibration saved by python -m "
                          f"jaguar_reid.tune ({exc}); run it again") from None
+    check_local(keys)  # the keys verification will run with, before anything is embedded
+    return model, keys
 
 
 def load_choice(cfg: Config) -> tuple[PostSettings, str]:

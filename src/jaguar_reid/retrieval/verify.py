@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from jaguar_reid import layout
 from jaguar_reid.config import Config
 from jaguar_reid.data.images import DECODER_VERSION
 from jaguar_reid.data.source_ids import content_ids, require_ids
+from jaguar_reid.extras import require
 from jaguar_reid.io_utils import atomic_path
 from jaguar_reid.keys import choices
 from jaguar_reid.progress import bar as progress_bar
@@ -64,11 +65,22 @@ def _file_digest(cfg: Config, path: str) -> str:
 
 
 def check_learned(cfg: Config) -> None:
-    """The learned extractor and matcher need local weight files (nothing is downloaded)."""
-    if cfg.local.extractor == "disk":
-        learned.check_weights(cfg.local.weights or None, "disk")
-    if cfg.local.matcher == "lightglue":
-        learned.check_weights(cfg.local.matcher_weights or None, "lightglue")
+    """`check_local` on the config's `local.*` keys."""
+    check_local(cfg.local)
+
+
+def check_local(keys: Mapping) -> None:
+    """The learned extractor and matcher `keys` (`local.*`) ask for need kornia and local
+    weight files (nothing is downloaded): checked before any work, each missing one named."""
+    learned_keys = [f"local.{key}={keys[key]}" for key, kind in (("extractor", "disk"),
+                                                                  ("matcher", "lightglue"))
+                    if keys.get(key) == kind]
+    if learned_keys:
+        require("kornia.feature", ", ".join(learned_keys))
+    if keys.get("extractor") == "disk":
+        learned.check_weights(keys.get("weights") or None, "disk")
+    if keys.get("matcher") == "lightglue":
+        learned.check_weights(keys.get("matcher_weights") or None, "lightglue")
 
 
 def feature_settings(cfg: Config) -> dict:
