@@ -249,3 +249,82 @@ def test_verify_pairs_counts_each_matched_pair_once():
         verify_pairs([empty] * 4, rows, cols, cache=dict(cache), workers=workers,
                      match=lambda x, y: 0, advance=done.append)
         assert done == [1, 1]  # (0, 1) and (2, 3); (0, 2) was cached
+
+
+# ------------------------------------------------------------ long lines, a reader gone
+
+def test_a_long_line_is_shown_in_pieces_as_it_comes(monkeypatch):
+    """Text without a line ending is kept at most MAX_LINE_CHARS long: past that it is shown
+    in pieces, however the bytes come in; nothing is lost or repeated."""
+    from jaguar_reid.training import child_output
+
+    monkeypatch.setattr(child_output, "MAX_LINE_CHARS", 8)
+    split = LineSplitter()
+    shown = [line for byte in b"abcdefghijklmnopqrst" for line in split.feed(bytes([byte]))]
+    assert shown == ["abcdefgh", "ijklmnop"]
+    assert split.feed(b"uv\n") == ["qrstuv"]
+    assert split.feed(b"12345678\r") == []  # just the limit, and a '\r' held back: no piece
+    assert split.feed(b"\n") == ["12345678"]
+    # At the end the last bar's state is shown (the log has it; the display should too).
+    assert LineSplitter().feed(b"a\r\nb\r\n\r\r\r\nc\r", final=True) == ["a", "b", "", "c"]
+
+
+LONG_LINE = textwrap.dedent("""\
+    import sys, time
+    from jaguar_reid.training.child_output import MAX_LINE_CHARS, LineSplitter
+    text = (b"0123456789" * 400_000)  # 4 MB on one line, no line ending
+    start = time.perf_counter()
+    split = LineSplitter()
+    step = 1 << 16
+    shown = [line for i in range(0, len(text), step) for line in split.feed(text[i:i + step])]
+    for i in range(20_000):  # then byte by byte, as a child writing unbuffered might
+        shown += split.feed(b"x")
+    shown += split.feed(b"\\n")
+    assert "".join(shown) == text.decode() + "x" * 20_000, "lost or repeated text"
+    assert max(map(len, shown)) <= MAX_LINE_CHARS
+    print(f"{time.perf_counter() - start:.2f}")
+    """)
+
+
+def test_a_long_line_costs_linear_time():
+    """A child's line of megabytes without a newline: the splitter's work grows with the
+    bytes, not with their square (which held the parent, and every fold's output, for
+    minutes). In a process of its own, so that a regression fails here rather than hangs."""
+    proc = subprocess.run([sys.executable, "-c", LONG_LINE], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) < 10.0  # about 0.2 s
+
+
+GATED_CHILD = textwrap.dedent("""\
+    import os, sys, time
+    fold = next(a.split("=")[1] for a in sys.argv if a.startswith("fold="))
+    print(f"fold {fold}: up", flush=True)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.environ["GATE"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for i in range(300):
+        print(f"fold {fold} line {i} " + "x" * 100, flush=True)
+    print(f"fold {fold}: done", flush=True)
+    """)
+
+
+def test_a_reader_that_goes_away_stops_no_fold(tmp_path):
+    """The parent's stdout closed early (`| head -1`): the children run to their end, their
+    logs hold every line, and the parent ends normally, without a thread's traceback."""
+    (tmp_path / "fake_train.py").write_text(GATED_CHILD)
+    gate = tmp_path / "gate"
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, str(tmp_path / "logs"), "0,1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "GATE": str(gate), "PYTHONPATH": os.pathsep.join(
+                                [str(REPO / "src"), str(tmp_path)])})
+    assert proc.stdout.readline().startswith(b"fold 0: started")
+    proc.stdout.close()  # the reader is gone
+    gate.touch()  # only now do the children say more
+    assert proc.wait(timeout=120) == 0
+    err = proc.stderr.read().decode()
+    assert "Traceback" not in err and "Exception" not in err and "error" not in err, err
+    for fold in (0, 1):
+        lines = (tmp_path / "logs" / f"fold{fold}.out").read_text().splitlines()
+        assert lines[0] == f"fold {fold}: up" and lines[-1] == f"fold {fold}: done"
+        assert len(lines) == 302
