@@ -328,3 +328,43 @@ def test_a_reader_that_goes_away_stops_no_fold(tmp_path):
         lines = (tmp_path / "logs" / f"fold{fold}.out").read_text().splitlines()
         assert lines[0] == f"fold {fold}: up" and lines[-1] == f"fold {fold}: done"
         assert len(lines) == 302
+
+
+# ------------------------------------------------------------ which GPU each fold child sees
+
+def test_slot_gpus_follow_the_parents_visible_list_and_start():
+    assert distributed.slot_gpus("cuda", 2, None) == ["0", "1"]
+    assert distributed.slot_gpus("cuda:1", 2, None) == ["1", "2"]
+    assert distributed.slot_gpus("cuda", 2, "2,3") == ["2", "3"]
+    assert distributed.slot_gpus("cuda:1", 1, "2, 3") == ["3"]
+    assert distributed.slot_gpus("cuda:1", 2, "GPU-a,GPU-b,GPU-c") == ["GPU-b", "GPU-c"]
+    with pytest.raises(UserInputError, match=r"CUDA_VISIBLE_DEVICES='2,3' lists 2"):
+        distributed.slot_gpus("cuda:1", 2, "2,3")
+
+
+def test_fold_children_get_their_own_gpu(tmp_path, monkeypatch):
+    """Started with CUDA_VISIBLE_DEVICES=2,3 and device=cuda:1: the child sees physical GPU 3
+    only, and is told device=cuda (its one GPU), whatever device= the command line said."""
+    started = []
+
+    class FakeChild:
+        def __init__(self, cmd, stdout, stderr, env):
+            started.append((cmd, env.get("CUDA_VISIBLE_DEVICES")))
+            self.stdout, self.returncode = io.BufferedReader(io.BytesIO(b"hi\n")), 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(distributed.subprocess, "Popen", FakeChild)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    distributed.launch_fold_parallel(["device=cuda:1"], [0, 1], 1, tmp_path, "cuda:1")
+    assert [gpu for _, gpu in started] == ["3", "3"]
+    for cmd, _ in started:
+        assert [a for a in cmd if a.startswith("device=")][-1] == "device=cuda"
+    started.clear()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    distributed.launch_fold_parallel([], [0, 1, 2], 2, tmp_path, "cuda")
+    assert sorted(gpu for _, gpu in started) == ["0", "0", "1"]
+    started.clear()
+    distributed.launch_fold_parallel([], [0], 2, tmp_path, "cpu")
+    assert started[0][1] is None and not any(a.startswith("device=") for a in started[0][0])

@@ -2,7 +2,7 @@
 
 `bash train.sh fold=0 gpus=N` re-launches training under `torchrun` with N processes
 (DistributedDataParallel; NCCL on CUDA, gloo on CPU); `bash train.sh fold=0..4 gpus=N
-parallel=folds` runs up to N single-process folds at once, fold i on GPU i mod N. In both cases
+parallel=folds` runs up to N single-process folds at once, each on a GPU of its own. In both cases
 the parent prepares the shared inputs (image cache, folds file) first, so the children only read
 them, and only rank 0 of a data-parallel run writes anything.
 """
@@ -113,11 +113,31 @@ class _Child:
     output: threading.Thread
 
 
+def slot_gpus(device: str, n_slots: int, visible: str | None) -> list[str]:
+    """The `CUDA_VISIBLE_DEVICES` of each slot's child: its one GPU, the run's GPU `first +
+    slot` as this process numbers them (`device` is `cuda` or `cuda:<first>`), named as this
+    process's own `visible` list (`CUDA_VISIBLE_DEVICES`; None: every GPU, by index) names
+    it, since a child's list is read against the machine's GPUs, not its parent's."""
+    first = int(device.partition(":")[2] or 0)
+    wanted = range(first, first + n_slots)
+    if visible is None:
+        return [str(index) for index in wanted]
+    listed = [entry.strip() for entry in visible.split(",")]
+    if wanted[-1] >= len(listed):
+        raise UserInputError(f"device={device} with gpus={n_slots} needs GPUs {first} to "
+                             f"{wanted[-1]}, but CUDA_VISIBLE_DEVICES={visible!r} lists "
+                             f"{len(listed)}")
+    return [listed[index] for index in wanted]
+
+
 def _start_child(argv: Sequence[str], fold: int | str, slot: int, log_dir: Path,
-                 cuda: bool) -> _Child:
+                 gpu: str | None) -> _Child:
+    """Start fold `fold` in slot `slot`; `gpu`: its one visible GPU (None: on the CPU)."""
     env = _child_env(**{CHILD_ENV: "1"})
-    if cuda:
-        env["CUDA_VISIBLE_DEVICES"] = str(slot)
+    if gpu is not None:
+        # The child sees one GPU, its cuda:0, whatever GPU the parent was told to start from.
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+        argv = [*argv, "device=cuda"]
     # The children's bars go where the parent's would: shown (as occasional lines) when the
     # parent's output is a terminal or bars are asked for, else left out of the logs too.
     env[PROGRESS_ENV] = "1" if progress_shown(sys.stdout) else "0"
@@ -125,7 +145,8 @@ def _start_child(argv: Sequence[str], fold: int | str, slot: int, log_dir: Path,
     cmd = [sys.executable, "-m", TRAIN_MODULE, *argv, f"fold={fold}", "gpus=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     output = start_pump(proc.stdout, log, f"[fold {fold}] ")
-    say(f"fold {fold}: started on slot {slot} (log {log})")
+    where = "" if gpu is None else f", CUDA_VISIBLE_DEVICES={gpu}"
+    say(f"fold {fold}: started on slot {slot}{where} (log {log})")
     return _Child(proc, fold, log, output)
 
 
@@ -136,11 +157,18 @@ def _last_line(log: Path) -> str:
 
 
 def launch_fold_parallel(argv: Sequence[str], folds: Sequence[int | str], n_slots: int,
-                         log_dir: Path, cuda: bool) -> None:
-    """One single-process `jaguar_reid.train` per fold, at most `n_slots` at a time; fold i runs on
-    GPU slot i mod n_slots. Each child's output goes to `log_dir/fold<k>.out` and, line by line
-    prefixed `[fold k] `, to this process's stdout (`child_output`). A child's mistake of the
-    user's (exit status 2, said in one line) is said again at the end, in one line."""
+                         log_dir: Path, device: str | bool) -> None:
+    """One single-process `jaguar_reid.train` per fold, at most `n_slots` at a time, each in a
+    free slot. On CUDA (`device`, resolved: `cuda` or `cuda:<first>`) slot s is the run's GPU
+    first + s (`slot_gpus`); a bool `device` is the older call's "on CUDA?". Each child's
+    output goes to `log_dir/fold<k>.out` and, line by line prefixed `[fold k] `, to this
+    process's stdout (`child_output`). A child's mistake of the user's (exit status 2, said
+    in one line) is said again at the end, in one line."""
+    if isinstance(device, bool):
+        device = "cuda" if device else "cpu"
+    gpus: list[str | None] = [None] * n_slots
+    if device.startswith("cuda"):
+        gpus = [*slot_gpus(device, n_slots, os.environ.get("CUDA_VISIBLE_DEVICES"))]
     log_dir.mkdir(parents=True, exist_ok=True)
     queue = list(folds)
     running: dict[int, _Child] = {}
@@ -149,7 +177,7 @@ def launch_fold_parallel(argv: Sequence[str], folds: Sequence[int | str], n_slot
         free = [slot for slot in range(n_slots) if slot not in running]
         while queue and free:
             slot = free.pop(0)
-            running[slot] = _start_child(argv, queue.pop(0), slot, log_dir, cuda)
+            running[slot] = _start_child(argv, queue.pop(0), slot, log_dir, gpus[slot])
         for slot, child in list(running.items()):
             code = child.proc.poll()
             if code is None:
