@@ -14,6 +14,7 @@ Kaggle has it).
 from __future__ import annotations
 
 import codecs
+import functools
 import operator
 import os
 import platform
@@ -39,13 +40,18 @@ except ModuleNotFoundError:  # Python 3.10
 try:
     from packaging.markers import Marker
     from packaging.specifiers import SpecifierSet
-except ImportError:  # then `satisfies` compares versions, and markers are taken as met
-    Marker = SpecifierSet = None
+    from packaging.tags import sys_tags
+    from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+    from packaging.version import InvalidVersion, Version
+except ImportError:  # then `satisfies` compares versions, markers are taken as met and every
+    Marker = SpecifierSet = sys_tags = Version = None  # wheel as made for this Python
 
 
-def requirements(code: str | Path, extras: Sequence[str] = ()) -> list[str]:
+def requirements(code: str | Path, extras: Sequence[str] | str = ()) -> list[str]:
     """`[project] dependencies` of the code dataset's pyproject.toml, and the optional
-    dependencies of each of `extras` (the features the job uses beyond the default recipe)."""
+    dependencies of each of `extras` (the features the job uses beyond the default recipe;
+    a string is one extra: `OPTIONAL = "losses"` means `["losses"]`)."""
+    extras = [extras] if isinstance(extras, str) else list(extras)
     path = Path(code) / "pyproject.toml"
     if tomllib is not None:
         project = tomllib.loads(path.read_text())["project"]
@@ -124,10 +130,26 @@ def _meets(version: str, spec: str) -> bool:
     return satisfies(version, spec)
 
 
+def _above(version: str, spec: str) -> bool:
+    """`version` is newer than the version `spec` ('<3', '==1.26', '~=1.26') names: a failed
+    upper bound or pin that asks for something older, never a reason to install."""
+    op, wanted = re.match(r"\s*(~=|===|>=|<=|==|!=|>|<)?\s*(.*)", spec).groups()
+    if op not in ("<", "<=", "==", "~=", "==="):
+        return False
+    if Version is not None:
+        try:
+            return Version(version) > Version(wanted.removesuffix(".*"))
+        except InvalidVersion:
+            pass
+    have, want = _padded(_release(version), _release(wanted))
+    return have > want
+
+
 def check(requirement: str) -> tuple[str | None, str]:
     """(installed version or None, verdict): "ok"; "missing"; "old" (below the range: to be
-    installed); "new" (past the range's upper bound only: used as it is, since the upper
-    bounds are the next major releases, not known breakage, and Kaggle's own torch must stay)."""
+    installed); "new" (newer than the range's upper bound or pin only: used as it is, since the
+    upper bounds are the next major releases, not known breakage, Kaggle's own torch must stay
+    and a downgrade would change what the image's other libraries were built against)."""
     name, specs, marker = _split(requirement)
     if marker and Marker is not None and not Marker(marker).evaluate():
         return None, "ok"  # not meant for this Python or platform
@@ -138,7 +160,7 @@ def check(requirement: str) -> tuple[str | None, str]:
     failed = [s for s in specs if not _meets(version, s)]
     if not failed:
         return version, "ok"
-    return version, "new" if all(s.startswith("<") for s in failed) else "old"
+    return version, "new" if all(_above(version, s) for s in failed) else "old"
 
 
 def unsatisfied(reqs: list[str], verbose: bool = False) -> list[str]:
@@ -161,14 +183,48 @@ def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def _wheel_name(path: Path) -> tuple[str, str, bool] | None:
+    """(name, version, made for this Python and machine) from a wheel's file name
+    (`name-version[-build]-python-abi-platform.whl`), or None for a name that is not one."""
+    if sys_tags is not None:
+        try:
+            name, version, _, tags = parse_wheel_filename(path.name)
+        except (InvalidWheelFilename, InvalidVersion):
+            return None
+        return str(name), str(version), not tags.isdisjoint(_this_python_tags())
+    parts = path.name.removesuffix(".whl").split("-")
+    return (parts[0], parts[1], True) if len(parts) in (5, 6) else None
+
+
+@functools.cache
+def _this_python_tags() -> frozenset:
+    return frozenset(sys_tags())
+
+
 def wheels_in(folder: str | Path) -> dict[str, list[tuple[str, Path]]]:
-    """The .whl files of `folder` (and below: a dataset may nest them), by distribution name:
-    [(version, path)] from each file name (`name-version-...-platform.whl`)."""
+    """The wheels of `folder` this Python can install, by distribution name: [(version,
+    path)]. Only the folder's top level, the one place `pip install --find-links` looks; a
+    file whose name is not a wheel's, or a wheel for another Python or machine, is left out
+    with a note."""
     found: dict[str, list[tuple[str, Path]]] = {}
-    for path in sorted(Path(folder).rglob("*.whl")) if folder else []:
-        name, version = path.name.split("-")[:2]
-        found.setdefault(_canonical(name), []).append((version, path))
+    for path in sorted(Path(folder).glob("*.whl")) if folder else []:
+        parsed = _wheel_name(path)
+        if parsed is None:
+            print(f"note: {path.name} is not a wheel's file name "
+                  "(name-version-python-abi-platform.whl): left out")
+        elif not parsed[2]:
+            print(f"note: {path.name} is for another Python or machine than this "
+                  f"(Python {platform.python_version()}, {platform.machine()}): left out")
+        else:
+            found.setdefault(_canonical(parsed[0]), []).append(parsed[1:2] + (path,))
     return found
+
+
+def nested_wheels(folder: str | Path) -> list[Path]:
+    """The folders below `folder` that hold wheels pip will not see (a dataset's upload may
+    nest the folder that was uploaded)."""
+    return sorted({p.parent for p in Path(folder).rglob("*.whl")} - {Path(folder)}) \
+        if folder else []
 
 
 def provider(wheels: dict[str, list[tuple[str, Path]]], requirement: str) -> Path | None:
@@ -239,15 +295,18 @@ def wheels_message(fetch: list[tuple[str, str]], wheels: str | Path) -> str:
     """What to attach, wheel by wheel, and the one command that downloads them."""
     where = (f"WHEELS ({wheels}) lacks a wheel for each of these" if wheels else
              "attach a dataset of wheels for each of these and set WHEELS to its path")
+    nested = nested_wheels(wheels)
     return "\n".join([
         f"{where}:", *(f"    {req}    ({why})" for req, why in fetch),
+        *([f"WHEELS holds wheels in sub-folders, which pip does not read: set WHEELS to the "
+           f"folder that holds them ({', '.join(map(str, nested))})"] if nested else []),
         "On a machine with internet, this command downloads exactly these wheels into wheels/;"
         " upload that folder as a dataset (kaggle/README.md, \"Wheels\"):",
         f"    {download_command([req for req, _ in fetch])}"])
 
 
 def install_missing(code: str | Path, wheels: str | Path = "",
-                    extras: Sequence[str] = ()) -> None:
+                    extras: Sequence[str] | str = ()) -> None:
     """Every requirement of the code dataset (and of `extras`) met, installing from `wheels`
     (a folder of .whl files, `pip install --no-index`: offline) only what is missing or too
     old; where `wheels` lacks one, a message naming each wheel to attach and the command that

@@ -124,9 +124,15 @@ def test_wheels_to_fetch_are_named_with_the_command_that_downloads_them(tmp_path
     assert tools.check("numpy (>=999)")[1] == "old"
     assert tools.to_fetch(needed[:1], tools.wheels_in(wheels)) == [
         ("fake-kaggle-dep>=3", f"not installed; needed by {whl.name}")]
+    # pip's --find-links reads the folder's top level only: a nested wheel is not there.
     nested = wheels / "sub"
     nested.mkdir()
     _wheel(nested, "fake-kaggle-dep", "3.0.1")
+    fetch = tools.to_fetch(needed[:1], tools.wheels_in(wheels))
+    assert fetch == [("fake-kaggle-dep>=3", f"not installed; needed by {whl.name}")]
+    assert (f"WHEELS holds wheels in sub-folders, which pip does not read: set WHEELS to the "
+            f"folder that holds them ({nested})") in tools.wheels_message(fetch, wheels)
+    _wheel(wheels, "fake-kaggle-dep", "3.0.1")
     assert tools.to_fetch(needed[:1], tools.wheels_in(wheels)) == []
 
     message = tools.wheels_message(tools.to_fetch(needed, {}), "")
@@ -140,6 +146,45 @@ def test_wheels_to_fetch_are_named_with_the_command_that_downloads_them(tmp_path
     assert command[-4:] == ["-d", "wheels", "fake-kaggle-lib>=1.0,<2", "numpy>=999"]
     platforms = [command[i + 1] for i, arg in enumerate(command) if arg == "--platform"]
     assert platforms == tools.platform_tags() and platforms[-1].startswith("manylinux")
+
+
+def test_wheels_for_another_python_and_other_files_are_left_out_with_a_note(tmp_path,
+                                                                           monkeypatch, capsys):
+    tools = nbtools()
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    other = _wheel(wheels, "fake-kaggle-lib", "1.1")
+    other = other.rename(wheels / "fake_kaggle_lib-1.1-cp39-cp39-manylinux2014_x86_64.whl")
+    (wheels / "notes.whl").write_text("")
+    assert tools.wheels_in(wheels) == {}
+    out = capsys.readouterr().out
+    assert f"note: {other.name} is for another Python or machine than this" in out
+    assert "note: notes.whl is not a wheel's file name" in out
+    assert tools.to_fetch(["fake-kaggle-lib>=1"], tools.wheels_in(wheels)) == [
+        ("fake-kaggle-lib>=1", "not installed")]
+    ours = _wheel(wheels, "fake-kaggle-lib", "1.0")
+    assert tools.wheels_in(wheels) == {"fake-kaggle-lib": [("1.0", ours)]}
+    # Without `packaging` the names are read by pattern, every wheel taken as this Python's.
+    monkeypatch.setattr(tools, "sys_tags", None)
+    assert tools.wheels_in(wheels) == {"fake-kaggle-lib": [("1.0", ours), ("1.1", other)]}
+    assert "note: notes.whl is not a wheel's file name" in capsys.readouterr().out
+
+
+def test_pins_older_than_the_installed_version_are_not_too_old(monkeypatch):
+    tools = nbtools()
+    for spec in ("==1.0", "~=1.0", "<=1.0", "<1", "==1.0.*", ">=0.5,<1"):
+        assert tools.check(f"numpy{spec}")[1] == "new", spec  # used as is, never downgraded
+    for spec in ("==999", "~=999.0", f"!={np.__version__}"):
+        assert tools.check(f"numpy{spec}")[1] == "old", spec
+    monkeypatch.setattr(tools, "SpecifierSet", None)
+    monkeypatch.setattr(tools, "Version", None)
+    assert tools.check("numpy==1.0")[1] == "new" and tools.check("numpy~=1.0")[1] == "new"
+    assert tools.check("numpy==999")[1] == "old"
+
+
+def test_optional_given_as_a_string_is_one_extra():
+    tools = nbtools()
+    assert tools.requirements(REPO, "losses") == tools.requirements(REPO, ["losses"])
 
 
 def test_a_missing_requirement_stops_before_any_work_naming_its_wheel(tmp_path):
