@@ -82,8 +82,51 @@ def test_every_gpu_of_the_run_is_checked(monkeypatch):
     with pytest.raises(UserInputError, match=r"no kernels for Tesla P100"):
         resolve_device("cuda:1")
     fake_cuda(monkeypatch, [T4], KAGGLE_ARCHS)
-    with pytest.raises(UserInputError, match=r"2 GPU\(s\) asked for .* torch sees 1 CUDA"):
+    with pytest.raises(UserInputError) as err:
         resolve_device("auto", gpus=2)
+    assert str(err.value) == ("device=auto with gpus=2 asks for GPUs 0 to 1, but torch sees 1 "
+                              "CUDA device(s) (GPU 0); set gpus= to at most 1")
+
+
+@pytest.mark.parametrize(("name", "gpus", "n", "advice"), [
+    ("cuda:1", 1, 1, "device=cuda:1 asks for GPU 1, but torch sees 1 CUDA device(s) (GPU 0); "
+                     "use device=cuda"),
+    ("cuda:1", 2, 2, "device=cuda:1 with gpus=2 asks for GPUs 1 to 2, but torch sees 2 CUDA "
+                     "device(s) (GPU 0 to 1); use device=cuda"),
+    ("cuda:3", 1, 2, "device=cuda:3 asks for GPU 3, but torch sees 2 CUDA device(s) (GPU 0 to "
+                     "1); use device=cuda:1 or lower"),
+    ("cuda:1", 3, 2, "device=cuda:1 with gpus=3 asks for GPUs 1 to 3, but torch sees 2 CUDA "
+                     "device(s) (GPU 0 to 1); set gpus= to at most 2 and device=cuda"),
+])
+def test_missing_gpus_advice_that_helps(monkeypatch, name, gpus, n, advice):
+    """The way out named is one that works: never "gpus= at most 1" to a run of gpus=1."""
+    fake_cuda(monkeypatch, [T4] * n, KAGGLE_ARCHS)
+    with pytest.raises(UserInputError) as err:
+        resolve_device(name, gpus=gpus)
+    assert str(err.value) == advice
+
+
+BAD_DEVICES = ["CUDA", "gpu", "", "mps", "xla", "cuda:00", "cuda:01", "cudax", "cuda0",
+               "Cuda:0", " cuda", "cuda ", "cuda:", "cuda:\u00b2", "cuda:\u0660", "cuda:x",
+               "cuda:0 ", "cuda:-1", "cuda:+1", "cuda:0:1", "cpu:0", "auto "]
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_device_names_checked_on_any_machine(monkeypatch, cuda):
+    """What torch would refuse later (after the image cache) is one line here, on a machine
+    with or without a GPU; what it accepts passes."""
+    fake_cuda(monkeypatch, [T4, T4] if cuda else [], KAGGLE_ARCHS)
+    for name in BAD_DEVICES:
+        with pytest.raises(UserInputError) as err:
+            resolve_device(name)
+        assert str(err.value) == (f"device={name!r}: expected auto, cpu, cuda or cuda:<GPU "
+                                  "number> (cuda:0, cuda:1, ...)")
+    assert resolve_device("cpu") == "cpu"
+    if cuda:
+        assert [resolve_device(n) for n in ("auto", "cuda", "cuda:0", "cuda:1")] == [
+            "cuda", "cuda", "cuda:0", "cuda:1"]
+        for name in ("cuda", "cuda:0", "cuda:1"):
+            torch.device(name)  # each accepted name is one torch takes
 
 
 def test_no_gpu_and_bad_names(monkeypatch):

@@ -60,17 +60,35 @@ def sm_name(gpu: Capability) -> str:
     return f"sm_{gpu[0]}{gpu[1]}"
 
 
-def check_gpus(indices: list[int]) -> None:
-    """Stop in one line when a GPU of `indices` is missing, or when this torch build has no
-    kernel for it."""
+def too_few_gpus(device: str, first: int, count: int, visible: int) -> str | None:
+    """The one line for `device` (`cuda` or `cuda:<first>`) with gpus=`count`, which uses
+    GPUs first .. first + count - 1, on a machine where torch sees `visible`; None when they
+    are all there."""
+    if first + count <= visible:
+        return None
+    wanted = f"GPU {first}" if count == 1 else f"GPUs {first} to {first + count - 1}"
+    have = f"GPU 0 to {visible - 1}" if visible > 1 else "GPU 0" if visible else "none"
+    asked = f"device={device}" + (f" with gpus={count}" if count > 1 else "")
+    highest = visible - count  # the highest GPU the run may start from
+    if not visible:
+        fix = "use device=cpu"
+    elif highest < 0:
+        fix = f"set gpus= to at most {visible}" + (" and device=cuda" if first else "")
+    else:
+        fix = f"use device=cuda:{highest} or lower" if highest else "use device=cuda"
+    return (f"{asked} asks for {wanted}, but torch sees {visible} CUDA device(s) ({have}); "
+            f"{fix}")
+
+
+def check_gpus(device: str, first: int, count: int) -> None:
+    """Stop in one line when a GPU of the run's (`count` from `first`, for `device`) is
+    missing, or when this torch build has no kernel for it."""
     import torch
 
-    visible = torch.cuda.device_count()
-    if indices and max(indices) >= visible:
-        raise UserInputError(
-            f"{len(indices)} GPU(s) asked for (GPU {min(indices)} to {max(indices)}), but "
-            f"torch sees {visible} CUDA device(s); set gpus= to at most {visible} (or choose a "
-            "machine with more GPUs)")
+    message = too_few_gpus(device, first, count, torch.cuda.device_count())
+    if message is not None:
+        raise UserInputError(message)
+    indices = list(range(first, first + count))
     if torch.version.hip:  # ROCm: get_arch_list names gfx targets, judged by torch itself
         return
     arch_list = list(torch.cuda.get_arch_list())

@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import random
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -246,27 +247,32 @@ def read_json(path: str | Path) -> Any:
                                "make it again with the step that wrote it") from None
 
 
+DEVICES = "auto, cpu, cuda or cuda:<GPU number> (cuda:0, cuda:1, ...)"  # device=
+_DEVICE = re.compile(r"auto|cpu|cuda(?::(0|[1-9][0-9]*))?", re.ASCII)
+
+
 def resolve_device(name: str, gpus: int = 1) -> str:
-    """`auto` picks CUDA when present; an explicit CUDA request without a GPU is an error. On
-    CUDA, the `gpus` GPUs the run will use (from the one named, `cuda:<i>`, else the first)
-    must be there and have kernels in this torch build (`cuda_kernels`): a GPU it cannot drive
-    stops here in one line, not at its first operation."""
+    """`auto` picks CUDA when present; an explicit CUDA request without a GPU is an error, and
+    so is a name torch would refuse later (checked first, on any machine). On CUDA, the
+    `gpus` GPUs the run will use (from the one named, `cuda:<i>`, else the first) must be
+    there and have kernels in this torch build (`cuda_kernels`): a GPU it cannot drive stops
+    here in one line, not at its first operation."""
+    match = _DEVICE.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        raise UserInputError(f"device={name!r}: expected {DEVICES}")
     import torch
 
+    given = name
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if not name.startswith("cuda"):
+    if name == "cpu":
         return name
     if not torch.cuda.is_available():
         raise UserInputError(f"device={name!r} asked for, but torch sees no CUDA device; "
                              "use device=cpu or device=auto")
     from jaguar_reid.cuda_kernels import check_gpus
 
-    index = name.partition(":")[2] or "0"
-    if not index.isdigit():
-        raise UserInputError(f"device={name!r}: expected auto, cpu, cuda or cuda:<GPU number>")
-    first = int(index)
-    check_gpus(list(range(first, first + max(1, gpus))))
+    check_gpus(given, int(match.group(1) or 0), max(1, gpus))
     return name
 
 
