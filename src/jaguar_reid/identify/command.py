@@ -63,6 +63,11 @@ def write_results(identifier: Identifier, records: Sequence[Identification],
     return csv_path, html_path
 
 
+def config_arguments(argv: list[str]) -> list[str]:
+    """The key=value arguments alone (`jaguar-reid identify --print-config`)."""
+    return split_args(argv)[1]
+
+
 def main(argv: list[str]) -> list[Identification]:
     inputs, args = split_args(argv)
     if not inputs:

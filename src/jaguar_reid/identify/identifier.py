@@ -194,12 +194,12 @@ class Identifier:
 
     # ----------------------------------------------------------------------- identifying
 
-    def identify(self, photos: Iterable[str | Path], progress: bool = True
+    def identify(self, photos: str | Path | Iterable[str | Path], progress: bool = True
                  ) -> list[Identification]:
         """One `Identification` per photo (folders expanded), in order."""
         from tqdm import tqdm
 
-        paths = collect_photos(photos)
+        paths = collect_photos([photos] if isinstance(photos, (str, Path)) else photos)
         batch = self.cfg.embed.batch_size
         out: list[Identification] = []
         with tqdm(total=len(paths), unit="photo", desc="identify", disable=not progress) as bar:
