@@ -42,11 +42,6 @@ def split_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return photos, keys
 
 
-def command_line(argv: list[str]) -> list[str]:
-    """The key=value arguments alone (what --print-config resolves)."""
-    return split_args(argv)[1]
-
-
 def write_results(identifier: Identifier, records: Sequence[Identification],
                   seconds: float | None) -> tuple[Path, Path]:
     """identify.csv and identify.html, together or not at all."""
