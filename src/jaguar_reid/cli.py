@@ -64,6 +64,16 @@ STEPS: dict[str, Step] = {
                    (*_DATA, "report")),
     "leaderboard": Step("jaguar_reid.reporting.runs", "every run so far, ranked",
                         ("report",)),
+    "sweep": Step("jaguar_reid.sweep", "a grid of recipes trained in turn, ranked out of fold "
+                  "with their noise", ("sweep", "folds", "tune"),
+                  own_parser=True),
+    "calibrate": Step("jaguar_reid.identify.calibrate", "fit out of fold what identify needs: "
+                      "probabilities, the new-individual threshold",
+                      (*_DATA, "embed", "identify"),
+                      also="python -m jaguar_reid.identify.calibrate"),
+    "identify": Step("jaguar_reid.identify.command", "name the known individual in each photo, "
+                     "or call it new (PHOTO_OR_FOLDER ... models=PATH)",
+                     (*_DATA, "embed", "local", "identify"), translate="config_arguments"),
 }
 _TOP = tuple(name for name in keys.SPECS if "." not in name)
 
