@@ -141,3 +141,58 @@ def test_without_tensorboard_one_line_before_training(demo_dir, tmp_path, tiny_c
     assert str(err.value) == missing_message("tensorboard", "report.tensorboard=true")
     assert "pip install 'jaguar-reid[tensorboard]'" in str(err.value)
     assert not built
+
+
+FULL_DISK = '''\
+import errno, sys, time
+from pathlib import Path
+from tensorboard.summary.writer import record_writer
+from jaguar_reid.io_utils import DiskFullError
+from jaguar_reid.training import curves
+
+real_flush = record_writer.RecordWriter.flush
+
+
+def full(self):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+import torch
+opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5)
+record_writer.RecordWriter.flush = full  # full before the writer's first event
+try:
+    curves.Curves(Path(sys.argv[1]) / "fold0", None)
+except DiskFullError as exc:
+    print(f"create: {exc}")
+record_writer.RecordWriter.flush = real_flush
+run = curves.Curves(Path(sys.argv[1]) / "fold1", None)
+run.step(1, 1.0, opt)
+record_writer.RecordWriter.flush = full  # full in the middle of the run
+try:
+    run.step(2, 1.0, opt)
+    run.epoch(2, {"epoch": 1, "loss": 1.0, "map": 0.5})
+except DiskFullError as exc:
+    print(f"epoch: {exc}")
+time.sleep(0.5)  # the writer threads have ended and said what they say
+'''
+
+
+def test_full_disk_is_one_line_naming_the_folder(tmp_path):
+    """A full disk under the event files, when the writer opens them or mid-run: a
+    DiskFullError naming the fold's curves folder, and no traceback from tensorboard's writer
+    thread. In a process of its own, where that thread's report would reach stderr."""
+    pytest.importorskip("tensorboard")
+    import subprocess
+
+    from tests.helpers import REPO
+
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], text=True,
+                          capture_output=True, timeout=120,
+                          env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["create", "epoch"]
+    for line, fold in zip(lines, ("fold0", "fold1"), strict=True):
+        assert line.endswith(f"{tmp_path / fold}: the disk is full (no space left on the "
+                             f"device) while writing it; {curves.KEPT}. Free some space (df "
+                             f"-h {tmp_path}) and run the same command again")
