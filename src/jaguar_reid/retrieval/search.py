@@ -39,6 +39,7 @@ from jaguar_reid.io_utils import (
     read_json,
     resolve_device,
 )
+from jaguar_reid.progress import bar as progress_bar
 from jaguar_reid.retrieval.embedding import (
     OofViews,
     combine_views,
@@ -280,7 +281,7 @@ class Search:
 
     def best(self, candidates: Iterable[PostSettings]) -> tuple[PostSettings, dict] | None:
         found = None
-        for s in candidates:
+        for s in progress_bar(candidates, desc="tuning", unit="setting"):
             result = self.score(s)
             if found is None or result[self.metric] > found[1][self.metric]:
                 found = (s, result)
