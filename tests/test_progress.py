@@ -368,3 +368,21 @@ def test_fold_children_get_their_own_gpu(tmp_path, monkeypatch):
     started.clear()
     distributed.launch_fold_parallel([], [0], 2, tmp_path, "cpu")
     assert started[0][1] is None and not any(a.startswith("device=") for a in started[0][0])
+
+
+def test_say_to_a_sink_whose_reader_went_away():
+    """The first failed write silences the sink (no exception to the pump's thread); the
+    lines after are not attempted."""
+    from jaguar_reid.training.child_output import say
+
+    class Gone(io.StringIO):
+        writes = 0
+
+        def write(self, text):
+            self.writes += 1
+            raise BrokenPipeError(32, "Broken pipe")
+
+    sink = Gone()
+    say("one", sink)
+    say("two", sink)
+    assert sink.writes == 1

@@ -17,6 +17,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from io import BufferedIOBase
 from pathlib import Path
@@ -30,7 +31,7 @@ _LINE_END = re.compile(r"\r\n|\n|\r")
 MAX_LINE_CHARS = 1 << 14
 
 SINK_LOCK = threading.Lock()  # one writer at a time: lines of two children never mix
-_GONE: set[int] = set()  # the sinks (by id) whose reader has gone
+_GONE: weakref.WeakSet[TextIO] = weakref.WeakSet()  # the sinks whose reader has gone
 
 
 def say(text: str, sink: TextIO | None = None) -> None:
@@ -39,13 +40,13 @@ def say(text: str, sink: TextIO | None = None) -> None:
     children's logs stay complete."""
     sink = sys.stdout if sink is None else sink
     with SINK_LOCK:
-        if id(sink) in _GONE:
+        if sink in _GONE:
             return
         try:
             sink.write(text + "\n")
             sink.flush()
         except (OSError, ValueError):  # ValueError: the sink was closed
-            _GONE.add(id(sink))
+            _GONE.add(sink)
             _silence(sink)
 
 
@@ -59,7 +60,7 @@ def _silence(sink: TextIO) -> None:
             os.dup2(null, sink.fileno())
         finally:
             os.close(null)
-    except (OSError, ValueError):  # no file descriptor under it (a StringIO): ids suffice
+    except (OSError, ValueError):  # no file descriptor under it (a StringIO): _GONE does
         pass
 
 
