@@ -10,8 +10,11 @@
 #   bash kaggle/replica.sh [pytest arguments]
 #
 # The first run downloads about 4 GB of wheels (torch's CUDA libraries among them); later runs
-# reuse the environment while kaggle/image.txt is unchanged. KAGGLE_REPLICA_PYTHON names the
-# Python to build it from (default: python3.12 on PATH, else pyenv's).
+# reuse the environment while kaggle/image.txt is unchanged (and its Python still runs).
+# KAGGLE_REPLICA_PYTHON names the Python to build it from (default: python3.12 on PATH, else
+# pyenv's); one that is missing or of another version is an error. Runs on one checkout take
+# turns (a lock beside the environment); the package is installed from a clean copy of the
+# checkout's files, never from a build/ folder an earlier build left.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,15 +24,19 @@ venv="$dest/venv"
 pinned() { awk -v name="$1" '$1 == name { print $2 }' "$image"; }
 minor="$(pinned python | cut -d. -f1-2)"
 
-# A Python of Kaggle's major.minor version.
+version_of() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null; }
+
+# A Python of Kaggle's major.minor version: KAGGLE_REPLICA_PYTHON's, or the first found.
 base_python() {
     local candidate
-    for candidate in "${KAGGLE_REPLICA_PYTHON:-}" "python$minor" \
+    if [ -n "${KAGGLE_REPLICA_PYTHON:-}" ]; then
+        echo "$KAGGLE_REPLICA_PYTHON"
+        return 0
+    fi
+    for candidate in "python$minor" \
             "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$minor".*/bin/"python$minor"; do
-        [ -n "$candidate" ] && command -v "$candidate" >/dev/null 2>&1 || continue
-        if [ "$("$candidate" -c 'import sys; print("%d.%d" % sys.version_info[:2])' \
-                2>/dev/null)" = "$minor" ]
-        then
+        command -v "$candidate" >/dev/null 2>&1 || continue
+        if [ "$(version_of "$candidate")" = "$minor" ]; then
             echo "$candidate"
             return 0
         fi
@@ -38,12 +45,37 @@ base_python() {
     return 1
 }
 
+if [ -n "${KAGGLE_REPLICA_PYTHON:-}" ]; then  # named, so never passed over
+    if ! command -v "$KAGGLE_REPLICA_PYTHON" >/dev/null 2>&1; then
+        echo "replica: KAGGLE_REPLICA_PYTHON=$KAGGLE_REPLICA_PYTHON: not found" >&2
+        exit 2
+    fi
+    found="$(version_of "$KAGGLE_REPLICA_PYTHON" || true)"
+    if [ "$found" != "$minor" ]; then
+        echo "replica: KAGGLE_REPLICA_PYTHON=$KAGGLE_REPLICA_PYTHON: Python" \
+            "${found:-(it did not run)}, not $minor (kaggle/image.txt)" >&2
+        exit 2
+    fi
+fi
+
+# One run at a time per environment: another would delete or fill the venv under this one.
+mkdir -p "$dest"
+exec 9>"$dest/.lock"
+if ! flock -n 9; then
+    echo "replica: waiting for another run on $dest to finish"
+    flock 9
+fi
+
 stamp="$(sha256sum "$image" | cut -d' ' -f1)"
+if [ "$(cat "$venv/.image-sha256" 2>/dev/null)" = "$stamp" ] \
+        && ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
+    echo "replica: $venv/bin/python no longer runs (its base Python moved or went): rebuilding"
+    rm -f "$venv/.image-sha256"
+fi
 if [ "$(cat "$venv/.image-sha256" 2>/dev/null)" != "$stamp" ]; then
     python="$(base_python)"
     echo "replica: building $venv from $image with $python ($("$python" --version))"
     rm -rf "$venv"
-    mkdir -p "$dest"
     "$python" -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "pip==$(pinned pip)"
     # Every distribution pinned, none resolved: the environment holds what the file says.
@@ -55,8 +87,16 @@ if [ "$(cat "$venv/.image-sha256" 2>/dev/null)" != "$stamp" ]; then
 fi
 
 # This checkout, its requirements not installed: Kaggle's versions must meet them (pip check).
+# From a copy of its files (tracked, or new and not ignored): setuptools would reuse a build/
+# folder here, and a module since deleted from src/ would stay installed.
+copy="$dest/checkout"
+rm -rf "$copy"
+mkdir -p "$copy"
+git ls-files -z --cached --others --exclude-standard \
+    | tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -xf - -C "$copy"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
-    --no-build-isolation --force-reinstall .
+    --no-build-isolation --force-reinstall "$copy"
+rm -rf "$copy"
 "$venv/bin/python" -m pip check
 KAGGLE_REPLICA=1 "$venv/bin/python" -m pytest -q -s -p no:cacheprovider \
     tests/test_kaggle_replica.py "$@"

@@ -7,7 +7,10 @@ output, then tunes and exports."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
 import re
 import shlex
 import shutil
@@ -28,10 +31,12 @@ from tests.notebooks import (
     KAGGLE,
     NOTEBOOKS,
     SETTINGS_MARKER,
+    cells,
     code_dataset,
     nbtools,
     run_notebook,
     source,
+    with_settings,
 )
 
 # --------------------------------------------------------------------------- cheap checks
@@ -235,19 +240,71 @@ def test_the_settings_paths_are_checked_before_any_work(name, tmp_path):
     run = run_notebook(name, {"CODE": str(code), "WORK": str(working), **wrong}, inputs,
                        tmp_path, ok=False)
     message = run.stderr.strip().splitlines()[-1]
-    assert run.returncode == 1 and message.startswith("not found: "), run.stderr[-2000:]
+    assert run.returncode == 1 and message.startswith("settings: "), run.stderr[-2000:]
     for setting, path in wrong.items():
-        assert f"{setting} = {path!r}" in message
+        assert f"{setting} = {path!r}: not found" in message
     assert "CODE" not in message and "Traceback" not in run.stderr
-    assert f"DATA = {wrong['DATA']!r} (holding {'test' if 'submit' in name else 'train'}.csv)" \
-        in message
+    csv = f"{'test' if 'submit' in name else 'train'}.csv"
+    assert f"DATA = {wrong['DATA']!r}: not found (a folder holding {csv})" in message
     assert list(working.iterdir()) == []
     # CODE itself, and a data folder without the competition's file.
     run = run_notebook(name, {"CODE": str(inputs / "code"), "DATA": str(data / "train"),
                               "WORK": str(working)}, inputs, tmp_path, ok=False)
     message = run.stderr.strip().splitlines()[-1]
-    assert f"CODE = {str(inputs / 'code')!r} (holding pyproject.toml)" in message
-    assert f"DATA = {str(data / 'train')!r}" in message
+    assert f"CODE = {str(inputs / 'code')!r}: not found (a folder holding pyproject.toml)" \
+        in message
+    assert f"DATA = {str(data / 'train')!r}: holds no {csv}" in message
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_a_file_where_a_folder_is_expected_and_the_reverse_are_named(name, tmp_path):
+    """Each wrong one in one message, before any work; and (training) EXTRA setting what EXP
+    and FOLDS set, which would win over them and over SMOKE."""
+    inputs = tmp_path / "input"
+    code = code_dataset(inputs / "jaguar-reid-code")
+    data = make_data(inputs / "jaguar-re-id")
+    a_file = data / ("test.csv" if name == "submit.ipynb" else "train.csv")
+    wrong = {"WHEELS": (str(a_file), "a file, not a folder")}
+    if name == "submit.ipynb":
+        wrong |= {"MODELS": (str(a_file), "a file, not a folder")}
+    else:
+        wrong |= {"WEIGHTS": (str(data), "a folder, not a file"),
+                  "PREVIOUS": (str(a_file), "a file, not a folder")}
+    settings = {"CODE": str(code), "DATA": str(data), "WORK": str(tmp_path / "working"),
+                **{key: path for key, (path, _) in wrong.items()}}
+    if name == "train.ipynb":
+        settings["EXTRA"] = ["train.epochs=2", "exp=real", " fold = 0..4"]
+    run = run_notebook(name, settings, inputs, tmp_path, ok=False)
+    message = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 1 and message.startswith("settings: "), run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    for key, (path, why) in wrong.items():
+        assert f"{key} = {path!r}: {why}" in message
+    assert "CODE" not in message and "DATA" not in message
+    if name == "train.ipynb":
+        assert "EXTRA sets 'exp=real', ' fold = 0..4': set EXP and FOLDS instead" in message
+
+
+def test_smoke_settings_come_last_and_the_cell_runs_again_the_same(tmp_path):
+    """SMOKE's train.epochs=1 after EXTRA's; the settings cell's EXP is not renamed, so a
+    second run of the environment cell trains EXP_smoke again, not EXP_smoke_smoke."""
+    inputs = tmp_path / "input"
+    code = code_dataset(inputs / "jaguar-reid-code")
+    data = make_data(inputs / "jaguar-re-id")
+    weights = inputs / "w.safetensors"
+    weights.write_bytes(b"")
+    settings = {"CODE": str(code), "DATA": str(data), "WEIGHTS": str(weights), "EXP": "e",
+                "SMOKE": True, "EXTRA": ["train.epochs=20"], "WORK": str(tmp_path)}
+    settings_cell, env_cell = [source(c) for c in cells("train.ipynb")
+                               if c["cell_type"] == "code"][:2]
+    script = "\n\n".join([with_settings(settings_cell, settings), env_cell, env_cell,
+                          "print('RUN', RUN_EXP, RUN_FOLDS, RUN_EXTRA, EXP)\n"])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("SMOKE: fold 0 for one epoch, as e_smoke") == 2
+    assert done.stdout.splitlines()[-1] == \
+        "RUN e_smoke 0 ['train.epochs=20', 'train.epochs=1'] e"
 
 
 def _export(args: list[str], exp: str, out: Path) -> None:
@@ -381,3 +438,88 @@ def test_training_notebook_smoke_trains_fold_0_for_one_epoch_then_tunes_and_expo
     exported = working / "export" / "kaggle_smoke"
     assert layout.finished_folds(exported) == [0] and (exported / layout.MANIFEST).is_file()
     assert f"models for submit.ipynb: {exported}" in out
+
+
+# --------------------------------------------------------------------------- replica.sh
+
+# A stand-in for Python 3.12 and its venv: records each call, answers the version check,
+# `-m venv DIR` makes DIR/bin/python (itself), a `pip install` of a folder lists its top level.
+STUB_PYTHON = r'''#!/bin/bash
+echo "$*" >> "$STUB_LOG"
+case "$1" in
+    -c) echo "${STUB_VERSION:-3.12}" ;;
+    -m) if [ "$2" = venv ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; fi
+        if [ "$2 $3" = "pip install" ]; then
+            for last; do :; done
+            if [ -d "$last" ]; then ls -A "$last" > "$STUB_LOG.installed"; fi
+        fi ;;
+esac
+'''
+
+
+def _stub(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(STUB_PYTHON)
+    path.chmod(0o755)
+    return path
+
+
+def _replica(tmp_path: Path, env: dict[str, str], **popen) -> subprocess.Popen:
+    env = {**os.environ, "KAGGLE_REPLICA_DIR": str(tmp_path / "replica"),
+           "STUB_LOG": str(tmp_path / "calls.log"), **env}
+    return subprocess.Popen(["bash", str(KAGGLE / "replica.sh")], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def _stamped_venv(tmp_path: Path) -> Path:
+    venv = tmp_path / "replica" / "venv"
+    (venv / "bin").mkdir(parents=True)
+    digest = hashlib.sha256((KAGGLE / "image.txt").read_bytes()).hexdigest()
+    (venv / ".image-sha256").write_text(digest + "\n")
+    return venv
+
+
+def test_replica_refuses_a_named_python_that_is_missing_or_not_kaggles(tmp_path):
+    for python, why in [(str(tmp_path / "no" / "python3.12"), "not found"),
+                        (str(_stub(tmp_path / "py311")), "Python 3.11, not 3.12")]:
+        done = _replica(tmp_path, {"KAGGLE_REPLICA_PYTHON": python, "STUB_VERSION": "3.11"})
+        out = done.communicate(timeout=60)[0]
+        assert done.returncode == 2, out
+        assert out.strip() == f"replica: KAGGLE_REPLICA_PYTHON={python}: {why}" + (
+            " (kaggle/image.txt)" if "3.11" in why else "")
+        assert not (tmp_path / "replica" / "venv").exists()
+
+
+def test_replica_rebuilds_a_venv_whose_python_is_gone_and_installs_a_clean_copy(tmp_path):
+    venv = _stamped_venv(tmp_path)
+    (venv / "bin" / "python").symlink_to(tmp_path / "gone" / "python3.12")
+    python = _stub(tmp_path / "py312" / "python3.12")
+    done = _replica(tmp_path, {"KAGGLE_REPLICA_PYTHON": str(python)})
+    out = done.communicate(timeout=120)[0]
+    assert done.returncode == 0, out
+    assert "no longer runs (its base Python moved or went): rebuilding" in out
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert f"-m venv {venv}" in calls and (venv / ".image-sha256").is_file()
+    # The package from a copy of the checkout's files, without build/ or caches.
+    install = next(c for c in calls if c.endswith("/checkout"))
+    assert install.split()[-1] != "." and "--no-deps" in install
+    listed = (tmp_path / "calls.log.installed").read_text().split()
+    assert {"pyproject.toml", "src", "configs"} <= set(listed)
+    assert not {"build", ".venv", ".git"} & set(listed)  # ignored or not a file of it
+    assert not (tmp_path / "replica" / "checkout").exists()  # removed after the install
+
+
+def test_replica_runs_take_turns(tmp_path):
+    venv = _stamped_venv(tmp_path)
+    _stub(venv / "bin" / "python")
+    with open(tmp_path / "replica" / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another run holds the environment
+        waiting = _replica(tmp_path, {})
+        time.sleep(2)
+        assert waiting.poll() is None  # it waits rather than deleting or filling the venv
+        assert not (tmp_path / "calls.log").exists() or \
+            "pip install" not in (tmp_path / "calls.log").read_text()
+    out = waiting.communicate(timeout=120)[0]
+    assert waiting.returncode == 0, out
+    assert out.startswith(f"replica: waiting for another run on {tmp_path / 'replica'}")
+    assert "replica: done" in out
