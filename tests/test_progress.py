@@ -129,7 +129,7 @@ LAUNCH = textwrap.dedent("""\
     distributed.TRAIN_MODULE = "fake_train"
     folds = sys.argv[2].split(",")
     run_main(lambda argv: distributed.launch_fold_parallel(["exp=x"], folds, 2,
-                                                           Path(sys.argv[1]), False), [])
+                                                           Path(sys.argv[1]), "cpu"), [])
     """)
 
 
@@ -178,13 +178,13 @@ def test_failed_folds(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(distributed, "TRAIN_MODULE", "fake_train")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     with pytest.raises(UserInputError) as err:
-        distributed.launch_fold_parallel([], [0, 2], 2, tmp_path / "logs", False)
+        distributed.launch_fold_parallel([], [0, 2], 2, tmp_path / "logs", "cpu")
     assert str(err.value) == "fold 2: fold 2: data.dir=nowhere: not a folder"
     out = capsys.readouterr().out.splitlines()
     assert "[fold 2] error: fold 2: data.dir=nowhere: not a folder" in out
     assert f"fold 2: FAILED (exit code 2, log {tmp_path / 'logs' / 'fold2.out'})" in out
     with pytest.raises(RuntimeError, match=r"fold 3 \(exit code 1, log .*fold3.out\)"):
-        distributed.launch_fold_parallel([], [2, 3], 2, tmp_path / "logs", False)
+        distributed.launch_fold_parallel([], [2, 3], 2, tmp_path / "logs", "cpu")
 
 
 # --------------------------------------------------------------------------- the bars

@@ -188,9 +188,9 @@ def main(argv: list[str]) -> None:
         distributed.launch_data_parallel(argv, cfg.gpus)
         return
     folds = parse_fold_spec(cfg.fold, cfg.folds.n_folds)
-    cuda = resolve_device(cfg.device).startswith("cuda")
     start = time.perf_counter()
-    distributed.launch_fold_parallel(argv, folds, cfg.gpus, layout.fold_logs_dir(cfg), cuda)
+    distributed.launch_fold_parallel(argv, folds, cfg.gpus, layout.fold_logs_dir(cfg),
+                                     resolve_device(cfg.device))
     _after_training(cfg, folds, time.perf_counter() - start,
                     f"{cfg.gpus} x {resolve_device(cfg.device)}")
 

@@ -157,15 +157,13 @@ def _last_line(log: Path) -> str:
 
 
 def launch_fold_parallel(argv: Sequence[str], folds: Sequence[int | str], n_slots: int,
-                         log_dir: Path, device: str | bool) -> None:
+                         log_dir: Path, device: str) -> None:
     """One single-process `jaguar_reid.train` per fold, at most `n_slots` at a time, each in a
     free slot. On CUDA (`device`, resolved: `cuda` or `cuda:<first>`) slot s is the run's GPU
-    first + s (`slot_gpus`); a bool `device` is the older call's "on CUDA?". Each child's
+    first + s (`slot_gpus`). Each child's
     output goes to `log_dir/fold<k>.out` and, line by line prefixed `[fold k] `, to this
     process's stdout (`child_output`). A child's mistake of the user's (exit status 2, said
     in one line) is said again at the end, in one line."""
-    if isinstance(device, bool):
-        device = "cuda" if device else "cpu"
     gpus: list[str | None] = [None] * n_slots
     if device.startswith("cuda"):
         gpus = [*slot_gpus(device, n_slots, os.environ.get("CUDA_VISIBLE_DEVICES"))]
