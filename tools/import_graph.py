@@ -2,13 +2,15 @@
 pipeline: `python tools/import_graph.py [--quiet]` (CI runs it through the tests).
 
 Stages, in pipeline order; a module may import modules of its own stage or of earlier ones:
-  0 foundation  schema, keys, config, layout, io_utils, plotting, text, manifest, cli, commit
+  0 foundation  schema, keys, config, layout, io_utils, plotting, text, manifest, cli, commit,
+                extras, progress, cuda_kernels, errors
   1 data        jaguar_reid.data.*
   2 training    jaguar_reid.training.*
   3 retrieval   jaguar_reid.retrieval.*
   4 reporting   jaguar_reid.reporting.*
   5 submission  jaguar_reid.submission
-  6 commands    the `python -m jaguar_reid.<step>` modules (train, tune, ...): nothing imports
+  6 identify    jaguar_reid.identify.* (a new photo named, calibrated out of fold)
+  7 commands    the `python -m jaguar_reid.<step>` modules (train, tune, ...): nothing imports
                 them
 Every import counts, at the top of a module or inside a function.
 """
@@ -23,10 +25,11 @@ from pathlib import Path
 PACKAGE = "jaguar_reid"
 ROOT = Path(__file__).resolve().parent.parent / "src" / PACKAGE
 STAGES = {"foundation": 0, "data": 1, "training": 2, "retrieval": 3, "reporting": 4,
-          "submission": 5, "commands": 6}
+          "submission": 5, "identify": 6, "commands": 7}
 # cli is the table of steps: it loads a step's module by name only when that step runs.
 FOUNDATION = {"schema", "keys", "config", "layout", "io_utils", "plotting", "text", "manifest",
-              "cli", "commit"}
+              "cli", "commit", "extras", "progress", "cuda_kernels",
+              "errors"}
 
 
 def module_name(path: Path) -> str:
@@ -38,7 +41,7 @@ def stage(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1:
         return "foundation"  # the package's own __init__
-    if parts[1] in ("data", "training", "retrieval", "reporting"):
+    if parts[1] in ("data", "training", "retrieval", "reporting", "identify"):
         return parts[1]
     if parts[1] in FOUNDATION:
         return "foundation"

@@ -73,7 +73,8 @@ STEPS: dict[str, Step] = {
                       also="python -m jaguar_reid.identify.calibrate"),
     "identify": Step("jaguar_reid.identify.command", "name the known individual in each photo, "
                      "or call it new (PHOTO_OR_FOLDER ... models=PATH)",
-                     (*_DATA, "embed", "local", "identify"), translate="config_arguments"),
+                     (*_DATA, "embed", "local", "identify"), translate="config_arguments",
+                     also="python -m jaguar_reid.identify.command"),
 }
 _TOP = tuple(name for name in keys.SPECS if "." not in name)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from jaguar_reid.io_utils import UserInputError
+from jaguar_reid.errors import UserInputError
 
 _ARCH = re.compile(r"^(sm|compute)_(\d+)([af]?)$")
 Capability = tuple[int, int]  # (major, minor), as torch.cuda.get_device_capability gives

@@ -16,10 +16,7 @@ from typing import Any
 
 import numpy as np
 
-
-class UserInputError(ValueError):
-    """A config, CSV or file a user gave that cannot be used; the message says which and why."""
-
+from jaguar_reid.errors import UserInputError  # re-exported: most modules import it from here
 
 DEBUG_ENV = "JAGUAR_REID_DEBUG"  # set to 1: a user's mistake shows its whole traceback
 _WORKER_TRACEBACK = "Original Traceback (most recent call last):"

@@ -506,7 +506,7 @@ class Sweep:
 
 @dataclass(frozen=True)
 class Identify:
-    """python -m jaguar_reid.identify PHOTO_OR_FOLDER ... models=PATH: the known individual each
+    """jaguar-reid identify PHOTO_OR_FOLDER ... models=PATH: the known individual each
     photo shows, or a new one, with probabilities and a threshold fitted out of fold by python -m
     jaguar_reid.identify.calibrate (docs/identify.md)."""
 
