@@ -3,7 +3,7 @@ pipeline: `python tools/import_graph.py [--quiet]` (CI runs it through the tests
 
 Stages, in pipeline order; a module may import modules of its own stage or of earlier ones:
   0 foundation  schema, keys, config, layout, io_utils, plotting, text, manifest, cli, commit,
-                extras, progress, cuda_kernels, errors
+                extras, progress, cuda_kernels, errors, key_checks
   1 data        jaguar_reid.data.*
   2 training    jaguar_reid.training.*
   3 retrieval   jaguar_reid.retrieval.*
@@ -29,7 +29,7 @@ STAGES = {"foundation": 0, "data": 1, "training": 2, "retrieval": 3, "reporting"
 # cli is the table of steps: it loads a step's module by name only when that step runs.
 FOUNDATION = {"schema", "keys", "config", "layout", "io_utils", "plotting", "text", "manifest",
               "cli", "commit", "extras", "progress", "cuda_kernels",
-              "errors"}
+              "errors", "key_checks"}
 
 
 def module_name(path: Path) -> str:

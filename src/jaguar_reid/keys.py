@@ -1,10 +1,10 @@
 """Every config key, declared once: a dataclass per section, each field with its type, default,
 role, one line of doc and its bounds or choices (`jaguar_reid.schema.key`).
 
-`configs/default.yaml` and the key reference in docs/configuration.md are written from here (`python
-tools/schema_docs.py`; a test fails when they differ). A module that implements a choice reads
-its list from here (`choices("data.resize")`), so validation never depends on what a process
-imported.
+`configs/default.yaml` and the key reference in docs/configuration.md are written from here
+(`python tools/schema_docs.py`; a test fails when they differ). A module that implements a
+choice reads its list from here (`choices("data.resize")`), so validation never depends on what
+a process imported.
 
 Adding a key is one declaration here. A `recipe` key added after folds were trained gives its
 `neutral` value (the one that trains exactly as before), so finished folds keep their digest.
@@ -12,10 +12,10 @@ Adding a key is one declaration here. A `recipe` key added after folds were trai
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
+from jaguar_reid.key_checks import _plain_name, _three, _views, view_reason  # noqa: F401
 from jaguar_reid.schema import AFTER, AUTO, RECIPE, RUNTIME, Key, collect, key, section
 
 # The default recipe, as `configs/default.yaml` opens.
@@ -31,34 +31,6 @@ Recipe: EVA-02 Large 448 fine-tuned with GeM over patch tokens, a Linear+BatchNo
 ArcFace head (s=30, m=0.5), AdamW lr 2e-5, weight decay 1e-3, cosine schedule, batch 4 x
 accumulation 4, mixed precision and gradient checkpointing (public write-ups: 0.92 private
 identity-balanced mAP at 20 epochs; see docs/COMPETITION.md in the shared folder)."""
-
-VIEW_PATTERN = re.compile(r"^(orig|flip|(flip_)?zoom(\d+(\.\d*)?|\.\d+))$")
-
-
-def view_reason(view: Any) -> str | None:
-    """Why `view` is not a test-time view (orig | flip | zoom<f> | flip_zoom<f>, 0.5 <= f <= 2),
-    or None."""
-    if not isinstance(view, str) or not VIEW_PATTERN.match(view):
-        return (f"view {view!r} is not one of orig, flip, zoom<f>, flip_zoom<f> (e.g. "
-                "zoom1.15)")
-    if "zoom" in view and not 0.5 <= float(view.split("zoom")[1]) <= 2.0:
-        return f"view {view!r} zooms outside 0.5..2"
-    return None
-
-
-def _views(values: list) -> str | None:
-    return next(filter(None, (view_reason(v) for v in values)), None)
-
-
-def _three(values: list) -> str | None:
-    return None if len(values) == 3 else f"expects 3 values (r, g, b); got {values!r}"
-
-
-def _plain_name(value: str) -> str | None:
-    if not value or "/" in value or value in (".", ".."):
-        return f"must be a plain folder name; got {value!r}"
-    return None
-
 
 @dataclass(frozen=True)
 class Data:

@@ -555,27 +555,22 @@ def verify_pairs(features: Sequence[LocalFeatures], rows: np.ndarray, cols: np.n
     index) is read first and filled with what was computed; it must belong to these features
     and these settings. `workers` > 1 matches pairs in threads (OpenCV and numpy release the
     GIL); the counts do not depend on it. `match` replaces `match_pair` (and the matching
-    arguments) by another symmetric counter, e.g. the learned matcher's. `advance(1)` is
-    called after each pair matched (a progress bar's update)."""
+    arguments) by another symmetric counter, e.g. the learned matcher's. `advance(1)` after
+    each pair matched (a progress bar)."""
     rows, cols = _check_pairs(len(features), rows, cols)
     _check_match_args(min_matches, method, model, ratio, ransac_threshold)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     cache = {} if cache is None else cache
-    keys = list(zip(np.minimum(rows, cols).tolist(), np.maximum(rows, cols).tolist(),
-                    strict=True))
+    keys = [(min(r, c), max(r, c)) for r, c in zip(rows.tolist(), cols.tolist(), strict=True)]
     todo = sorted({key for key in keys if key not in cache})
 
-    def count(key: tuple[int, int]) -> int:
-        if match is not None:
-            return match(features[key[0]], features[key[1]])
-        # Looked up at call time, so tests can count the calls.
-        return match_pair(features[key[0]], features[key[1]], ratio, min_matches,
-                          ransac_threshold, method, model=model, mutual=mutual,
-                          max_iters=max_iters, confidence=confidence, seed=seed)
-
     def run(key: tuple[int, int]) -> int:
-        inliers = count(key)
+        a, b = features[key[0]], features[key[1]]
+        # match_pair looked up at call time, so tests can count the calls.
+        inliers = match(a, b) if match is not None else match_pair(
+            a, b, ratio, min_matches, ransac_threshold, method, model=model, mutual=mutual,
+            max_iters=max_iters, confidence=confidence, seed=seed)
         if advance is not None:
             advance(1)
         return inliers
