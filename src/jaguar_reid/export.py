@@ -125,10 +125,11 @@ def plan_export(cfg: Config, exp: str, out_root: Path) -> Plan:
                               "copy the whole fold folder, or train the fold again")
     exp_files = {n: source / n for n in EXP_MODEL_FILES}
     exp_files |= {n: layout.read_path(cfg, n, exp) for n in EXP_LATER_FILES}
-    for name, path in list(exp_files.items()):
-        if not path.is_file():
-            print(f"{exp}: no {name} to export ({path})")
-            del exp_files[name]
+    absent = [name for name, path in exp_files.items() if not path.is_file()]
+    if absent:
+        # One line: an experiment that was never tuned or calibrated lacks several at once.
+        print(f"{exp}: not made, so not exported: {', '.join(absent)}")
+    exp_files = {name: path for name, path in exp_files.items() if name not in absent}
     if identify_files.GALLERY in exp_files:
         check_gallery(cfg, exp, read_gallery(exp_files[identify_files.GALLERY]), source,
                       finished)
