@@ -145,13 +145,22 @@ def _above(version: str, spec: str) -> bool:
     return have > want
 
 
+def _marker_met(requirement: str, marker: str) -> bool:
+    try:
+        return Marker(marker).evaluate()
+    except Exception as exc:  # packaging's InvalidMarker, or a name it cannot evaluate
+        raise ValueError(f"requirement {requirement!r}: cannot read its environment marker "
+                         f"{marker!r} ({exc}); expected one like python_version < '3.13'"
+                         ) from None
+
+
 def check(requirement: str) -> tuple[str | None, str]:
     """(installed version or None, verdict): "ok"; "missing"; "old" (below the range: to be
     installed); "new" (newer than the range's upper bound or pin only: used as it is, since the
     upper bounds are the next major releases, not known breakage, Kaggle's own torch must stay
     and a downgrade would change what the image's other libraries were built against)."""
     name, specs, marker = _split(requirement)
-    if marker and Marker is not None and not Marker(marker).evaluate():
+    if marker and Marker is not None and not _marker_met(requirement, marker):
         return None, "ok"  # not meant for this Python or platform
     try:
         version = metadata.version(name)

@@ -94,6 +94,14 @@ def _wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = ()
     return path
 
 
+def test_a_marker_that_cannot_be_read_is_named_not_a_traceback():
+    tools = nbtools()
+    assert tools.check('numpy>=1; python_version > "3"')[1] == "ok"
+    assert tools.check('numpy>=1; python_version < "3"') == (None, "ok")  # not for us
+    with pytest.raises(ValueError, match="numpy>=1; python_versio >> 3.*environment marker"):
+        tools.check("numpy>=1; python_versio >> 3")
+
+
 def test_extras_add_their_requirements_and_an_unknown_one_is_named():
     tools = nbtools()
     base = tools.requirements(REPO)
