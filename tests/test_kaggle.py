@@ -266,8 +266,8 @@ def test_the_settings_paths_are_checked_before_any_work(name, tmp_path):
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_a_file_where_a_folder_is_expected_and_the_reverse_are_named(name, tmp_path):
-    """Each wrong one in one message, before any work; and (training) EXTRA setting what EXP
-    and FOLDS set, which would win over them and over SMOKE."""
+    """Each wrong one in one message, before any work; and EXTRA setting what the settings
+    set (EXP, FOLDS, MODELS, ...), which would win over them (and over SMOKE)."""
     inputs = tmp_path / "input"
     code = code_dataset(inputs / "jaguar-reid-code")
     data = make_data(inputs / "jaguar-re-id")
@@ -280,17 +280,20 @@ def test_a_file_where_a_folder_is_expected_and_the_reverse_are_named(name, tmp_p
                   "PREVIOUS": (str(a_file), "a file, not a folder")}
     settings = {"CODE": str(code), "DATA": str(data), "WORK": str(tmp_path / "working"),
                 **{key: path for key, (path, _) in wrong.items()}}
-    if name == "train.ipynb":
-        settings["EXTRA"] = ["train.epochs=2", "exp=real", " fold = 0..4"]
+    settings["EXTRA"] = (["train.epochs=2", "exp=real", " fold = 0..4"] if name == "train.ipynb"
+                         else ["submit.folds=0", "exp=real", "output_dir = x"])
     run = run_notebook(name, settings, inputs, tmp_path, ok=False)
     message = run.stderr.strip().splitlines()[-1]
     assert run.returncode == 1 and message.startswith("settings: "), run.stderr[-2000:]
     assert "Traceback" not in run.stderr
     for key, (path, why) in wrong.items():
         assert f"{key} = {path!r}: {why}" in message
-    assert "CODE" not in message and "DATA" not in message
+    assert "CODE = " not in message and "DATA = " not in message
     if name == "train.ipynb":
         assert "EXTRA sets 'exp=real', ' fold = 0..4': set EXP and FOLDS instead" in message
+    else:
+        assert ("EXTRA sets 'exp=real', 'output_dir = x': set EXP, MODELS, DATA and WORK "
+                "instead") in message
 
 
 def test_smoke_settings_come_last_and_the_cell_runs_again_the_same(tmp_path):
