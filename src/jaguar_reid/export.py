@@ -44,7 +44,7 @@ from jaguar_reid import layout
 from jaguar_reid.config import Config, experiment_names, load_config, to_plain
 from jaguar_reid.identify import files as identify_files
 from jaguar_reid.identify.gallery import Gallery, read_gallery, save_gallery
-from jaguar_reid.io_utils import UserInputError, atomic_path
+from jaguar_reid.io_utils import UserInputError, atomic_path, read_json
 from jaguar_reid.manifest import file_sha256, verify_manifest, write_manifest
 from jaguar_reid.reporting.runs import code_version
 from jaguar_reid.retrieval.embedding import fold_config
@@ -130,10 +130,26 @@ def plan_export(cfg: Config, exp: str, out_root: Path) -> Plan:
         # One line: an experiment that was never tuned or calibrated lacks several at once.
         print(f"{exp}: not made, so not exported: {', '.join(absent)}")
     exp_files = {name: path for name, path in exp_files.items() if name not in absent}
-    if identify_files.GALLERY in exp_files:
-        check_gallery(cfg, exp, read_gallery(exp_files[identify_files.GALLERY]), source,
-                      finished)
+    calibrated = [n for n in identify_files.EXPERIMENT_FILES if n in exp_files]
+    if calibrated:
+        check_calibrated(cfg, exp, {n: exp_files[n] for n in calibrated}, source, finished)
     return Plan(exp, source, target, finished, exp_files)
+
+
+def check_calibrated(cfg: Config, exp: str, found: dict[str, Path], source: Path,
+                     finished: list) -> None:
+    """The identification files are one calibrate run's, all there, for these weights."""
+    again = f"run python -m jaguar_reid.identify.calibrate exp={exp} again"
+    absent = [n for n in identify_files.EXPERIMENT_FILES if n not in found]
+    if absent:
+        raise ExportError(f"{exp}: {', '.join(found)} without {', '.join(absent)}; {again}")
+    gallery = read_gallery(found[identify_files.GALLERY])
+    run_id = read_json(found[identify_files.CALIBRATION]).get("run_id", "")
+    if gallery.run_id != run_id:
+        raise ExportError(f"{exp}: {found[identify_files.CALIBRATION]} and "
+                          f"{found[identify_files.GALLERY]} were written by two different "
+                          f"calibrate runs; {again}")
+    check_gallery(cfg, exp, gallery, source, finished)
 
 
 def check_gallery(cfg: Config, exp: str, gallery: Gallery, source: Path,

@@ -6,6 +6,7 @@ retraining, stale or missing calibrations refused in one line."""
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 from pathlib import Path
 
@@ -265,3 +266,106 @@ def test_a_missing_photo_path_is_one_line(setup, tmp_path, capsys):
 def _keys(args: list[str]) -> dict[str, str]:
     """Command-line arguments as Identifier.load keywords (dotted names)."""
     return dict(a.split("=", 1) for a in args if not a.startswith("config="))
+
+
+def _calibrated_copy(setup, tmp_path, *extra: str) -> tuple[list[str], Path]:
+    """A copy of both experiments, the closed one calibrated again; (args, its folder)."""
+    shutil.copytree(load_config(setup["closed"]).output_dir, tmp_path / "work")
+    args = [*setup["closed"], f"output_dir={tmp_path / 'work'}",
+            f"identify.grouped_exp={GROUPED}", f"identify.out={tmp_path / 'out'}", *extra]
+    run_main(calibrate.main, args)
+    return args, layout.work_dir(load_config(args))
+
+
+def test_a_calibration_and_a_gallery_of_two_runs_are_refused(setup, tmp_path):
+    """A calibrate killed between its renames (or a file copied over) leaves a pair from two
+    runs; identify and export refuse it instead of applying one run's numbers to the other's
+    embeddings."""
+    args, work = _calibrated_copy(setup, tmp_path)
+    cal = read_json(work / files.CALIBRATION)
+    assert len(cal["run_id"]) == 16 and read_gallery(work / files.GALLERY).run_id == cal["run_id"]
+    (work / files.CALIBRATION).write_text(
+        (work / files.CALIBRATION).read_text().replace(cal["run_id"], "0" * 16))
+    with pytest.raises(IdentifyError, match="two different calibrate runs"):
+        Identifier.load(**_keys(args), config="configs/demo.yaml")
+    with pytest.raises(SystemExit) as stop:
+        run_main(export.main, [*args, f"out={tmp_path / 'export'}"])
+    assert stop.value.code == 2 and not (tmp_path / "export" / CLOSED).exists()
+
+
+def test_keys_fixed_at_calibration_apply_with_a_note(setup, tmp_path, capsys):
+    """new_share and the retrieval embedding are the calibration's, whatever today's keys say;
+    setting one to another value is noted."""
+    args, _ = _calibrated_copy(setup, tmp_path, "identify.new_share=0.2",
+                               "submit.retrieval=neck")
+    photos = sorted((setup["data"] / "train").rglob("*.png"))[:3]
+    capsys.readouterr()
+    calibrated = Identifier.load(**_keys(args), config="configs/demo.yaml")
+    assert capsys.readouterr().out == ""
+    assert calibrated.cfg.identify.new_share == 0.2
+    assert calibrated.cfg.submit.retrieval == "neck"
+    for record in calibrated.identify(photos, progress=False):
+        assert record.candidates[0].similarity == pytest.approx(1, abs=1e-5)  # finds itself
+    today = Identifier.load(**(_keys(args) | {"identify.new_share": 0.9,
+                                              "submit.retrieval": "backbone"}),
+                            config="configs/demo.yaml")
+    said = capsys.readouterr().out
+    assert "identify.new_share=0.9 is fixed at calibration" in said
+    assert "submit.retrieval=backbone is fixed at calibration" in said
+    a = [(r.identity, r.new_probability) for r in calibrated.identify(photos, progress=False)]
+    b = [(r.identity, r.new_probability) for r in today.identify(photos, progress=False)]
+    assert a == b
+
+
+def test_an_export_identifies_with_its_own_calibration(setup, tmp_path):
+    """The export's saved config names the training machine's output_dir; a calibration
+    made there after the export must not be read in place of the export's."""
+    args, work = _calibrated_copy(setup, tmp_path)
+    exported = tmp_path / "export"
+    export.main([*args, f"out={exported}"])
+    run_main(calibrate.main, [*args, "identify.target=min_precision",
+                              "identify.min_precision=0.1"])  # the training folder, again
+    assert read_json(work / files.CALIBRATION)["target"] == "min_precision"
+    shipped = Identifier.load(exported / CLOSED, device="cpu",
+                              output_dir=str(tmp_path / "elsewhere"))
+    assert shipped.calibration.target == "max_false_new"
+    here = Path.cwd()
+    os.chdir(tmp_path)  # no output_dir given: today's default, never the training machine's
+    try:
+        default = Identifier.load(exported / CLOSED, device="cpu")
+    finally:
+        os.chdir(here)
+    assert default.calibration.target == "max_false_new"
+    assert default.calibration.run_id == read_json(exported / CLOSED / files.CALIBRATION)[
+        "run_id"]
+
+
+def test_broken_weights_stop_the_calibration_in_one_line(setup, tmp_path, capsys):
+    copy = tmp_path / "nan"
+    shutil.copytree(layout.model_dir(load_config(setup["closed"])), copy)
+    weights = copy / "fold0" / layout.MODEL_WEIGHTS
+    state = load_file(weights)
+    save_file({k: v * float("nan") if v.is_floating_point() else v
+               for k, v in state.items()}, weights)
+    with pytest.raises(SystemExit) as stop:
+        run_main(calibrate.main, [*setup["closed"], f"models={copy}", "models_verify=false",
+                                  f"output_dir={tmp_path / 'work'}"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "NaN or inf" in err and "fold 0" in err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "work" / CLOSED / files.CALIBRATION).exists()
+
+
+def test_a_file_name_that_is_not_utf8_and_a_large_top_k(setup, tmp_path):
+    photos = tmp_path / "latin"
+    photos.mkdir()
+    shutil.copy(setup["photos"] / "known_0.png", photos / "plain.png")
+    odd = os.fsdecode(b"lat\xe9.png")  # a Latin-1 name, as old cameras write them
+    shutil.copy(setup["photos"] / "known_0.png", photos / odd)
+    out = tmp_path / "out"
+    command.main([str(photos), *setup["closed"], f"identify.out={out}", "identify.top_k=1000"])
+    with open(out / files.RESULTS_CSV, encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(Path(r["photo"]).name for r in rows) == ["lat\\udce9.png", "plain.png"]
+    assert rows[0]["verdict"] != "error" and rows[1]["verdict"] != "error"
+    assert f"identity_{len(IDS)}" in rows[0] and f"identity_{len(IDS) + 1}" not in rows[0]

@@ -18,7 +18,9 @@ thumbnail: what `jaguar_reid.identify` compares new photos with). `export` carri
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -242,7 +244,10 @@ def run(cfg: Config) -> Calibration:
     known, new_features, sources = gather(cfg, closed, grouped, views, device)
     cal = fit(cfg, known, new_features, views, sources)
     folds = require_finished_folds(cfg, cfg.exp)
-    gallery = build_gallery(cfg, cfg.exp, folds, views, device)
+    # One id in both files: a reader tells a pair from one run from a mix of two.
+    run_id = uuid.uuid4().hex[:16]
+    cal = replace(cal, retrieval=cfg.submit.retrieval, run_id=run_id)
+    gallery = replace(build_gallery(cfg, cfg.exp, folds, views, device), run_id=run_id)
     written = write_outputs(cfg, cal, gallery)
     print(summary_text(cal))
     print(f"wrote {', '.join(str(p) for p in written)} ({len(gallery)} gallery photos of "

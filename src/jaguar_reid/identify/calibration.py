@@ -132,6 +132,8 @@ class Calibration:
     rates: Rates
     unmeasured: tuple[str, ...] = ()
     sources: Mapping[str, Any] = field(default_factory=dict)
+    retrieval: str = ""  # submit.retrieval the gallery was embedded with ("": model.retrieval)
+    run_id: str = ""  # the calibrate run that wrote it, also in its gallery
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -158,7 +160,8 @@ class Calibration:
                       float(data["temperature"]), decision, float(data["threshold"]),
                       str(data["target"]), float(data["target_value"]),
                       float(data["new_share"]), rates,
-                      tuple(str(u) for u in data["unmeasured"]), dict(data["sources"]))
+                      tuple(str(u) for u in data["unmeasured"]), dict(data["sources"]),
+                      str(data.get("retrieval", "")), str(data.get("run_id", "")))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"missing or malformed key {exc}") from None
         _check(cal)

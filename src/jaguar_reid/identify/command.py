@@ -51,9 +51,10 @@ def write_results(identifier: Identifier, records: Sequence[Identification],
     csv_path, html_path = folder / files.RESULTS_CSV, folder / files.RESULTS_HTML
     facts = PageFacts(f"Identification: {cfg.exp}", seconds)
     page = render_page(records, identifier, facts)
+    top_k = min(cfg.identify.top_k, len(identifier.classes))  # no columns for no one
     commit_together({
-        csv_path: lambda p: write_csv(records, p, cfg.identify.top_k, cfg.identify.local),
-        html_path: lambda p: p.write_text(page, encoding="utf-8"),
+        csv_path: lambda p: write_csv(records, p, top_k, cfg.identify.local),
+        html_path: lambda p: p.write_text(page, encoding="utf-8", errors="backslashreplace"),
     }, files.COMMIT_NAME)
     return csv_path, html_path
 

@@ -44,7 +44,8 @@ def row(record: Identification, top_k: int, local: bool) -> list[str]:
 
 
 def write_csv(records: Sequence[Identification], path: Path, top_k: int, local: bool) -> None:
-    with open(path, "w", newline="") as handle:
+    # A file name that is not valid UTF-8 (a camera's Latin-1 name) is written escaped.
+    with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
         writer = csv.writer(handle)
         writer.writerow(header(top_k, local))
         writer.writerows(row(r, top_k, local) for r in records)

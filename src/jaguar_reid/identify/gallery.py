@@ -61,6 +61,7 @@ class Gallery:
     embeddings: tuple[np.ndarray, ...]
     thumbs: tuple[bytes, ...]  # JPEG, long side THUMB_SIDE; b"" where none could be made
     added: np.ndarray  # True for the photos added by identify.gallery (names are paths)
+    run_id: str = ""  # the calibrate run that wrote it, also in its identify.json
 
     def __len__(self) -> int:
         return len(self.names)
@@ -105,8 +106,14 @@ def fold_images(cfg: Config, exp: str, fold: int, views: Sequence[str],
         raise GalleryError(f"experiment {exp!r} fold {fold}: {len(missing)} training image(s) "
                            f"were not embedded (e.g. {missing[0]!r}); train.csv changed since: "
                            "run python -m jaguar_reid.embed again")
-    return FoldImages(names, train_df["ground_truth"].to_numpy().astype(str), is_val,
-                      np.stack([emb[n] for n in names]).astype(np.float32))
+    stacked = np.stack([emb[n] for n in names]).astype(np.float32)
+    broken = ~np.isfinite(stacked).all(axis=1)
+    if broken.any():  # every threshold and rate fitted on them would be NaN
+        raise GalleryError(f"experiment {exp!r} fold {fold}: its model embeds "
+                           f"{int(broken.sum())} of {len(names)} training images as NaN or "
+                           f"inf (e.g. {names[broken][0]!r}); the weights are broken: train "
+                           "the fold again")
+    return FoldImages(names, train_df["ground_truth"].to_numpy().astype(str), is_val, stacked)
 
 
 def training_views(cfg: Config, exp: str, fold: int, names: list[str], views: Sequence[str],
@@ -119,18 +126,18 @@ def training_views(cfg: Config, exp: str, fold: int, names: list[str], views: Se
     from jaguar_reid.training.model import load_trained_model
 
     path = layout.fold_dir(layout.work_dir(cfg, exp), fold) / files.TRAIN_VIEWS
-    key = f"{digest}|{'+'.join(views)}"
+    fold_cfg, weights = fold_config(cfg, exp, fold)
+    kind = fold_cfg.model.retrieval  # submit.retrieval may choose another than training's
+    key = f"{digest}|{kind}|{'+'.join(views)}"
     if path.is_file():
         with np.load(path, allow_pickle=False) as data:
             if str(data["key"]) == key and data["names"].astype(str).tolist() == names:
                 return data["embeddings"]
-    fold_cfg, weights = fold_config(cfg, exp, fold)
     files_ = layout.data_files(fold_cfg)
     images = prepare_images(fold_cfg, names, files_.train, "train images")
     print(f"{exp} fold {fold}: embedding {len(names)} training images for identification")
     per_view = embed_views(load_trained_model(fold_cfg, weights), images.paths, fold_cfg,
                            device, images.load, views)
-    kind = fold_cfg.model.retrieval
     emb = combine_views({v: per_view[v][kind] for v in per_view}, views)
     with atomic_path(path, suffix=".npz") as tmp:
         np.savez(tmp, key=np.array(key), names=np.array(names, dtype=str), embeddings=emb)
@@ -178,7 +185,8 @@ def save_gallery(gallery: Gallery, path: Path) -> None:
     arrays = {f"embeddings_{i}": e for i, e in enumerate(gallery.embeddings)}
     np.savez(path, names=gallery.names.astype(str), labels=gallery.labels.astype(str),
              folds=np.array(gallery.folds, dtype=str), digests=np.array(gallery.digests, str),
-             views=np.array(gallery.views, dtype=str), thumbs=blob, offsets=offsets, **arrays)
+             views=np.array(gallery.views, dtype=str), thumbs=blob, offsets=offsets,
+             run_id=np.array(gallery.run_id), **arrays)
 
 
 def read_gallery(path: Path) -> Gallery:
@@ -194,7 +202,8 @@ def read_gallery(path: Path) -> Gallery:
                               tuple(data[f"embeddings_{i}"] for i in range(len(folds))),
                               tuple(blob[a:b] for a, b in zip(offsets[:-1], offsets[1:],
                                                                strict=True)),
-                              np.zeros(len(names), bool))
+                              np.zeros(len(names), bool),
+                              str(data["run_id"]) if "run_id" in data else "")
     except (OSError, ValueError, KeyError) as exc:
         raise GalleryError(f"{path}: not a gallery of python -m jaguar_reid.identify.calibrate "
                            f"({exc}); run the calibration again") from None

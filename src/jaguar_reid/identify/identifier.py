@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from jaguar_reid import layout
-from jaguar_reid.config import Config, load_config
+from jaguar_reid.config import Config, load_config, load_saved_config, with_recipe_of
 from jaguar_reid.identify import files
 from jaguar_reid.identify.calibration import Calibration
 from jaguar_reid.identify.candidates import (
@@ -122,7 +123,13 @@ def identify_config(args: Sequence[str]) -> Config:
     saved = layout.model_dir(cfg) / layout.RUN_CONFIG
     if not saved.is_file():
         return cfg
-    return load_config(args, config_path=saved, saved=True)
+    # The saved recipe; this machine's folders and every later choice from today's keys (an
+    # export's config names the training machine's output_dir, whose files are not this one's).
+    merged, differing = with_recipe_of(load_saved_config(saved), cfg)
+    if differing:
+        say_once(f"note: experiment {cfg.exp!r} identifies with the recipe it was trained "
+                 f"with, not today's: {'; '.join(differing)}")
+    return merged
 
 
 class Identifier:
@@ -154,14 +161,10 @@ class Identifier:
         from jaguar_reid.manifest import verify_manifest
 
         verify_manifest(layout.model_dir(cfg), required=bool(cfg.models) and cfg.models_verify)
-        calibration = read_calibration(cfg)
-        gallery_path = files.read(cfg, files.GALLERY)
-        if not gallery_path.is_file():
-            raise IdentifyError(f"{gallery_path}: no gallery beside {files.CALIBRATION}; run "
-                                f"python -m jaguar_reid.identify.calibrate exp={cfg.exp} again")
-        gallery = read_gallery(gallery_path)
+        calibration, gallery = read_calibrated(cfg)
         device = resolve_device(cfg.device)
         _note_settings(cfg, calibration)
+        cfg = fixed_by_calibration(cfg, calibration)
         identifier = cls(cfg, calibration, gallery, load_fold_models(cfg, gallery), device)
         if cfg.identify.gallery:
             identifier = identifier.with_added(added_photos(cfg.identify.gallery))
@@ -319,13 +322,35 @@ def _rows_of(kept: Sequence[Path], emb: np.ndarray, good: Sequence[Path]) -> np.
     return emb[[row[p] for p in good]] if len(good) else emb[:0]
 
 
+def read_calibrated(cfg: Config) -> tuple[Calibration, Gallery]:
+    """The calibration and its gallery, checked to come from one calibrate run."""
+    from jaguar_reid.commit import finish_commits
+
+    path = files.read(cfg, files.CALIBRATION)
+    if path.parent.is_dir() and os.access(path.parent, os.W_OK):
+        finish_commits(path.parent, files.COMMIT_NAME)  # a calibrate killed while renaming
+    calibration = read_calibration(cfg)
+    gallery_path = path.parent / files.GALLERY
+    if not gallery_path.is_file():
+        raise IdentifyError(f"{gallery_path}: no gallery beside {path}; run python -m "
+                            f"jaguar_reid.identify.calibrate exp={cfg.exp} again")
+    gallery = read_gallery(gallery_path)
+    if gallery.run_id != calibration.run_id:
+        raise IdentifyError(f"{path} and {gallery_path} were written by two different "
+                            "calibrate runs (one killed while putting them in place, or a file "
+                            "copied over the other); run python -m jaguar_reid.identify."
+                            f"calibrate exp={cfg.exp} again")
+    return calibration, gallery
+
+
 def read_calibration(cfg: Config) -> Calibration:
     path = files.read(cfg, files.CALIBRATION)
     if not path.is_file():
+        where = dict.fromkeys([str(layout.work_dir(cfg)), str(layout.model_dir(cfg))])
         raise IdentifyError(
-            f"experiment {cfg.exp!r}: no {files.CALIBRATION} in {layout.work_dir(cfg)} or "
-            f"{layout.model_dir(cfg)}; calibrate it first: python -m "
-            f"jaguar_reid.identify.calibrate exp={cfg.exp} (with identify.grouped_exp=...)")
+            f"experiment {cfg.exp!r}: no {files.CALIBRATION} in {' or '.join(where)}; "
+            f"calibrate it first: python -m jaguar_reid.identify.calibrate exp={cfg.exp} "
+            "(with identify.grouped_exp=...)")
     try:
         return Calibration.from_dict(read_json(path))
     except ValueError as exc:
@@ -353,9 +378,37 @@ def load_fold_models(cfg: Config, gallery: Gallery) -> list[FoldModel]:
     return out
 
 
+def fixed_by_calibration(cfg: Config, cal: Calibration) -> Config:
+    """`cfg` with the keys the calibration fixed set to its values: the gallery was embedded,
+    and the probabilities and threshold fitted, with exactly these."""
+    out = copy.deepcopy(cfg)
+    out.identify.score, out.identify.new_share = cal.score, cal.new_share
+    out.identify.target = cal.target
+    out.embed.tta, out.submit.retrieval = list(cal.views), cal.retrieval
+    return out
+
+
+# Keys fixed at calibration, noted only when set to another value than their default.
+CALIBRATION_KEYS = {"identify.new_share": lambda cal: cal.new_share,
+                    "submit.retrieval": lambda cal: cal.retrieval,
+                    "identify.target": lambda cal: cal.target,
+                    "identify.max_false_new": lambda cal: cal.target_value
+                    if cal.target == "max_false_new" else None,
+                    "identify.min_precision": lambda cal: cal.target_value
+                    if cal.target == "min_precision" else None}
+
+
 def _note_settings(cfg: Config, cal: Calibration) -> None:
     """Say where today's keys differ from those the calibration fixed (the calibration's
     apply: its numbers were fitted with them)."""
+    from jaguar_reid.keys import SPECS
+
+    for name, fixed in CALIBRATION_KEYS.items():
+        today = cfg.get_path(name)
+        if today != SPECS[name].default and today != fixed(cal):
+            say_once(f"note: {name}={today} is fixed at calibration; the calibration's "
+                     f"({cal.target}={cal.target_value:g}, new_share={cal.new_share:g}, "
+                     f"submit.retrieval={cal.retrieval!r}) applies: calibrate again to change it")
     if cfg.identify.score != cal.score:
         say_once(f"note: identify.score={cfg.identify.score} differs from the calibration's "
                  f"{cal.score!r}, which applies (calibrate again to change it)")
