@@ -7,6 +7,15 @@ temporary file and its target, the temporary files renamed over their targets (r
 no space), and the journal removed. A run killed between two renames leaves the journal:
 `finish_commits` (run before the next write of the same folder) completes the renames, so
 the folder never keeps files from two runs.
+
+The journal and the renames are done under an exclusive lock on a side file,
+`.<name>.commit.lock` in the same folder (it stays there, empty): two runs committing the
+same name at once take turns, and the folder holds the complete set of the last one. A live
+run removes its journal before it lets go of the lock, so a journal found under the lock is
+a killed run's, and is completed first. A failure before our journal is in place (a full
+disk while writing it, an earlier journal that cannot be completed) removes every temporary
+file of this run; once it is in place, a rename that fails keeps the journal and the new
+files for the next run to complete.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from jaguar_reid.io_utils import (
     UserInputError,
     atomic_write_json,
     explain_disk_full,
+    file_lock,
     settle,
     temporary_beside,
 )
@@ -32,6 +42,10 @@ REMOVE = None
 
 def _journal(folder: Path, name: str) -> Path:
     return folder / f".{name}.commit.json"
+
+
+def _lock(folder: Path, name: str) -> Path:
+    return folder / f".{name}.commit.lock"
 
 
 def _write_all(writers: Mapping[Path, Writer | None]) -> dict[Path, Path]:
@@ -61,10 +75,22 @@ def commit_together(writers: Mapping[Path, Writer | None], name: str) -> None:
     if not writers:
         return
     written = _write_all(writers)
-    journal = _journal(next(iter(writers)).parent, name)
+    folder = next(iter(writers)).parent
+    journal = _journal(folder, name)
     steps = [[str(written[p]) if p in written else None, str(p)] for p in writers]
-    atomic_write_json(journal, {"renames": steps})
-    _apply(journal)
+    journaled = False
+    try:
+        with file_lock(_lock(folder, name)):
+            if journal.is_file():  # a killed run's: the live ones remove theirs in the lock
+                _apply(journal)
+            atomic_write_json(journal, {"renames": steps})
+            journaled = True
+            _apply(journal)
+    except BaseException:
+        if not journaled:  # nothing of ours was put in place: the new copies go
+            for tmp in written.values():
+                tmp.unlink(missing_ok=True)
+        raise
 
 
 def _apply(journal: Path) -> None:
@@ -85,9 +111,15 @@ class CommitError(UserInputError):
 
 
 def finish_commits(folder: str | Path, name: str) -> bool:
-    """Complete a commit a killed run left in `folder` (True when there was one)."""
-    journal = _journal(Path(folder), name)
+    """Complete a commit a killed run left in `folder` (True when there was one). Without a
+    journal nothing is locked or written (a reader's folder may be read-only); with one, it
+    is completed under the commit's lock, unless the live run that wrote it removes it first."""
+    folder = Path(folder)
+    journal = _journal(folder, name)
     if not journal.is_file():
         return False
-    _apply(journal)
+    with file_lock(_lock(folder, name)):
+        if not journal.is_file():  # a live run's, done while we waited
+            return False
+        _apply(journal)
     return True

@@ -68,13 +68,18 @@ _DISK_FULL = {code: reason for code, reason in (
     (errno.ENOSPC, "no space left on the device"),
     (getattr(errno, "EDQUOT", None), "disk quota exceeded"),  # absent on Windows
 ) if code is not None}
+# A write the file system refuses: its error is its own, whatever the free space.
+_REFUSED = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 def _disk_full_reason(exc: BaseException, directory: Path) -> str | None:
     """Why `exc` looks like a full disk, or None. Looks through the exception's chain for
     ENOSPC / EDQUOT (by errno or, for writers that only keep the text, by its strerror), then
-    at the free space left in `directory`."""
+    at the free space left in `directory`; a write refused (a read-only file system, no
+    permission: EROFS / EACCES / EPERM anywhere in the chain) is never a full disk, however
+    little space is left."""
     seen: set[int] = set()
+    refused = False
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
@@ -83,7 +88,11 @@ def _disk_full_reason(exc: BaseException, directory: Path) -> str | None:
         for code, reason in _DISK_FULL.items():
             if os.strerror(code) in str(current):
                 return reason
+        if isinstance(current, OSError) and current.errno in _REFUSED:
+            refused = True
         current = current.__cause__ or current.__context__
+    if refused:
+        return None
     try:
         stat = os.statvfs(directory)
     except (OSError, AttributeError):  # no statvfs on Windows
