@@ -5,6 +5,11 @@ plot written together. The steps themselves are stood in for: training has its o
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +17,8 @@ import pytest
 from PIL import Image
 
 from jaguar_reid import layout, sweep
-from jaguar_reid.config import ConfigError, load_config
+from jaguar_reid.config import ConfigError, load_config, save_config
+from jaguar_reid.io_utils import UserInputError
 from jaguar_reid.retrieval.search import clears_noise
 from tests.helpers import TINY_ARGS
 
@@ -37,12 +43,24 @@ def test_comma_lists_sweep_numbers_and_choices_bars_sweep_anything():
     assert fixed == ["tune.views=flip,zoom1.15"] and axes == []
 
 
+def test_the_last_value_of_a_key_wins_fixed_or_swept():
+    assert sweep.split_arguments(["train.lr=1e-5,2e-5", "train.lr=3e-5|4e-5"])[1] == [
+        sweep.Axis("train.lr", ("3e-5", "4e-5"))]
+    assert sweep.split_arguments(["train.lr=1e-4", "train.lr=2e-4,3e-4"]) == (
+        [], [sweep.Axis("train.lr", ("2e-4", "3e-4"))])
+    assert sweep.split_arguments(["seeds=42,43", "seed=7"]) == (["seed=7"], [])
+
+
 @pytest.mark.parametrize("args, message", [
     (["exp=x"], "sweep.name"),
     (["train.lrr=1,2"], "did you mean train.lr"),
     (["train.lr=1e-5,"], "empty value"),
-    (["train.lr=1e-5,2e-5", "train.lr=3e-5|4e-5"], "swept twice"),
     (["oops"], "expected key=value"),
+    (["output_dir=a|b"], "output_dir cannot be swept"),
+    (["fold=0|1"], "fold cannot be swept"),
+    (["folds.n_folds=2,3"], "folds.n_folds cannot be swept"),
+    (["sweep.name=a|b"], "sweep.name cannot be swept"),
+    (["data.dir=a|b"], "data.dir cannot be swept"),
 ])
 def test_bad_sweep_arguments_are_one_line_errors(args, message):
     with pytest.raises(ConfigError, match=message):
@@ -84,6 +102,9 @@ def test_verdicts_pair_folds_and_seeds_under_the_tuners_rule():
     assert clears_noise(diff, 0.001, 1.0) and not clears_noise(diff, 0.05, 1.0)
     assert not clears_noise(np.array([0.03, -0.02]), 0.001, 1.0)
     assert clears_noise(np.array([-0.5, 0.4]), -1, 1.0)  # min_gain -1 keeps every step
+    # ... but a negative min_gain makes no verdict of a worse configuration "better".
+    assert sweep.verdict(base, up, -0.05, 1.0).word == "worse"
+    assert sweep.verdict(mixed, base, -0.2, 1.0).word == "within noise"
     # Arms share only some pairs: only those count.
     part = _arm("p", {(0, "42"): 0.9})
     assert sweep.verdict(part, base, 0.001, 1.0).pairs == 1
@@ -164,9 +185,18 @@ def test_a_sweep_runs_resumes_and_writes_its_table_and_plot(demo_dir, tmp_path, 
 
 
 def test_baseline_must_be_a_row_and_fold_full_is_refused(demo_dir, tmp_path, monkeypatch):
-    _fake_steps(monkeypatch, [])
+    calls: list = []
+    _fake_steps(monkeypatch, calls)
     with pytest.raises(ConfigError, match="sweep.baseline='nope' is not a row"):
         sweep.main(_base(tmp_path, demo_dir, "train.lr=1e-3,3e-3", "sweep.baseline=nope"))
+    assert calls == []  # refused before anything trains
+    with pytest.raises(ConfigError, match="not a row.*one of: lr=1e-3, lr=3e-3, zero$"):
+        sweep.plan_sweep(_base(tmp_path, demo_dir, "train.lr=1e-3,3e-3", "sweep.baseline=floor"))
+    # 2 seeds x (zero + 40 x 40 x 40)
+    with pytest.raises(ConfigError, match="makes 128002 runs"):
+        sweep.plan_sweep(_base(tmp_path, demo_dir, "seeds=1,2", *(
+            f"{k}={','.join(str(i) for i in range(1, 41))}"
+            for k in ("train.epochs", "post.k1", "post.k2"))))
     with pytest.raises(ConfigError, match="fold=full"):
         sweep.plan_sweep([*_base(tmp_path, demo_dir), "fold=full"])
     # Every run's config is checked before anything trains.
@@ -182,3 +212,69 @@ def test_dry_run_lists_the_runs_and_starts_nothing(demo_dir, tmp_path, monkeypat
     assert calls == [] and "3 runs on folds 0, 1" in out and "s-resize=crop-seed=42" in out
     sweep.main(["--help"])
     assert "key=a|b|c" in capsys.readouterr().out
+
+
+def test_a_changed_config_file_or_a_damaged_record_makes_runs_again(demo_dir, tmp_path,
+                                                                    monkeypatch, capsys):
+    """Runs are matched on what their settings are, not on how the command spells them."""
+    calls: list = []
+    _fake_steps(monkeypatch, calls)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("base: demo.yaml\ntrain:\n  head_lr: 0.001\n")
+    args = [f"config={recipe}", *_base(tmp_path, demo_dir, "train.lr=1e-3")[:]]
+    args = [a for a in args if not a.startswith("config=configs/")]
+    sweep.main(args)
+    assert len(calls) == 4  # zero and lr=1e-3: train and submit each
+    calls.clear()
+    moved = tmp_path / "moved.yaml"  # the same settings under another path: nothing to do
+    moved.write_text(recipe.read_text())
+    sweep.main([f"config={moved}" if a.startswith("config=") else a for a in args])
+    assert calls == []
+    recipe.write_text("base: demo.yaml\ntrain:\n  head_lr: 0.002\n")  # edited in place
+    sweep.main(args)
+    assert [c[0] for c in calls] == ["train", "submit", "train", "submit"]
+    calls.clear()
+    record = tmp_path / "out" / "sweeps" / "s" / "runs" / "s-base-seed=42.json"
+    record.write_text(record.read_text()[:50])  # a write cut short
+    capsys.readouterr()
+    sweep.main(args)
+    assert "is damaged; the run is made again" in capsys.readouterr().out
+    assert [c[0] for c in calls] == ["train", "submit"]
+    assert json.loads(record.read_text())["result"]["exp"] == "s-base-seed=42"
+
+
+def test_a_folder_of_a_runs_name_with_other_settings_is_refused(demo_dir, tmp_path,
+                                                                monkeypatch):
+    """Training would skip its finished folds and the sweep would rank their old scores."""
+    calls: list = []
+    _fake_steps(monkeypatch, calls)
+    args = _base(tmp_path, demo_dir, "train.lr=1e-3")
+    by_hand = load_config([*args, "exp=s-base-seed=42", "train.lr=1e-3",
+                           "embed.tta=[orig,flip]"])
+    folder = layout.model_dir(by_hand)
+    folder.mkdir(parents=True)
+    save_config(by_hand, folder / layout.RUN_CONFIG)
+    with pytest.raises(UserInputError, match="made with other settings.*embed.tta"):
+        sweep.main(args)
+    assert [c[1][-1] for c in calls if c[0] == "train"] == ["exp=s-zero-seed=42"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_sweep_takes_its_step_with_it(tmp_path):
+    """SIGKILL cannot be caught: the step's process is told by the kernel instead."""
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "from jaguar_reid import sweep\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],"
+        " preexec_fn=sweep._die_with_parent)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{child}").exists() and \
+            "zombie" not in Path(f"/proc/{child}/status").read_text(errors="replace"):
+        time.sleep(0.05)
+    status = Path(f"/proc/{child}/status")
+    assert not status.exists() or "zombie" in status.read_text(errors="replace")

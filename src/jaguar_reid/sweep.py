@@ -12,15 +12,18 @@ seed: the mean paired difference, its standard error and a verdict under the tun
 rule (`tune.min_gain`, `tune.noise`: `retrieval.search.clears_noise`). Table, JSON and plot are
 written together into `<output_dir>/sweeps/<name>/` (`sweep.md`, `sweep.json`, `sweep.png`).
 
-Resumable: a run whose record (`runs/<exp>.json`) was written with the same arguments is not
-started again, and a killed run restarts where training stopped (finished folds of the same
-recipe are skipped, an unfinished one resumes from its checkpoint).
+Resumable: a run whose record (`runs/<exp>.json`) was written with the same settings (the
+resolved keys its scores depend on, train.csv, the starting weights) is not started again,
+and a killed run restarts where training stopped (finished folds of the same recipe are
+skipped, an unfinished one resumes from its checkpoint). An experiment folder of a run's name
+made with other settings is refused, never taken as the run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import re
 import signal
 import subprocess
@@ -34,8 +37,9 @@ import numpy as np
 from jaguar_reid import layout
 from jaguar_reid.commit import commit_together, finish_commits
 from jaguar_reid.config import Config, ConfigError, load_config, parse_fold_spec
-from jaguar_reid.io_utils import UserInputError, json_text, read_json, run_main
+from jaguar_reid.io_utils import UserInputError, atomic_write_text, json_text, read_json, run_main
 from jaguar_reid.keys import SPECS
+from jaguar_reid.manifest import file_sha256
 from jaguar_reid.retrieval.search import clears_noise, paired_gain
 from jaguar_reid.text import markdown_table
 
@@ -49,6 +53,10 @@ ALIASES = {"seeds": "seed"}
 # time and the sweep draws its own figure.
 RUN_DEFAULTS = ("report.enabled=false",)
 _MAX_NAME = 120
+MAX_RUNS = 500  # a grid beyond this is a typo, not a plan (each run trains for minutes)
+# What every run shares by construction: the folds it is scored on, the sweep's own settings
+# and where it runs. A grid over one would pair runs of different splits or places.
+NOT_SWEPT_PREFIXES = ("sweep.", "folds.")
 SYNTAX = """\
 grid syntax:
   key=a,b,c     one run per value, for a number, a true/false switch or a key with choices
@@ -133,13 +141,26 @@ def split_arguments(argv: list[str]) -> tuple[list[str], list[Axis]]:
         values = [v.strip() for v in values]
         if any(v == "" for v in values):
             raise ConfigError(f"command line: {key}={raw!r} has an empty value in its list")
+        # The last of a key's values wins, as on every command line of the package (a grid
+        # after a fixed value replaces it, and the reverse).
+        fixed = [f for f in fixed if f.split("=", 1)[0] != key]
+        axes = [a for a in axes if a.key != key]
         if len(values) > 1:
-            if any(a.key == key for a in axes):
-                raise ConfigError(f"command line: {key} is swept twice")
+            _check_sweepable(key)
             axes.append(Axis(key, tuple(dict.fromkeys(values))))
         else:
             fixed.append(f"{key}={values[0]}")
     return fixed, axes
+
+
+def _check_sweepable(key: str) -> None:
+    from jaguar_reid.schema import RUNTIME
+
+    if key == "config" or key == "fold" or key.startswith(NOT_SWEPT_PREFIXES) or (
+            key in SPECS and SPECS[key].role == RUNTIME):
+        raise ConfigError(f"command line: {key} cannot be swept: every run of a sweep shares "
+                          "it (its folds, its place, the sweep's own settings); run one sweep "
+                          "for each value")
 
 
 def _short_names(axes: list[Axis]) -> dict[str, str]:
@@ -193,7 +214,12 @@ def plan_sweep(argv: list[str]) -> Plan:
     if any(not isinstance(f, int) for f in folds):
         raise ConfigError("command line: a sweep scores out of fold; fold=full has no "
                           "validation images (give fold=0..4 or a few folds)")
+    count = len(seeds) * (1 + int(np.prod([len(a.values) for a in axes if a.key != "seed"])))
+    if count > MAX_RUNS:
+        raise ConfigError(f"command line: the grid makes {count} runs (more than {MAX_RUNS}); "
+                          "sweep fewer values, or split it into several sweeps")
     plan = Plan(name, fixed, axes, seeds, cfg, folds, make_runs(name, axes, seeds))
+    check_baseline(plan)
     exps = [r.exp for r in plan.runs]
     if len(set(exps)) != len(exps):
         raise ConfigError("command line: two runs of the sweep get the same name; give the "
@@ -245,16 +271,64 @@ def _record_path(plan: Plan, run: Run) -> Path:
     return sweep_dir(plan.cfg, plan.name) / RUNS_DIR / f"{run.exp}.json"
 
 
+def _scored_keys(plan: Plan) -> list[str]:
+    """The keys a run's scores depend on: all but where it runs, the sweep's own and the
+    report's, and tuning's where the sweep does not tune."""
+    from jaguar_reid.schema import RUNTIME
+
+    skip = ("sweep.", "report.", *(() if "tune" in _steps(plan) else ("tune.",)))
+    return [k for k, spec in SPECS.items() if spec.role != RUNTIME and not k.startswith(skip)]
+
+
+def run_settings(plan: Plan, run: Run) -> str:
+    """A digest of what makes the run's scores: its resolved keys (so an edited config file
+    is another run, a moved output folder the same), train.csv's content and the starting
+    weights' size and time."""
+    cfg = load_config(_arguments(plan, run))
+    values = {k: cfg.get_path(k) for k in _scored_keys(plan)}
+    train_csv = layout.data_files(cfg).train
+    values["<train.csv>"] = file_sha256(train_csv) if train_csv.is_file() else None
+    weights = Path(cfg.model.weights) if cfg.model.weights else None
+    if weights is not None and weights.is_file():
+        values["<weights>"] = [weights.stat().st_size, weights.stat().st_mtime_ns]
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def finished_result(plan: Plan, run: Run) -> RunResult | None:
-    """The run's record when it was made with today's arguments and steps, else None."""
+    """The run's record when it was made with today's settings and steps, else None (a
+    damaged record too: the run is made again)."""
     path = _record_path(plan, run)
     if not path.is_file():
         return None
-    data = read_json(path)
-    made_with = [a for a in data.get("arguments", []) if not a.startswith("sweep.")]
-    if made_with != _arguments(plan, run) or data.get("steps") != _steps(plan):
+    try:
+        data = read_json(path)
+        if data.get("settings") != run_settings(plan, run) or data.get("steps") != _steps(plan):
+            return None
+        return RunResult.from_dict(data["result"])
+    except (UserInputError, KeyError, TypeError, ValueError, AttributeError):
+        print(f"note: {path} is damaged; the run is made again")
         return None
-    return RunResult.from_dict(data["result"])
+
+
+def check_experiment_folder(plan: Plan, run: Run) -> None:
+    """A folder of the run's name made with other settings (by hand, or by this sweep under
+    another config) holds finished folds training would skip and scores it would reuse."""
+    from jaguar_reid.config import AUTO, load_saved_config
+
+    cfg = load_config(_arguments(plan, run))
+    saved = layout.model_dir(cfg) / layout.RUN_CONFIG
+    if not saved.is_file():
+        return
+    theirs = load_saved_config(saved)
+    differ = [f"{k}={theirs.get_path(k)!r} (this run {cfg.get_path(k)!r})"
+              for k in _scored_keys(plan)
+              if not SPECS[k].content and not (SPECS[k].auto and cfg.get_path(k) == AUTO)
+              and theirs.get_path(k) != cfg.get_path(k)]
+    if differ:
+        raise UserInputError(f"sweep: {saved.parent} was made with other settings than run "
+                             f"{run.exp}: {'; '.join(differ[:3])}; give the sweep another "
+                             "sweep.name, or delete that folder")
 
 
 def _steps(plan: Plan) -> list[str]:
@@ -279,6 +353,17 @@ def _end_child(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def _die_with_parent() -> None:
+    """In the child, before it runs: a SIGTERM when the sweep dies, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_step(step: str, args: list[str], log: Path) -> None:
     """`jaguar-reid <step> args` in a process of its own, its output appended to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -287,13 +372,14 @@ def run_step(step: str, args: list[str], log: Path) -> None:
         handle.flush()
         _Child.process = subprocess.Popen(
             [sys.executable, "-m", "jaguar_reid.cli", step, *args], stdout=handle,
-            stderr=subprocess.STDOUT, cwd=Path.cwd())
+            stderr=subprocess.STDOUT, cwd=Path.cwd(),
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         code = _Child.process.wait()
         _Child.process = None
     if code != 0:
         lines = [x for x in log.read_text().splitlines() if x.strip()]
         last = lines[-1] if lines else "(no output)"
-        if "of a different config" in last:  # the keys every run shares changed
+        if "different config" in last:  # the keys every run shares changed
             last += "; in a sweep: give it a new sweep.name"
         raise UserInputError(f"sweep: `jaguar-reid {step}` failed (exit {code}) for this run: "
                              f"{last}  (whole log: {log})")
@@ -332,6 +418,7 @@ def execute(plan: Plan, run: Run) -> RunResult:
     written last, so a run killed at any point is run again (and resumes)."""
     log = sweep_dir(plan.cfg, plan.name) / LOGS_DIR / f"{run.exp}.log"
     args = _arguments(plan, run)
+    check_experiment_folder(plan, run)
     start = time.perf_counter()
     run_step("train", args, log)
     folds = ",".join(map(str, plan.folds))
@@ -340,10 +427,9 @@ def execute(plan: Plan, run: Run) -> RunResult:
     if "submit" in _steps(plan):
         run_step("submit", [*args, f"submit.folds={folds}"], log)
     result = read_result(plan, run, time.perf_counter() - start)
-    path = _record_path(plan, run)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json_text({"arguments": args, "steps": _steps(plan),
-                               "result": result.__dict__}))
+    atomic_write_text(_record_path(plan, run), json_text({
+        "arguments": args, "settings": run_settings(plan, run), "steps": _steps(plan),
+        "result": result.__dict__}))
     return result
 
 
@@ -440,6 +526,8 @@ def verdict(arm: Arm, base: Arm, min_gain: float, noise: float) -> Verdict | Non
         return None
     diff = np.array([arm.values[k] - base.values[k] for k in keys])
     mean, se = paired_gain(diff)
+    # A negative tune.min_gain keeps every tuning step; a verdict still needs a difference.
+    min_gain = max(min_gain, 0.0)
     if clears_noise(diff, min_gain, noise):
         word = "better"
     elif clears_noise(-diff, min_gain, noise):
@@ -447,6 +535,17 @@ def verdict(arm: Arm, base: Arm, min_gain: float, noise: float) -> Verdict | Non
     else:
         word = "within noise"
     return Verdict(mean, se, len(keys), word)
+
+
+def check_baseline(plan: Plan) -> None:
+    """`sweep.baseline` names a row this sweep will have (before anything trains)."""
+    arms = {r.arm for r in plan.runs} | ({run_name(plan.name, [FLOOR])}
+                                         if plan.cfg.floor.enabled else set())
+    wanted = plan.cfg.sweep.baseline
+    if not {wanted, run_name(plan.name, [wanted])} & arms:
+        raise ConfigError(f"command line: sweep.baseline={wanted!r} is not a row of this "
+                          "sweep; one of: " + ", ".join(sorted(
+                              a.removeprefix(plan.name + "-") for a in arms)))
 
 
 def pick_baseline(plan: Plan, arms: list[Arm]) -> Arm:
@@ -510,7 +609,8 @@ def markdown(plan: Plan, rows: list[dict], base: Arm, wall_s: float, finished: i
             f"{', '.join(plan.seeds)}, folds {', '.join(map(str, plan.folds))}.\n\n"
             "Ranked by out-of-fold mAP (identity-balanced; mean over every fold and seed, "
             "per fold the mean over seeds). The difference to the baseline is paired by fold "
-            f"and seed; a verdict needs more than {t.min_gain} and more than {t.noise} "
+            f"and seed; a verdict needs more than {max(t.min_gain, 0.0)} and more than "
+            f"{t.noise} "
             "standard error(s) of the paired differences (the tuner's rule: tune.min_gain, "
             "tune.noise). The test column is shown, never used to rank.\n\n"
             f"{markdown_table(head, body)}\n\n"
