@@ -101,3 +101,24 @@ def test_csv_rows_fill_every_column():
         ("Kwang", "Kwang", "12", "")
     error = Identification(__import__("pathlib").Path("x.jpg"), "error", error="x.jpg: bad")
     assert dict(zip(cols, row(error, 2, True), strict=True))["error"] == "x.jpg: bad"
+
+
+def test_what_a_folder_holds_that_is_left_out_is_named(tmp_path, capsys):
+    from jaguar_reid.identify.gallery import added_photos
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (4, 4)).save(photos / "a.png")
+    (photos / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    assert collect_photos([photos]) == [photos / "a.png"]
+    assert f"skipped {photos / 'gone.jpg'}: a link to a file that is not there" in \
+        capsys.readouterr().out
+    gallery = tmp_path / "gallery"
+    (gallery / "Kwang").mkdir(parents=True)
+    (gallery / "Empty").mkdir()
+    Image.new("RGB", (4, 4)).save(gallery / "Kwang" / "k.png")
+    Image.new("RGB", (4, 4)).save(gallery / "loose.png")
+    assert added_photos(str(gallery)) == [(gallery / "Kwang" / "k.png", "Kwang")]
+    said = capsys.readouterr().out
+    assert f"left out {gallery / 'loose.png'}: a photo outside an <individual>/ folder" in said
+    assert f"left out {gallery / 'Empty'}/: no photo in it" in said

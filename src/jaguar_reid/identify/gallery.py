@@ -216,12 +216,26 @@ def read_gallery(path: Path) -> Gallery:
 # --------------------------------------------------------------------------- added photos
 
 
+def _note_left_out(folder: Path) -> None:
+    """Name what a gallery folder holds that is not FOLDER/<individual>/<photo>."""
+    for item in sorted(folder.iterdir()):
+        if item.name.startswith("."):
+            continue
+        if item.is_file() and item.suffix.lower() in IMAGE_EXTENSIONS:
+            print(f"identify.gallery: left out {item}: a photo outside an <individual>/ folder "
+                  "(whose individual would it be?)")
+        elif item.is_dir() and not any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                                       for p in item.rglob("*")):
+            print(f"identify.gallery: left out {item}/: no photo in it")
+
+
 def added_photos(spec: str) -> list[tuple[Path, str]]:
     """(photo, individual) of `identify.gallery`: a folder of `<individual>/` folders (photos
     anywhere beneath each), or a CSV of filename,ground_truth whose names are found beneath
     the CSV's folder."""
     path = Path(spec)
     if path.is_dir():
+        _note_left_out(path)
         out = [(p, sub.name) for sub in sorted(path.iterdir())
                if sub.is_dir() and not sub.name.startswith(".")
                for p in sorted(sub.rglob("*"))

@@ -38,10 +38,14 @@ def collect_photos(inputs: Iterable[str | Path]) -> list[Path]:
     for given in inputs:
         path = Path(given)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*")
-                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            named = sorted(p for p in path.rglob("*")
+                           if p.suffix.lower() in IMAGE_EXTENSIONS
                            and not any(part.startswith(".") for part in
                                        p.relative_to(path).parts))
+            for p in named:
+                if p.is_symlink() and not p.exists():
+                    print(f"skipped {p}: a link to a file that is not there")
+            found = [p for p in named if p.is_file()]
             if not found:
                 print(f"{path}: no photo ({', '.join(IMAGE_EXTENSIONS)}) beneath it")
             out.extend(found)
