@@ -10,7 +10,8 @@ Stages, in pipeline order; a module may import modules of its own stage or of ea
   4 reporting   jaguar_reid.reporting.*
   5 submission  jaguar_reid.submission
   6 identify    jaguar_reid.identify.* (a new photo named, calibrated out of fold)
-  7 commands    the `python -m jaguar_reid.<step>` modules (train, tune, ...): nothing imports
+  7 sweeping    jaguar_reid.sweeping.* (a sweep's plan and table)
+  8 commands    the `python -m jaguar_reid.<step>` modules (train, tune, ...): nothing imports
                 them
 Every import counts, at the top of a module or inside a function.
 """
@@ -25,7 +26,8 @@ from pathlib import Path
 PACKAGE = "jaguar_reid"
 ROOT = Path(__file__).resolve().parent.parent / "src" / PACKAGE
 STAGES = {"foundation": 0, "data": 1, "training": 2, "retrieval": 3, "reporting": 4,
-          "submission": 5, "identify": 6, "commands": 7}
+          "submission": 5, "identify": 6, "sweeping": 7,
+          "commands": 8}
 # cli is the table of steps: it loads a step's module by name only when that step runs.
 FOUNDATION = {"schema", "keys", "config", "layout", "io_utils", "plotting", "text", "manifest",
               "cli", "commit", "extras", "progress", "cuda_kernels",
@@ -41,7 +43,7 @@ def stage(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1:
         return "foundation"  # the package's own __init__
-    if parts[1] in ("data", "training", "retrieval", "reporting", "identify"):
+    if parts[1] in ("data", "training", "retrieval", "reporting", "identify", "sweeping"):
         return parts[1]
     if parts[1] in FOUNDATION:
         return "foundation"
