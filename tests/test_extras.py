@@ -34,6 +34,22 @@ def test_require_turns_an_import_error_into_one_user_line(monkeypatch):
     assert "\n" not in line and line.startswith("post.knn_backend=faiss needs faiss-cpu")
 
 
+def test_a_library_that_is_there_but_fails_to_import_is_one_line(monkeypatch, tmp_path):
+    """Installed but broken (another version's binary, say): not called missing."""
+    package = tmp_path / "crashy_lib"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise AttributeError('_ARRAY_API not found')\n")
+    (tmp_path / "halfway.py").write_text("import not_a_module_anywhere\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, kind in (("crashy_lib", "AttributeError"), ("halfway", "ModuleNotFoundError")):
+        monkeypatch.setitem(extras.EXTRAS, name, extras.Extra("faiss", ("faiss-cpu",)))
+        with pytest.raises(UserInputError) as caught:
+            extras.require(name, "post.knn_backend=faiss")
+        line = user_message(caught.value)
+        assert "\n" not in line and "installed but fails to import" in line
+        assert f"({kind}: " in line and "--force-reinstall 'jaguar-reid[faiss]'" in line
+
+
 def test_faiss_asked_for_by_name_is_refused_when_the_config_is_read(monkeypatch, tmp_path):
     from jaguar_reid.config import load_config
 

@@ -6,6 +6,7 @@ offline Kaggle notebook, the wheel to attach)."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -37,12 +38,16 @@ class MissingExtra(UserInputError):
     """A feature was asked for whose optional library is not installed."""
 
 
-def missing_message(module: str, feature: str) -> str:
-    """The one line: which feature, which library, how to get it online and offline."""
+def _extra_of(module: str) -> Extra:
     parts = module.split(".")
     # The longest declared prefix: torch.utils.tensorboard is tensorboard's, not torch's.
-    extra = next(EXTRAS[name] for n in range(len(parts), 0, -1)
-                 if (name := ".".join(parts[:n])) in EXTRAS)
+    return next(EXTRAS[name] for n in range(len(parts), 0, -1)
+                if (name := ".".join(parts[:n])) in EXTRAS)
+
+
+def missing_message(module: str, feature: str) -> str:
+    """The one line: which feature, which library, how to get it online and offline."""
+    extra = _extra_of(module)
     wheels = ", ".join(extra.distributions)
     return (f"{feature} needs {wheels}, which is not installed: pip install "
             f"'jaguar-reid[{extra.name}]' (offline, e.g. a Kaggle notebook: attach the wheel of "
@@ -54,8 +59,31 @@ def require(module: str, feature: str) -> ModuleType:
     extra that provides it."""
     try:
         return importlib.import_module(module)
-    except ImportError:
+    except ImportError as exc:
+        if _installed(module):  # there, but broken: another version's binary, a bad install
+            raise MissingExtra(broken_message(module, feature, exc)) from None
         raise MissingExtra(missing_message(module, feature)) from None
+    except Exception as exc:  # a library that crashes while importing is as unusable
+        raise MissingExtra(broken_message(module, feature, exc)) from None
+
+
+def _installed(module: str) -> bool:
+    """Whether the module's top-level package is on the path at all (not whether it imports)."""
+    try:
+        return importlib.util.find_spec(module.split(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def broken_message(module: str, feature: str, exc: BaseException) -> str:
+    """The one line for a library that is installed but does not import."""
+    extra = _extra_of(module)
+    wheels = ", ".join(extra.distributions)
+    first = (str(exc).splitlines() or [""])[0][:200]
+    return (f"{feature} needs {wheels}, which is installed but fails to import "
+            f"({type(exc).__name__}: {first}); reinstall it: pip install --force-reinstall "
+            f"'jaguar-reid[{extra.name}]' (offline: the wheel of {wheels} made for this Python "
+            "and these libraries)")
 
 
 def available(module: str) -> bool:
