@@ -278,3 +278,20 @@ def test_a_killed_sweep_takes_its_step_with_it(tmp_path):
         time.sleep(0.05)
     status = Path(f"/proc/{child}/status")
     assert not status.exists() or "zombie" in status.read_text(errors="replace")
+
+
+def test_a_resumed_run_is_not_refused_for_what_training_resolved(demo_dir, tmp_path,
+                                                                 monkeypatch):
+    """Training saves `auto` keys resolved and forces the zero run's retrieval: the folder of
+    a killed run of the same sweep is that run's, and resumes."""
+    calls: list = []
+    _fake_steps(monkeypatch, calls)
+    args = _base(tmp_path, demo_dir, "train.lr=1e-3")
+    for exp, extra in (("s-zero-seed=42", ["train.epochs=0", "model.retrieval=backbone"]),
+                       ("s-base-seed=42", ["train.lr=1e-3"])):
+        saved = load_config([*args, f"exp={exp}", *extra, "data.interpolation=bicubic"])
+        layout.model_dir(saved).mkdir(parents=True)
+        save_config(saved, layout.model_dir(saved) / layout.RUN_CONFIG)
+    sweep.main(args)
+    assert [c[0] for c in calls] == ["train", "submit", "train", "submit"]
+

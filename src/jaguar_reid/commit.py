@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from jaguar_reid.io_utils import (
@@ -123,3 +124,12 @@ def finish_commits(folder: str | Path, name: str) -> bool:
             return False
         _apply(journal)
     return True
+
+
+@contextmanager
+def no_commit_running(folder: str | Path, name: str) -> Iterator[None]:
+    """Hold the commit's lock in the block: no run of `name` renames into `folder` meanwhile
+    (for a reader that found two files of different runs: one may be mid-commit)."""
+    with file_lock(_lock(Path(folder), name)):
+        yield
+

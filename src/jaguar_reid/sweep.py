@@ -107,9 +107,12 @@ def finished_result(plan: Plan, run: Run) -> RunResult | None:
 
 
 def check_experiment_folder(plan: Plan, run: Run) -> None:
-    """A folder of the run's name made with other settings (by hand, or by this sweep under
-    another config) holds finished folds training would skip and scores it would reuse."""
+    """A folder of the run's name made with other after-training settings (by hand, or by
+    this sweep with another `embed.tta`, say) holds finished folds training would skip and
+    scores it would reuse. Recipe keys are training's to check (a finished fold of another
+    recipe stops it), and are saved resolved (`auto` made concrete), so they are left to it."""
     from jaguar_reid.config import AUTO, load_saved_config
+    from jaguar_reid.schema import AFTER
 
     cfg = load_config(_arguments(plan, run))
     saved = layout.model_dir(cfg) / layout.RUN_CONFIG
@@ -118,8 +121,8 @@ def check_experiment_folder(plan: Plan, run: Run) -> None:
     theirs = load_saved_config(saved)
     differ = [f"{k}={theirs.get_path(k)!r} (this run {cfg.get_path(k)!r})"
               for k in _scored_keys(plan)
-              if not SPECS[k].content and not (SPECS[k].auto and cfg.get_path(k) == AUTO)
-              and theirs.get_path(k) != cfg.get_path(k)]
+              if SPECS[k].role == AFTER and not SPECS[k].content
+              and cfg.get_path(k) != AUTO and theirs.get_path(k) != cfg.get_path(k)]
     if differ:
         raise UserInputError(f"sweep: {saved.parent} was made with other settings than run "
                              f"{run.exp}: {'; '.join(differ[:3])}; give the sweep another "

@@ -317,7 +317,7 @@ def test_keys_fixed_at_calibration_apply_with_a_note(setup, tmp_path, capsys):
     assert a == b
 
 
-def test_an_export_identifies_with_its_own_calibration(setup, tmp_path):
+def test_an_export_identifies_with_its_own_calibration(setup, tmp_path, capsys):
     """The export's saved config names the training machine's output_dir; a calibration
     made there after the export must not be read in place of the export's."""
     args, work = _calibrated_copy(setup, tmp_path)
@@ -338,6 +338,40 @@ def test_an_export_identifies_with_its_own_calibration(setup, tmp_path):
     assert default.calibration.target == "max_false_new"
     assert default.calibration.run_id == read_json(exported / CLOSED / files.CALIBRATION)[
         "run_id"]
+    # A calibration made on this machine (./output/<exp>/) is read first, as every later
+    # step's files are, and says so.
+    here_too = tmp_path / "output" / CLOSED
+    here_too.mkdir(parents=True)
+    for name in files.EXPERIMENT_FILES:
+        shutil.copy(work / name, here_too / name)
+    capsys.readouterr()
+    os.chdir(tmp_path)
+    try:
+        local = Identifier.load(exported / CLOSED, exp=CLOSED, device="cpu")
+    finally:
+        os.chdir(here)
+    assert local.calibration.target == "min_precision"
+    assert "not the one that came with the models" in capsys.readouterr().out
+
+
+def test_a_pair_read_while_a_calibration_is_committed_is_read_again(setup, monkeypatch):
+    """A reader between a calibrate's two renames sees two runs' files; under the commit's
+    lock it reads them again, after the renames."""
+    from jaguar_reid.identify import identifier as module
+
+    real = module._read_pair
+    reads: list = []
+
+    def mid_commit(cfg, path):
+        calibration, gallery = real(cfg, path)
+        reads.append(path)
+        if len(reads) == 1:  # the gallery of a run whose calibration is not in place yet
+            from dataclasses import replace
+            gallery = replace(gallery, run_id="f" * 16)
+        return calibration, gallery
+    monkeypatch.setattr(module, "_read_pair", mid_commit)
+    identifier = Identifier.load(config="configs/demo.yaml", **_keys(setup["closed"]))
+    assert len(reads) == 2 and identifier.gallery.run_id == identifier.calibration.run_id
 
 
 def test_broken_weights_stop_the_calibration_in_one_line(setup, tmp_path, capsys):

@@ -111,7 +111,7 @@ def fold_images(cfg: Config, exp: str, fold: int, views: Sequence[str],
     if broken.any():  # every threshold and rate fitted on them would be NaN
         raise GalleryError(f"experiment {exp!r} fold {fold}: its model embeds "
                            f"{int(broken.sum())} of {len(names)} training images as NaN or "
-                           f"inf (e.g. {names[broken][0]!r}); the weights are broken: train "
+                           f"inf (e.g. {str(names[broken][0])!r}); the weights are broken: train "
                            "the fold again")
     return FoldImages(names, train_df["ground_truth"].to_numpy().astype(str), is_val, stacked)
 

@@ -324,23 +324,43 @@ def _rows_of(kept: Sequence[Path], emb: np.ndarray, good: Sequence[Path]) -> np.
 
 def read_calibrated(cfg: Config) -> tuple[Calibration, Gallery]:
     """The calibration and its gallery, checked to come from one calibrate run."""
-    from jaguar_reid.commit import finish_commits
+    from jaguar_reid.commit import finish_commits, no_commit_running
 
     path = files.read(cfg, files.CALIBRATION)
-    if path.parent.is_dir() and os.access(path.parent, os.W_OK):
+    writable = path.parent.is_dir() and os.access(path.parent, os.W_OK)
+    if writable:
         finish_commits(path.parent, files.COMMIT_NAME)  # a calibrate killed while renaming
+    _note_where(cfg, path)
+    calibration, gallery = _read_pair(cfg, path)
+    if gallery.run_id != calibration.run_id and writable:
+        with no_commit_running(path.parent, files.COMMIT_NAME):  # a calibrate mid-commit
+            calibration, gallery = _read_pair(cfg, path)
+    if gallery.run_id != calibration.run_id:
+        raise IdentifyError(f"{path} and {path.parent / files.GALLERY} were written by two "
+                            "different calibrate runs (one killed while putting them in place, "
+                            "or a file copied over the other); run python -m jaguar_reid.identify."
+                            f"calibrate exp={cfg.exp} again")
+    return calibration, gallery
+
+
+def _read_pair(cfg: Config, path: Path) -> tuple[Calibration, Gallery]:
     calibration = read_calibration(cfg)
     gallery_path = path.parent / files.GALLERY
     if not gallery_path.is_file():
         raise IdentifyError(f"{gallery_path}: no gallery beside {path}; run python -m "
                             f"jaguar_reid.identify.calibrate exp={cfg.exp} again")
-    gallery = read_gallery(gallery_path)
-    if gallery.run_id != calibration.run_id:
-        raise IdentifyError(f"{path} and {gallery_path} were written by two different "
-                            "calibrate runs (one killed while putting them in place, or a file "
-                            "copied over the other); run python -m jaguar_reid.identify."
-                            f"calibrate exp={cfg.exp} again")
-    return calibration, gallery
+    return calibration, read_gallery(gallery_path)
+
+
+def _note_where(cfg: Config, path: Path) -> None:
+    """Say so when this machine's calibration is read in place of the one the models came
+    with (a calibration made here after the export wins, as every later step's files do)."""
+    shipped = layout.model_dir(cfg) / files.CALIBRATION
+    if cfg.models and shipped.is_file() and path.resolve() != shipped.resolve() and \
+            path.read_bytes() != shipped.read_bytes():
+        say_once(f"note: identifying with the calibration in {path.parent} (made on this "
+                 f"machine), not the one that came with the models ({shipped}); give "
+                 "another output_dir to use theirs")
 
 
 def read_calibration(cfg: Config) -> Calibration:
