@@ -336,6 +336,7 @@ def test_an_export_identifies_with_its_own_calibration(setup, tmp_path, capsys):
     finally:
         os.chdir(here)
     assert default.calibration.target == "max_false_new"
+    assert default.cfg.exp == CLOSED  # the experiment the export holds, not the default name
     assert default.calibration.run_id == read_json(exported / CLOSED / files.CALIBRATION)[
         "run_id"]
     # A calibration made on this machine (./output/<exp>/) is read first, as every later

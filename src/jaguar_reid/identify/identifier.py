@@ -125,7 +125,10 @@ def identify_config(args: Sequence[str]) -> Config:
         return cfg
     # The saved recipe; this machine's folders and every later choice from today's keys (an
     # export's config names the training machine's output_dir, whose files are not this one's).
-    merged, differing = with_recipe_of(load_saved_config(saved), cfg)
+    theirs = load_saved_config(saved)
+    merged, differing = with_recipe_of(theirs, cfg)
+    if not any(a.startswith("exp=") for a in args):  # models= names the experiment's folder
+        merged.exp = theirs.exp
     if differing:
         say_once(f"note: experiment {cfg.exp!r} identifies with the recipe it was trained "
                  f"with, not today's: {'; '.join(differing)}")
