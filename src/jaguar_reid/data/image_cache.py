@@ -92,7 +92,7 @@ def unusable_record(record: dict, problem: str) -> dict:
 
 def _write_resized(rgba: np.ndarray, dst: str, size: int) -> None:
     """PNG of `rgba` with its long side at most `size` (Lanczos), written atomically."""
-    image = Image.fromarray(np.ascontiguousarray(rgba), mode="RGBA")
+    image = Image.fromarray(np.ascontiguousarray(rgba, dtype=np.uint8))  # (H, W, 4): RGBA
     scale = size / max(image.size)
     if scale < 1:
         new_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))

@@ -88,7 +88,7 @@ def to_rgba(img: Image.Image) -> np.ndarray:
         # Pillow's 8-bit conversion clips 16-bit values; rescale instead.
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if arr.max() > 255 else 255.0
-        img = Image.fromarray(np.round(arr / top * 255).astype(np.uint8), mode="L")
+        img = Image.fromarray(np.round(arr / top * 255).astype(np.uint8))  # 2-D uint8: "L"
     return np.asarray(img.convert("RGBA"))
 
 
