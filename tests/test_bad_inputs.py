@@ -118,9 +118,13 @@ def test_train_csv_bad(tmp_path, text, fragment):
 def test_train_csv_not_text(tmp_path):
     path = tmp_path / "train.csv"
     path.write_bytes(b"\xff\xfe\x00\x81\x00binary")
-    with pytest.raises(DataError, match="not a readable CSV") as info:
+    with pytest.raises(DataError, match="not UTF-8 text \\(byte 0xff on line 1\\)") as info:
         read_train_csv(path)
     assert str(path) in str(info.value)
+    # A spreadsheet's Latin-1 export: the byte and its line named, and what to do.
+    path.write_bytes(b"filename,ground_truth\na.png,Marcela\nb.png,Jos\xe9\n")
+    with pytest.raises(DataError, match="byte 0xe9 on line 3\\); save it as UTF-8"):
+        read_train_csv(path)
 
 
 TEST_CASES = {

@@ -52,6 +52,17 @@ def _long_line(path: Path, n_header: int) -> str:
     return "a row has more fields than the header"
 
 
+def _not_utf8(path: Path) -> str:
+    """Where the first byte that is not UTF-8 lies: 'byte 0xe9 on line 3'."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        newline = b"\n"
+        return f"byte {data[exc.start]:#04x} on line {data.count(newline, 0, exc.start) + 1}"
+    return "a byte pandas could not decode"
+
+
 def _read_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -66,7 +77,10 @@ def _read_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:
         raise DataError(f"{path}: {_long_line(path, len(header))}, but the header has "
                         f"{len(header)} ({', '.join(header)}); quote values that hold commas"
                         ) from exc
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({_not_utf8(path)}); save it as UTF-8"
+                        ) from exc
+    except pd.errors.ParserError as exc:
         raise DataError(f"{path}: not a readable CSV: {str(exc).strip()}") from exc
     except pd.errors.EmptyDataError as exc:
         raise DataError(f"{path}: empty file, expected columns {', '.join(columns)}") from exc
