@@ -98,6 +98,23 @@ def test_a_remembered_digest_is_used_only_while_the_stamp_vouches(tmp_path, monk
     assert source_ids.content_ids(cfg, [tmp_path / "gone.png"]) == [None]
 
 
+def test_a_memo_that_cannot_be_written_costs_hashing_only(tmp_path, monkeypatch, capsys):
+    """A read-only output folder (identifying from a read-only disk): the digests are right,
+    computed each time, and one note says why."""
+    path = write_png(tmp_path / "a.png", spots(1))
+    cfg = cfg_for(tmp_path, tmp_path / "out")
+    expected = source_ids.file_sha256(path)
+
+    def refused(*_a, **_k):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(source_ids, "atomic_write_text", refused)
+    monkeypatch.setattr(source_ids, "RACY_NS", -10**15)
+    assert source_ids.content_ids(cfg, [path]) == [expected]
+    assert source_ids.content_ids(cfg, [path]) == [expected]
+    said = capsys.readouterr()
+    assert "cannot remember the files' digests there (Read-only file system)" in said.out + said.err
+
+
 # --------------------------------------------------------------------------- the caches
 
 

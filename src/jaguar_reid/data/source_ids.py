@@ -31,7 +31,7 @@ from pathlib import Path
 from jaguar_reid import layout
 from jaguar_reid.config import Config
 from jaguar_reid.data.images import ImageError
-from jaguar_reid.io_utils import atomic_write_text, file_lock
+from jaguar_reid.io_utils import DiskFullError, atomic_write_text, file_lock, say_once
 from jaguar_reid.manifest import file_sha256
 
 # ctime this close to the hashing may share its clock tick with a later write: twice the
@@ -95,12 +95,19 @@ def _read_memo(path: Path) -> dict[str, Remembered]:
 
 
 def _remember(path: Path, new: dict[str, Remembered]) -> None:
-    """Add `new` to the memo under its lock (another run may have added entries)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(path.with_name(path.name + ".lock")):
-        merged = {**_read_memo(path), **new}
-        rows = {key: [*astuple(r.stamp), r.hashed_ns, r.sha256] for key, r in merged.items()}
-        atomic_write_text(path, json.dumps(rows) + "\n")
+    """Add `new` to the memo under its lock (another run may have added entries). A memo that
+    cannot be written (a read-only output folder, a full disk) only costs hashing again."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(path.with_name(path.name + ".lock")):
+            merged = {**_read_memo(path), **new}
+            rows = {key: [*astuple(r.stamp), r.hashed_ns, r.sha256]
+                    for key, r in merged.items()}
+            atomic_write_text(path, json.dumps(rows) + "\n")
+    except (OSError, DiskFullError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "the disk is full"
+        say_once(f"note: {path}: cannot remember the files' digests there ({reason}); they "
+                 "are read again next time")
 
 
 def content_ids(cfg: Config, paths: Sequence[str | Path],
