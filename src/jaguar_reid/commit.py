@@ -81,7 +81,7 @@ def commit_together(writers: Mapping[Path, Writer | None], name: str) -> None:
     steps = [[str(written[p]) if p in written else None, str(p)] for p in writers]
     journaled = False
     try:
-        with file_lock(_lock(folder, name)):
+        with no_commit_running(folder, name):
             if journal.is_file():  # a killed run's: the live ones remove theirs in the lock
                 _apply(journal)
             atomic_write_json(journal, {"renames": steps})
@@ -119,7 +119,7 @@ def finish_commits(folder: str | Path, name: str) -> bool:
     journal = _journal(folder, name)
     if not journal.is_file():
         return False
-    with file_lock(_lock(folder, name)):
+    with no_commit_running(folder, name):
         if not journal.is_file():  # a live run's, done while we waited
             return False
         _apply(journal)

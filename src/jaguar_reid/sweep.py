@@ -33,9 +33,9 @@ import numpy as np
 
 from jaguar_reid import layout
 from jaguar_reid.config import load_config
+from jaguar_reid.data.source_ids import content_ids
 from jaguar_reid.io_utils import UserInputError, atomic_write_text, json_text, read_json, run_main
 from jaguar_reid.keys import SPECS
-from jaguar_reid.manifest import file_sha256
 from jaguar_reid.sweeping.plan import (  # noqa: F401  (the names a caller of the sweep reads)
     LOGS_DIR,
     RUN_DEFAULTS,
@@ -81,8 +81,7 @@ def run_settings(plan: Plan, run: Run) -> str:
     weights' size and time."""
     cfg = load_config(_arguments(plan, run))
     values = {k: cfg.get_path(k) for k in _scored_keys(plan)}
-    train_csv = layout.data_files(cfg).train
-    values["<train.csv>"] = file_sha256(train_csv) if train_csv.is_file() else None
+    (values["<train.csv>"],) = content_ids(cfg, [layout.data_files(cfg).train])
     weights = Path(cfg.model.weights) if cfg.model.weights else None
     if weights is not None and weights.is_file():
         values["<weights>"] = [weights.stat().st_size, weights.stat().st_mtime_ns]

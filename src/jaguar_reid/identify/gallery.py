@@ -216,17 +216,16 @@ def read_gallery(path: Path) -> Gallery:
 # --------------------------------------------------------------------------- added photos
 
 
-def _note_left_out(folder: Path) -> None:
+def _note_left_out(folders: list[Path], loose: list[Path],
+                   out: list[tuple[Path, str]]) -> None:
     """Name what a gallery folder holds that is not FOLDER/<individual>/<photo>."""
-    for item in sorted(folder.iterdir()):
-        if item.name.startswith("."):
-            continue
-        if item.is_file() and item.suffix.lower() in IMAGE_EXTENSIONS:
-            print(f"identify.gallery: left out {item}: a photo outside an <individual>/ folder "
-                  "(whose individual would it be?)")
-        elif item.is_dir() and not any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                                       for p in item.rglob("*")):
-            print(f"identify.gallery: left out {item}/: no photo in it")
+    for item in loose:
+        print(f"identify.gallery: left out {item}: a photo outside an <individual>/ folder "
+              "(whose individual would it be?)")
+    found = {individual for _, individual in out}
+    for sub in folders:
+        if sub.name not in found:
+            print(f"identify.gallery: left out {sub}/: no photo in it")
 
 
 def added_photos(spec: str) -> list[tuple[Path, str]]:
@@ -235,12 +234,13 @@ def added_photos(spec: str) -> list[tuple[Path, str]]:
     the CSV's folder."""
     path = Path(spec)
     if path.is_dir():
-        _note_left_out(path)
-        out = [(p, sub.name) for sub in sorted(path.iterdir())
-               if sub.is_dir() and not sub.name.startswith(".")
-               for p in sorted(sub.rglob("*"))
+        items = [i for i in sorted(path.iterdir()) if not i.name.startswith(".")]
+        folders = [i for i in items if i.is_dir()]
+        out = [(p, sub.name) for sub in folders for p in sorted(sub.rglob("*"))
                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                and not p.name.startswith(".")]
+        _note_left_out(folders, [i for i in items if i.is_file()
+                                 and i.suffix.lower() in IMAGE_EXTENSIONS], out)
         if not out:
             raise GalleryError(f"identify.gallery {spec}: no photo in a <individual>/ folder "
                                "beneath it (expected FOLDER/<individual>/<photo>)")

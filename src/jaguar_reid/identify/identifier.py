@@ -347,7 +347,7 @@ def read_calibrated(cfg: Config) -> tuple[Calibration, Gallery]:
 
 
 def _read_pair(cfg: Config, path: Path) -> tuple[Calibration, Gallery]:
-    calibration = read_calibration(cfg)
+    calibration = read_calibration(cfg, path)
     gallery_path = path.parent / files.GALLERY
     if not gallery_path.is_file():
         raise IdentifyError(f"{gallery_path}: no gallery beside {path}; run python -m "
@@ -366,8 +366,8 @@ def _note_where(cfg: Config, path: Path) -> None:
                  "another output_dir to use theirs")
 
 
-def read_calibration(cfg: Config) -> Calibration:
-    path = files.read(cfg, files.CALIBRATION)
+def read_calibration(cfg: Config, path: Path) -> Calibration:
+    """`path` (where `files.read` found identify.json) as a Calibration; one line if not."""
     if not path.is_file():
         where = dict.fromkeys([str(layout.work_dir(cfg)), str(layout.model_dir(cfg))])
         raise IdentifyError(
