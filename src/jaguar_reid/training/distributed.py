@@ -144,9 +144,10 @@ def _start_child(argv: Sequence[str], fold: int | str, slot: int, log_dir: Path,
     log = log_dir / f"fold{fold}.out"
     cmd = [sys.executable, "-m", TRAIN_MODULE, *argv, f"fold={fold}", "gpus=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    output = start_pump(proc.stdout, log, f"[fold {fold}] ")
     where = "" if gpu is None else f", CUDA_VISIBLE_DEVICES={gpu}"
+    # Said before its output is relayed: a fold's first line is always its start.
     say(f"fold {fold}: started on slot {slot}{where} (log {log})")
+    output = start_pump(proc.stdout, log, f"[fold {fold}] ")
     return _Child(proc, fold, log, output)
 
 
