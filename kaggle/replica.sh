@@ -9,8 +9,9 @@
 #
 #   bash kaggle/replica.sh [pytest arguments]
 #
-# The first run downloads about 4 GB of wheels (torch's CUDA libraries among them); later runs
-# reuse the environment while kaggle/image.txt is unchanged (and its Python still runs).
+# The first run downloads about 4 GB of wheels (torch's CUDA libraries among them) into an
+# environment of about 8 GB; later runs reuse it while kaggle/image.txt is unchanged, its
+# Python still runs and it holds exactly the pinned distributions.
 # KAGGLE_REPLICA_PYTHON names the Python to build it from (default: python3.12 on PATH, else
 # pyenv's); one that is missing or of another version is an error. Runs on one checkout take
 # turns (a lock beside the environment); the package is installed from a clean copy of the
@@ -72,6 +73,32 @@ if [ "$(cat "$venv/.image-sha256" 2>/dev/null)" = "$stamp" ] \
     echo "replica: $venv/bin/python no longer runs (its base Python moved or went): rebuilding"
     rm -f "$venv/.image-sha256"
 fi
+# name==version, one a line, names in one spelling: what image.txt pins, what the venv holds.
+canonical() {
+    awk -F'==' '{ name = tolower($1); gsub(/[-_.]+/, "-", name); print name "==" $2 }' | sort
+}
+expected() { awk '!/^#/ && NF >= 2 && $1 != "python" { print $1 "==" $2 }' "$image" | canonical; }
+held() {
+    "$venv/bin/python" -m pip list --format=freeze --disable-pip-version-check \
+        --exclude jaguar-reid 2>/dev/null | canonical
+}
+if [ "$(cat "$venv/.image-sha256" 2>/dev/null)" = "$stamp" ]; then
+    drift="$(diff <(expected) <(held) | sed -n 's/^< /lacks /p; s/^> /has /p' | head -n 3 \
+        | paste -sd, - | sed 's/,/, /g' || true)"
+    if [ -n "$drift" ]; then  # something installed or removed by hand since the build
+        echo "replica: $venv no longer holds exactly kaggle/image.txt ($drift): rebuilding"
+        rm -f "$venv/.image-sha256"
+    fi
+fi
+# The build needs room for the environment (about 8 GB) and pip's unpacking beside it.
+need_gb=12
+free_gb() { df -Pk "$1" | awk 'NR == 2 { printf "%d", $4 / 1048576 }'; }
+if [ "$(cat "$venv/.image-sha256" 2>/dev/null)" != "$stamp" ] \
+        && [ "$(free_gb "$dest")" -lt "$need_gb" ]; then
+    echo "replica: building $venv needs about $need_gb GB free on its disk; it has" \
+        "$(free_gb "$dest") GB: free some, or set KAGGLE_REPLICA_DIR to another disk" >&2
+    exit 2
+fi
 if [ "$(cat "$venv/.image-sha256" 2>/dev/null)" != "$stamp" ]; then
     python="$(base_python)"
     echo "replica: building $venv from $image with $python ($("$python" --version))"
@@ -82,7 +109,7 @@ if [ "$(cat "$venv/.image-sha256" 2>/dev/null)" != "$stamp" ]; then
     awk '!/^#/ && NF >= 2 && $1 != "python" && $1 != "pip" { print $1 "==" $2 }' "$image" \
         > "$dest/pins.txt"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
-        --only-binary=:all: -r "$dest/pins.txt"
+        --no-cache-dir --only-binary=:all: -r "$dest/pins.txt"
     echo "$stamp" > "$venv/.image-sha256"
 fi
 

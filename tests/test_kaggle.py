@@ -454,12 +454,18 @@ def test_training_notebook_smoke_trains_fold_0_for_one_epoch_then_tunes_and_expo
 # --------------------------------------------------------------------------- replica.sh
 
 # A stand-in for Python 3.12 and its venv: records each call, answers the version check,
-# `-m venv DIR` makes DIR/bin/python (itself), a `pip install` of a folder lists its top level.
+# `-m venv DIR` makes DIR/bin/python (itself), a `pip install` of a folder lists its top level,
+# `pip list` answers what image.txt pins (STUB_FREEZE's lines instead, where set).
 STUB_PYTHON = r'''#!/bin/bash
 echo "$*" >> "$STUB_LOG"
 case "$1" in
     -c) echo "${STUB_VERSION:-3.12}" ;;
     -m) if [ "$2" = venv ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; fi
+        if [ "$2 $3" = "pip list" ]; then
+            if [ -n "${STUB_FREEZE:-}" ]; then printf '%s\n' "$STUB_FREEZE"
+            else awk '!/^#/ && NF >= 2 && $1 != "python" { print $1 "==" $2 }' "$STUB_IMAGE"
+            fi
+        fi
         if [ "$2 $3" = "pip install" ]; then
             for last; do :; done
             if [ -d "$last" ]; then ls -A "$last" > "$STUB_LOG.installed"; fi
@@ -475,9 +481,25 @@ def _stub(path: Path) -> Path:
     return path
 
 
-def _replica(tmp_path: Path, env: dict[str, str], **popen) -> subprocess.Popen:
-    env = {**os.environ, "KAGGLE_REPLICA_DIR": str(tmp_path / "replica"),
-           "STUB_LOG": str(tmp_path / "calls.log"), **env}
+def _df_says(folder: Path, free_kb: int) -> Path:
+    """A `df` on PATH that reports free_kb kilobytes free: the disk check, whatever this
+    machine's disk holds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "df").write_text("#!/bin/bash\necho 'Filesystem 1024-blocks Used Available'\n"
+                               f"echo '/dev/x 999999999 1 {free_kb} 1% /'\n")
+    (folder / "df").chmod(0o755)
+    return folder
+
+
+def _replica(tmp_path: Path, env: dict[str, str], free_kb: int = 100 << 20,
+             **popen) -> subprocess.Popen:
+    shim = _df_says(tmp_path / "df-shim", free_kb)
+    # A stub Python unless the test names one: a rebuild nobody expected never builds for real.
+    python = _stub(tmp_path / "default-py312" / "python3.12")
+    env = {**os.environ, "KAGGLE_REPLICA_PYTHON": str(python),
+           "KAGGLE_REPLICA_DIR": str(tmp_path / "replica"),
+           "STUB_LOG": str(tmp_path / "calls.log"), "STUB_IMAGE": str(KAGGLE / "image.txt"),
+           "PATH": f"{shim}:{os.environ['PATH']}", **env}
     return subprocess.Popen(["bash", str(KAGGLE / "replica.sh")], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
@@ -534,3 +556,49 @@ def test_replica_runs_take_turns(tmp_path):
     assert waiting.returncode == 0, out
     assert out.startswith(f"replica: waiting for another run on {tmp_path / 'replica'}")
     assert "replica: done" in out
+
+
+def _pins() -> list[str]:
+    return [f"{row.split()[0]}=={row.split()[1]}" for row in
+            (KAGGLE / "image.txt").read_text().splitlines()
+            if row.strip() and not row.startswith("#") and row.split()[0] != "python"]
+
+
+def test_replica_reuses_a_venv_that_holds_the_pins_in_any_spelling(tmp_path):
+    venv = _stamped_venv(tmp_path)
+    _stub(venv / "bin" / "python")
+    # pip spells names its own way (PyYAML, scikit_learn): the same distributions.
+    freeze = [p.upper().replace("-", "_") if p.startswith("scikit") else p for p in _pins()]
+    done = _replica(tmp_path, {"STUB_FREEZE": "\n".join(freeze)})
+    out = done.communicate(timeout=120)[0]
+    assert done.returncode == 0, out
+    assert "rebuilding" not in out and "building" not in out
+    assert not any(" venv " in c for c in (tmp_path / "calls.log").read_text().splitlines())
+
+
+def test_replica_rebuilds_a_venv_that_gained_or_lost_a_package_and_names_them(tmp_path):
+    venv = _stamped_venv(tmp_path)
+    _stub(venv / "bin" / "python")
+    python = _stub(tmp_path / "py312" / "python3.12")
+    tqdm = next(p for p in _pins() if p.startswith("tqdm=="))
+    drifted = [p for p in _pins() if p != tqdm] + ["pytorch_metric_learning==2.9.0"]
+    done = _replica(tmp_path, {"KAGGLE_REPLICA_PYTHON": str(python),
+                               "STUB_FREEZE": "\n".join(drifted)})
+    out = done.communicate(timeout=120)[0]
+    assert done.returncode == 0, out
+    assert (f"replica: {venv} no longer holds exactly kaggle/image.txt (has "
+            f"pytorch-metric-learning==2.9.0, lacks {tqdm}): rebuilding") in out
+    assert f"-m venv {venv}" in (tmp_path / "calls.log").read_text().splitlines()
+
+
+def test_replica_refuses_to_build_on_a_disk_without_room(tmp_path):
+    python = _stub(tmp_path / "py312" / "python3.12")
+    done = _replica(tmp_path, {"KAGGLE_REPLICA_PYTHON": str(python)}, free_kb=3 << 20)
+    out = done.communicate(timeout=60)[0]
+    assert done.returncode == 2, out
+    assert out.strip() == (f"replica: building {tmp_path / 'replica' / 'venv'} needs about 12 GB "
+                           "free on its disk; it has 3 GB: free some, or set KAGGLE_REPLICA_DIR "
+                           "to another disk")
+    assert not (tmp_path / "replica" / "venv").exists()
+    calls = (tmp_path / "calls.log").read_text()  # the version check alone
+    assert "-m venv" not in calls and "pip install" not in calls
