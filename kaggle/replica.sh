@@ -35,7 +35,7 @@ base_python() {
         return 0
     fi
     for candidate in "python$minor" \
-            "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$minor".*/bin/"python$minor"; do
+            "${PYENV_ROOT:-${HOME:-}/.pyenv}"/versions/"$minor".*/bin/"python$minor"; do
         command -v "$candidate" >/dev/null 2>&1 || continue
         if [ "$(version_of "$candidate")" = "$minor" ]; then
             echo "$candidate"
@@ -73,31 +73,71 @@ if [ "$(cat "$venv/.image-sha256" 2>/dev/null)" = "$stamp" ] \
     echo "replica: $venv/bin/python no longer runs (its base Python moved or went): rebuilding"
     rm -f "$venv/.image-sha256"
 fi
-# name==version, one a line, names in one spelling: what image.txt pins, what the venv holds.
+# name==version, one a line, names in one spelling (a verbose pip's location after the
+# version dropped): what image.txt pins, what the venv holds.
 canonical() {
-    awk -F'==' '{ name = tolower($1); gsub(/[-_.]+/, "-", name); print name "==" $2 }' | sort
+    awk -F'==' 'NF == 2 { name = tolower($1); gsub(/[-_.]+/, "-", name); split($2, v, " ")
+                          print name "==" v[1] }' | LC_ALL=C sort
 }
 expected() { awk '!/^#/ && NF >= 2 && $1 != "python" { print $1 "==" $2 }' "$image" | canonical; }
-held() {
-    "$venv/bin/python" -m pip list --format=freeze --disable-pip-version-check \
-        --exclude jaguar-reid 2>/dev/null | canonical
+held() {  # -I: neither PYTHONPATH nor the user's site-packages is the venv's
+    "$venv/bin/python" -I -m pip list --format=freeze --disable-pip-version-check \
+        --exclude jaguar-reid 2>/dev/null
+}
+# The first differences, "has a==1, lacks b==2, ..." (empty when there are none).
+differences() {
+    diff <(expected) <(canonical) | sed -n 's/^< /lacks /p; s/^> /has /p' \
+        | awk 'NR <= 3 { printf "%s%s", (NR > 1 ? ", " : ""), $0 } NR == 4 { printf ", ..." }'
 }
 if [ "$(cat "$venv/.image-sha256" 2>/dev/null)" = "$stamp" ]; then
-    drift="$(diff <(expected) <(held) | sed -n 's/^< /lacks /p; s/^> /has /p' | head -n 3 \
-        | paste -sd, - | sed 's/,/, /g' || true)"
+    if ! listed="$(held)"; then
+        drift="its pip list failed"
+    else
+        drift="$(differences <<<"$listed" || true)"
+    fi
     if [ -n "$drift" ]; then  # something installed or removed by hand since the build
         echo "replica: $venv no longer holds exactly kaggle/image.txt ($drift): rebuilding"
         rm -f "$venv/.image-sha256"
     fi
 fi
-# The build needs room for the environment (about 8 GB) and pip's unpacking beside it.
-need_gb=12
-free_gb() { df -Pk "$1" | awk 'NR == 2 { printf "%d", $4 / 1048576 }'; }
-if [ "$(cat "$venv/.image-sha256" 2>/dev/null)" != "$stamp" ] \
-        && [ "$(free_gb "$dest")" -lt "$need_gb" ]; then
-    echo "replica: building $venv needs about $need_gb GB free on its disk; it has" \
-        "$(free_gb "$dest") GB: free some, or set KAGGLE_REPLICA_DIR to another disk" >&2
-    exit 2
+
+GB=$((1 << 20))  # in df's 1-kB blocks
+free_kb() { { df -k --output=avail "$1" 2>/dev/null || true; } | tail -n 1 | tr -d ' '; }
+# Room for the environment (about 8 GB; an old one's space counts, it goes first) and for the
+# wheels pip downloads into the temporary folder before it installs them (about 4 GB).
+check_room() {
+    local tmp="${TMPDIR:-/tmp}" free tmp_free old=0 need=$((8 * GB)) tmp_need=$((4 * GB))
+    free="$(free_kb "$dest")"
+    tmp_free="$(free_kb "$tmp")"
+    if ! [[ "$free" =~ ^[0-9]+$ && "$tmp_free" =~ ^[0-9]+$ ]]; then
+        echo "replica: df cannot tell the free space on $dest or $tmp; building regardless" >&2
+        return 0
+    fi
+    if [ -d "$venv" ]; then
+        old="$(du -sk "$venv" 2>/dev/null | cut -f1)"
+    fi
+    free=$((free + ${old:-0}))
+    if [ "$(stat -c %d "$dest")" = "$(stat -c %d "$tmp" 2>/dev/null)" ]; then
+        need=$((need + tmp_need))
+        tmp_need=0
+    fi
+    if [ "$free" -lt "$need" ]; then
+        local counted=""
+        if [ "${old:-0}" -gt 0 ]; then
+            counted=" (the old environment's space counted)"
+        fi
+        echo "replica: building $venv needs about $((need / GB)) GB free on its disk; it has" \
+            "$((free / GB)) GB$counted: free some, or set KAGGLE_REPLICA_DIR to another disk" >&2
+        exit 2
+    fi
+    if [ "$tmp_free" -lt "$tmp_need" ]; then
+        echo "replica: pip downloads about 4 GB of wheels into $tmp, which has" \
+            "$((tmp_free / GB)) GB free: free some, or set TMPDIR to another disk" >&2
+        exit 2
+    fi
+}
+if [ "$(cat "$venv/.image-sha256" 2>/dev/null)" != "$stamp" ]; then
+    check_room
 fi
 if [ "$(cat "$venv/.image-sha256" 2>/dev/null)" != "$stamp" ]; then
     python="$(base_python)"

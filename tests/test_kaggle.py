@@ -455,9 +455,11 @@ def test_training_notebook_smoke_trains_fold_0_for_one_epoch_then_tunes_and_expo
 
 # A stand-in for Python 3.12 and its venv: records each call, answers the version check,
 # `-m venv DIR` makes DIR/bin/python (itself), a `pip install` of a folder lists its top level,
-# `pip list` answers what image.txt pins (STUB_FREEZE's lines instead, where set).
+# `pip list` answers what image.txt pins (STUB_FREEZE's lines instead, where set; exit
+# STUB_LIST_RC).
 STUB_PYTHON = r'''#!/bin/bash
 echo "$*" >> "$STUB_LOG"
+if [ "$1" = -I ]; then shift; fi
 case "$1" in
     -c) echo "${STUB_VERSION:-3.12}" ;;
     -m) if [ "$2" = venv ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; fi
@@ -465,6 +467,7 @@ case "$1" in
             if [ -n "${STUB_FREEZE:-}" ]; then printf '%s\n' "$STUB_FREEZE"
             else awk '!/^#/ && NF >= 2 && $1 != "python" { print $1 "==" $2 }' "$STUB_IMAGE"
             fi
+            exit "${STUB_LIST_RC:-0}"
         fi
         if [ "$2 $3" = "pip install" ]; then
             for last; do :; done
@@ -481,17 +484,18 @@ def _stub(path: Path) -> Path:
     return path
 
 
-def _df_says(folder: Path, free_kb: int) -> Path:
-    """A `df` on PATH that reports free_kb kilobytes free: the disk check, whatever this
-    machine's disk holds."""
+def _df_says(folder: Path, free_kb: int | None) -> Path:
+    """A `df` on PATH that reports free_kb kilobytes free (fails when None), for every folder
+    asked: the disk check, whatever this machine's disk holds."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "df").write_text("#!/bin/bash\necho 'Filesystem 1024-blocks Used Available'\n"
-                               f"echo '/dev/x 999999999 1 {free_kb} 1% /'\n")
+    said = "echo 'df: no file systems processed' >&2; exit 1" if free_kb is None else \
+        f"echo '  Avail'; echo '{free_kb}'"
+    (folder / "df").write_text(f"#!/bin/bash\n{said}\n")
     (folder / "df").chmod(0o755)
     return folder
 
 
-def _replica(tmp_path: Path, env: dict[str, str], free_kb: int = 100 << 20,
+def _replica(tmp_path: Path, env: dict[str, str], free_kb: int | None = 100 << 20,
              **popen) -> subprocess.Popen:
     shim = _df_says(tmp_path / "df-shim", free_kb)
     # A stub Python unless the test names one: a rebuild nobody expected never builds for real.
@@ -567,33 +571,45 @@ def _pins() -> list[str]:
 def test_replica_reuses_a_venv_that_holds_the_pins_in_any_spelling(tmp_path):
     venv = _stamped_venv(tmp_path)
     _stub(venv / "bin" / "python")
-    # pip spells names its own way (PyYAML, scikit_learn): the same distributions.
+    # pip spells names its own way (PyYAML, scikit_learn), and a verbose pip adds each one's
+    # location after the version: the same distributions.
     freeze = [p.upper().replace("-", "_") if p.startswith("scikit") else p for p in _pins()]
+    freeze = [f"{p} ({venv}/lib/python3.12/site-packages)" for p in freeze]
     done = _replica(tmp_path, {"STUB_FREEZE": "\n".join(freeze)})
     out = done.communicate(timeout=120)[0]
     assert done.returncode == 0, out
     assert "rebuilding" not in out and "building" not in out
-    assert not any(" venv " in c for c in (tmp_path / "calls.log").read_text().splitlines())
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert "-I -m pip list --format=freeze --disable-pip-version-check --exclude jaguar-reid" \
+        in calls  # isolated: PYTHONPATH cannot add another environment's packages
+    assert not any(" venv " in c for c in calls)
 
 
-def test_replica_rebuilds_a_venv_that_gained_or_lost_a_package_and_names_them(tmp_path):
+@pytest.mark.parametrize("drift, said", [
+    ("gained", "has pytorch-metric-learning==2.9.0, lacks {tqdm}"),
+    ("many", "lacks {first}, lacks {second}, lacks {third}, ..."),
+    ("pip fails", "its pip list failed"),
+])
+def test_replica_rebuilds_a_venv_that_drifted_and_says_how(tmp_path, drift, said):
     venv = _stamped_venv(tmp_path)
     _stub(venv / "bin" / "python")
-    python = _stub(tmp_path / "py312" / "python3.12")
-    tqdm = next(p for p in _pins() if p.startswith("tqdm=="))
-    drifted = [p for p in _pins() if p != tqdm] + ["pytorch_metric_learning==2.9.0"]
-    done = _replica(tmp_path, {"KAGGLE_REPLICA_PYTHON": str(python),
-                               "STUB_FREEZE": "\n".join(drifted)})
+    pins = _pins()
+    tqdm = next(p for p in pins if p.startswith("tqdm=="))
+    gained = [p for p in pins if p != tqdm] + ["pytorch_metric_learning==2.9.0"]
+    in_order = sorted(p.lower() for p in pins)  # canonical spelling: lower case
+    freeze, rc = {"gained": (gained, 0), "many": (in_order[4:], 0), "pip fails": (pins, 1)}[drift]
+    first, second, third = in_order[:3]
+    done = _replica(tmp_path, {"STUB_FREEZE": "\n".join(freeze), "STUB_LIST_RC": str(rc)})
     out = done.communicate(timeout=120)[0]
     assert done.returncode == 0, out
-    assert (f"replica: {venv} no longer holds exactly kaggle/image.txt (has "
-            f"pytorch-metric-learning==2.9.0, lacks {tqdm}): rebuilding") in out
+    said = said.format(tqdm=tqdm, first=first, second=second, third=third)
+    assert (f"replica: {venv} no longer holds exactly kaggle/image.txt ({said}): rebuilding"
+            in out.splitlines())
     assert f"-m venv {venv}" in (tmp_path / "calls.log").read_text().splitlines()
 
 
 def test_replica_refuses_to_build_on_a_disk_without_room(tmp_path):
-    python = _stub(tmp_path / "py312" / "python3.12")
-    done = _replica(tmp_path, {"KAGGLE_REPLICA_PYTHON": str(python)}, free_kb=3 << 20)
+    done = _replica(tmp_path, {}, free_kb=3 << 20)
     out = done.communicate(timeout=60)[0]
     assert done.returncode == 2, out
     assert out.strip() == (f"replica: building {tmp_path / 'replica' / 'venv'} needs about 12 GB "
@@ -602,3 +618,18 @@ def test_replica_refuses_to_build_on_a_disk_without_room(tmp_path):
     assert not (tmp_path / "replica" / "venv").exists()
     calls = (tmp_path / "calls.log").read_text()  # the version check alone
     assert "-m venv" not in calls and "pip install" not in calls
+
+
+def test_replica_counts_the_old_environments_space_and_builds_when_df_cannot_tell(tmp_path):
+    venv = _stamped_venv(tmp_path)  # an old environment of 1 MB, stamped for another image
+    (venv / ".image-sha256").write_text("an older image.txt\n")
+    (venv / "bin" / "ballast").write_bytes(b"x" * (1 << 20))
+    done = _replica(tmp_path, {}, free_kb=(12 << 20) - 512)  # 12 GB with it, not without
+    out = done.communicate(timeout=120)[0]
+    assert done.returncode == 0 and "replica: done" in out, out
+    (venv / ".image-sha256").write_text("an older image.txt\n")
+    done = _replica(tmp_path, {}, free_kb=None)
+    out = done.communicate(timeout=120)[0]
+    assert done.returncode == 0, out
+    assert (f"replica: df cannot tell the free space on {tmp_path / 'replica'} or "
+            f"{os.environ.get('TMPDIR', '/tmp')}; building regardless") in out.splitlines()
