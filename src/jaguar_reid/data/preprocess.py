@@ -23,6 +23,21 @@ from jaguar_reid.keys import choices
 # (what won on the masked demo) and crop where it has none (a full frame squashed loses a fifth
 # of the score: docs/experiments.md). The loader cuts the maskless ones (`auto_square`).
 RESIZE_MODES = choices("data.resize")
+# Each mode spelt out for a caller that prepares images without this package (an ONNX model's
+# metadata carries its run's). The image is first read with its EXIF orientation applied; the
+# resize uses the run's interpolation, area when shrinking.
+RESIZE_RULES = {
+    "auto": "an image whose alpha channel has some value at or below 127 (a mask): the image "
+            "as data.alpha leaves it, resized to img_size x img_size; any other image (every "
+            "JPEG): its centre square (side = its short side, offsets rounded down), resized",
+    "squash": "the whole image resized to img_size x img_size, proportions not kept",
+    "letterbox": "the long side resized to img_size, then padded to a centred square with the "
+                 "mean colour",
+    "crop": "the short side resized to img_size, then its centre img_size x img_size square",
+    "mask": "the square around the alpha mask's box grown by crop_margin (the crop alpha modes "
+            "cut that box first), padded with the mean colour where the image ends, resized; "
+            "an image without a mask is letterboxed",
+}
 INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
                   "area": cv2.INTER_AREA, "nearest": cv2.INTER_NEAREST,
                   "lanczos": cv2.INTER_LANCZOS4}

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from jaguar_reid.config import Config
-from jaguar_reid.data.preprocess import normalisation
+from jaguar_reid.data.preprocess import RESIZE_RULES, normalisation
 from jaguar_reid.extras import require
 from jaguar_reid.io_utils import UserInputError, atomic_path
 from jaguar_reid.training.model import ReIDModel
@@ -67,7 +67,8 @@ def input_metadata(cfg: Config) -> dict[str, str]:
     values = {"input": f"{ONNX_INPUT}: (N, 3, {data.img_size}, {data.img_size}) float32, "
                        "RGB, (pixel / 255 - mean) / std",
               "mean": list(mean), "std": list(std), "img_size": data.img_size,
-              "resize": data.resize, "interpolation": data.interpolation, "alpha": data.alpha,
+              "resize": data.resize, "resize_rule": RESIZE_RULES[data.resize],
+              "interpolation": data.interpolation, "alpha": data.alpha,
               "backbone": cfg.model.backbone, "retrieval": cfg.model.retrieval,
               "output": f"{ONNX_OUTPUT}: (N, D) float32, L2-normalised; cosine = dot product"}
     return {key: json.dumps(value) for key, value in values.items()}
