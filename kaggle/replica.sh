@@ -68,8 +68,8 @@ if ! flock -n 9; then
 fi
 
 stamp="$(sha256sum "$image" | cut -d' ' -f1)"
-if [ "$(cat "$venv/.image-sha256" 2>/dev/null)" = "$stamp" ] \
-        && ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
+stamped() { [ "$(cat "$venv/.image-sha256" 2>/dev/null)" = "$stamp" ]; }
+if stamped && ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
     echo "replica: $venv/bin/python no longer runs (its base Python moved or went): rebuilding"
     rm -f "$venv/.image-sha256"
 fi
@@ -79,7 +79,9 @@ canonical() {
     awk -F'==' 'NF == 2 { name = tolower($1); gsub(/[-_.]+/, "-", name); split($2, v, " ")
                           print name "==" v[1] }' | LC_ALL=C sort
 }
-expected() { awk '!/^#/ && NF >= 2 && $1 != "python" { print $1 "==" $2 }' "$image" | canonical; }
+# Every distribution image.txt pins, name==version (pip among them, Python not).
+pins() { awk '!/^#/ && NF >= 2 && $1 != "python" { print $1 "==" $2 }' "$image"; }
+expected() { pins | canonical; }
 held() {  # -I: neither PYTHONPATH nor the user's site-packages is the venv's
     "$venv/bin/python" -I -m pip list --format=freeze --disable-pip-version-check \
         --exclude jaguar-reid 2>/dev/null
@@ -89,7 +91,7 @@ differences() {
     diff <(expected) <(canonical) | sed -n 's/^< /lacks /p; s/^> /has /p' \
         | awk 'NR <= 3 { printf "%s%s", (NR > 1 ? ", " : ""), $0 } NR == 4 { printf ", ..." }'
 }
-if [ "$(cat "$venv/.image-sha256" 2>/dev/null)" = "$stamp" ]; then
+if stamped; then
     if ! listed="$(held)"; then
         drift="its pip list failed"
     else
@@ -136,18 +138,15 @@ check_room() {
         exit 2
     fi
 }
-if [ "$(cat "$venv/.image-sha256" 2>/dev/null)" != "$stamp" ]; then
+if ! stamped; then
     check_room
-fi
-if [ "$(cat "$venv/.image-sha256" 2>/dev/null)" != "$stamp" ]; then
     python="$(base_python)"
     echo "replica: building $venv from $image with $python ($("$python" --version))"
     rm -rf "$venv"
     "$python" -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "pip==$(pinned pip)"
     # Every distribution pinned, none resolved: the environment holds what the file says.
-    awk '!/^#/ && NF >= 2 && $1 != "python" && $1 != "pip" { print $1 "==" $2 }' "$image" \
-        > "$dest/pins.txt"
+    pins | grep -v '^pip==' > "$dest/pins.txt"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
         --no-cache-dir --only-binary=:all: -r "$dest/pins.txt"
     echo "$stamp" > "$venv/.image-sha256"

@@ -26,8 +26,7 @@ from pathlib import Path
 PACKAGE = "jaguar_reid"
 ROOT = Path(__file__).resolve().parent.parent / "src" / PACKAGE
 STAGES = {"foundation": 0, "data": 1, "training": 2, "retrieval": 3, "reporting": 4,
-          "submission": 5, "identify": 6, "sweeping": 7,
-          "commands": 8}
+          "submission": 5, "identify": 6, "sweeping": 7, "commands": 8}
 # cli is the table of steps: it loads a step's module by name only when that step runs.
 FOUNDATION = {"schema", "keys", "config", "layout", "io_utils", "plotting", "text", "manifest",
               "cli", "commit", "extras", "progress", "cuda_kernels",

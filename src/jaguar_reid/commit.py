@@ -132,4 +132,3 @@ def no_commit_running(folder: str | Path, name: str) -> Iterator[None]:
     (for a reader that found two files of different runs: one may be mid-commit)."""
     with file_lock(_lock(Path(folder), name)):
         yield
-

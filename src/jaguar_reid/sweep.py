@@ -89,15 +89,15 @@ def run_settings(plan: Plan, run: Run) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def finished_result(plan: Plan, run: Run) -> RunResult | None:
-    """The run's record when it was made with today's settings and steps, else None (a
-    damaged record too: the run is made again)."""
+def finished_result(plan: Plan, run: Run, settings: str) -> RunResult | None:
+    """The run's record when it was made with today's settings (`run_settings`) and steps,
+    else None (a damaged record too: the run is made again)."""
     path = _record_path(plan, run)
     if not path.is_file():
         return None
     try:
         data = read_json(path)
-        if data.get("settings") != run_settings(plan, run) or data.get("steps") != _steps(plan):
+        if data.get("settings") != settings or data.get("steps") != _steps(plan):
             return None
         return RunResult.from_dict(data["result"])
     except (UserInputError, KeyError, TypeError, ValueError, AttributeError):
@@ -210,9 +210,10 @@ def read_result(plan: Plan, run: Run, wall_s: float) -> RunResult:
                      tuned, test_map, test_floor, wall_s)
 
 
-def execute(plan: Plan, run: Run) -> RunResult:
-    """Train (finished folds skip), then tune and submit as the sweep asks; the record is
-    written last, so a run killed at any point is run again (and resumes)."""
+def execute(plan: Plan, run: Run, settings: str) -> RunResult:
+    """Train (finished folds skip), then tune and submit as the sweep asks; the record (with
+    the run's `settings`) is written last, so a run killed at any point is run again (and
+    resumes)."""
     log = sweep_dir(plan.cfg, plan.name) / LOGS_DIR / f"{run.exp}.log"
     args = _arguments(plan, run)
     check_experiment_folder(plan, run)
@@ -225,7 +226,7 @@ def execute(plan: Plan, run: Run) -> RunResult:
         run_step("submit", [*args, f"submit.folds={folds}"], log)
     result = read_result(plan, run, time.perf_counter() - start)
     atomic_write_text(_record_path(plan, run), json_text({
-        "arguments": args, "settings": run_settings(plan, run), "steps": _steps(plan),
+        "arguments": args, "settings": settings, "steps": _steps(plan),
         "result": result.__dict__}))
     return result
 
@@ -235,7 +236,8 @@ def run_all(plan: Plan, start: bool = True) -> list[RunResult]:
     the finished ones only."""
     results = []
     for i, run in enumerate(plan.runs, 1):
-        done = finished_result(plan, run)
+        settings = run_settings(plan, run)
+        done = finished_result(plan, run, settings)
         where = f"[{i}/{len(plan.runs)}] {run.exp}"
         if done is not None:
             print(f"{where}: finished earlier ({done.wall_s:.0f} s), skipped")
@@ -245,7 +247,7 @@ def run_all(plan: Plan, start: bool = True) -> list[RunResult]:
             print(f"{where}: not finished, left out")
             continue
         print(f"{where}: {' '.join(run.overrides)} ...", flush=True)
-        result = execute(plan, run)
+        result = execute(plan, run, settings)
         mean = np.mean(list(result.oof.values())) if result.oof else float("nan")
         print(f"{where}: OOF mAP {mean:.4f} in {result.wall_s:.0f} s", flush=True)
         results.append(result)

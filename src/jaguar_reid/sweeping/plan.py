@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,8 +158,8 @@ def run_name(sweep: str, parts: list[str]) -> str:
 
 def make_runs(name: str, axes: list[Axis], seeds: tuple[str, ...]) -> list[Run]:
     """The zero-training run of each seed, then every combination of the grid with each seed."""
-    short = _short_names([a for a in axes if a.key != "seed"])
     grid = [a for a in axes if a.key != "seed"]
+    short = _short_names(grid)
     runs = []
     for seed in seeds:
         arm = run_name(name, [ZERO])
@@ -209,11 +210,20 @@ def check_baseline(plan: Plan) -> None:
     """`sweep.baseline` names a row this sweep will have (before anything trains)."""
     arms = {r.arm for r in plan.runs} | ({run_name(plan.name, [FLOOR])}
                                          if plan.cfg.floor.enabled else set())
+    baseline_row(plan, arms)
+
+
+def baseline_row(plan: Plan, rows: Iterable[str]) -> str:
+    """The row of `rows` that `sweep.baseline` names (as given, or as `<sweep>-<name>`); one
+    line listing the rows when none is."""
     wanted = plan.cfg.sweep.baseline
-    if not {wanted, run_name(plan.name, [wanted])} & arms:
-        raise ConfigError(f"command line: sweep.baseline={wanted!r} is not a row of this "
-                          "sweep; one of: " + ", ".join(sorted(
-                              a.removeprefix(plan.name + "-") for a in arms)))
+    rows = set(rows)
+    for candidate in (wanted, run_name(plan.name, [wanted])):
+        if candidate in rows:
+            return candidate
+    raise ConfigError(f"command line: sweep.baseline={wanted!r} is not a row of this "
+                      "sweep; one of: " + ", ".join(sorted(
+                          a.removeprefix(plan.name + "-") for a in rows)))
 
 
 @dataclass

@@ -9,10 +9,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from jaguar_reid.commit import commit_together, finish_commits
-from jaguar_reid.config import ConfigError
 from jaguar_reid.io_utils import json_text
 from jaguar_reid.retrieval.search import clears_noise, paired_gain
-from jaguar_reid.sweeping.plan import FLOOR, ZERO, Plan, RunResult, run_name, sweep_dir
+from jaguar_reid.sweeping.plan import (
+    FLOOR,
+    ZERO,
+    Plan,
+    RunResult,
+    baseline_row,
+    run_name,
+    sweep_dir,
+)
 from jaguar_reid.text import markdown_table
 
 TABLE, DATA, PLOT = "sweep.md", "sweep.json", "sweep.png"
@@ -100,14 +107,8 @@ def verdict(arm: Arm, base: Arm, min_gain: float, noise: float) -> Verdict | Non
 
 
 def pick_baseline(plan: Plan, arms: list[Arm]) -> Arm:
-    wanted = plan.cfg.sweep.baseline
     names = {a.name: a for a in arms}
-    for candidate in (wanted, run_name(plan.name, [wanted])):
-        if candidate in names:
-            return names[candidate]
-    raise ConfigError(f"command line: sweep.baseline={wanted!r} is not a row of this sweep; "
-                      f"one of {ZERO}, {FLOOR}, or a name: "
-                      f"{', '.join(n.removeprefix(plan.name + '-') for n in names)}")
+    return names[baseline_row(plan, names)]
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
